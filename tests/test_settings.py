@@ -1,0 +1,153 @@
+"""The settings table: parsing, cross-checks, masking, and the README generated from it."""
+
+import re
+import ssl
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+from mailworker.celery_config import build_config
+from mailworker.errors import ConfigurationError
+from mailworker.settings import SETTINGS, effective, load_settings, markdown_table
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = Fernet.generate_key().decode()
+
+
+def base_env(**overrides: str) -> dict[str, str]:
+    env = {
+        "MAILWORKER_BROKER_URL": "redis://:brokerpw@127.0.0.1:6379/0",
+        "MAILWORKER_DATABASE_URL": "postgresql+psycopg2://mw:dbpw@127.0.0.1:5432/mw",
+        "MAILWORKER_ENCRYPTION_KEYS": KEY,
+    }
+    env.update(overrides)
+    return env
+
+
+def test_defaults_follow_the_contract():
+    s = load_settings(base_env())
+    assert s.result_backend == "redis://:brokerpw@127.0.0.1:6379/1"
+    assert (s.concurrency, s.time_limit, s.soft_time_limit) == (4, 300, 280)
+    assert (s.result_expires, s.prefetch_multiplier, s.log_level) == (3600, 1, "INFO")
+    assert s.queues == ("sync", "send", "delete", "spam", "periodic")
+    assert s.node_name == "celery-worker@%h"
+    assert s.beat_schedule_file == "/var/lib/mailworker/beat/celerybeat-schedule"
+    assert (s.flower_address, s.flower_port, s.flower_url_prefix) == ("127.0.0.1", 5555, "flower")
+    assert s.encryption_keys == (KEY,)
+
+
+def test_every_contract_variable_is_declared():
+    contract = [
+        "BROKER_URL",
+        "DATABASE_URL",
+        "ENCRYPTION_KEYS",
+        "RESULT_BACKEND",
+        "RESULT_EXPIRES",
+        "CONCURRENCY",
+        "POOL",
+        "QUEUES",
+        "NODE_NAME",
+        "TIME_LIMIT",
+        "SOFT_TIME_LIMIT",
+        "SOFT_SHUTDOWN_TIMEOUT",
+        "PREFETCH_MULTIPLIER",
+        "RETRY_BACKOFF_BASE",
+        "RETRY_BACKOFF_MAX",
+        "RETRY_JITTER",
+        "MAX_RETRIES",
+        "LOG_LEVEL",
+        "LOG_FILE",
+        "SYNC_BATCH_SIZE",
+        "IMAP_TIMEOUT",
+        "SMTP_TIMEOUT",
+        "REDIS_TLS_VERIFY",
+        "IMAP_TLS_VERIFY",
+        "SMTP_TLS_VERIFY",
+        "TASK_EVENTS",
+        "BEAT_SCHEDULE_FILE",
+        "FLOWER_ADDRESS",
+        "FLOWER_PORT",
+        "FLOWER_URL_PREFIX",
+        "FLOWER_PERSISTENT",
+        "FLOWER_DB",
+        "FLOWER_READ_ONLY",
+    ]
+    missing = [name for name in contract if f"MAILWORKER_{name}" not in SETTINGS]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"MAILWORKER_CONCURRENCY": "four"}, r"^MAILWORKER_CONCURRENCY: expected a whole number"),
+        ({"MAILWORKER_CONCURRENCY": "0"}, r"^MAILWORKER_CONCURRENCY: must be at least 1"),
+        ({"MAILWORKER_SOFT_TIME_LIMIT": "300"}, r"^MAILWORKER_SOFT_TIME_LIMIT \(300\) must"),
+        ({"MAILWORKER_BROKER_URL": ""}, r"^MAILWORKER_BROKER_URL is required"),
+        ({"MAILWORKER_BROKER_URL": "amqp://h//"}, r"^MAILWORKER_BROKER_URL: expected redis://"),
+        ({"MAILWORKER_ENCRYPTION_KEYS": "not-a-key"}, r"^MAILWORKER_ENCRYPTION_KEYS: key 1 of 1"),
+        ({"MAILWORKER_ENCRYPTION_KEYS": f"{KEY},short"}, r"key 2 of 2 is not a Fernet key"),
+        ({"MAILWORKER_QUEUES": "sync,mail"}, r"^MAILWORKER_QUEUES: unknown mail"),
+        ({"MAILWORKER_POOL": "gevent"}, r"^MAILWORKER_POOL: expected one of prefork"),
+        ({"MAILWORKER_TASK_EVENTS": "maybe"}, r"^MAILWORKER_TASK_EVENTS: expected true or false"),
+        ({"MAILWORKER_DATABASE_URL": "sqlite:///x.db"}, r"^MAILWORKER_DATABASE_URL: expected post"),
+        ({"MAILWORKER_VISIBILITY_TIMEOUT": "300"}, r"^MAILWORKER_VISIBILITY_TIMEOUT \(300\)"),
+        ({"MAILWORKER_FLOWER_PORT": "70000"}, r"^MAILWORKER_FLOWER_PORT: must be at most 65535"),
+    ],
+)
+def test_bad_values_name_the_variable(overrides, expected):
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings(base_env(**overrides))
+    message = str(raised.value)
+    assert re.search(expected, message), message
+    assert "\n" not in message
+
+
+def test_secrets_never_appear_in_errors_or_output():
+    bad = base_env(MAILWORKER_BROKER_URL="redis://:brokerpw@host:notaport/0")
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings(bad)
+    assert "brokerpw" not in str(raised.value)
+
+    shown = "\n".join(f"{name}={value}" for name, value in effective(load_settings(base_env())))
+    for secret in ("brokerpw", "dbpw", KEY):
+        assert secret not in shown
+    assert "MAILWORKER_ENCRYPTION_KEYS=******** (1 key)" in shown
+
+
+def test_readme_settings_table_is_generated():
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(
+        r"<!-- settings-table:start -->\n(.*?)<!-- settings-table:end -->", readme, re.S
+    )
+    assert found, "README.md lacks the settings-table markers"
+    assert found.group(1) == markdown_table(), (
+        "README settings table is stale: regenerate it with `mailworker config table`"
+    )
+
+
+def test_celery_config_routes_each_task_to_its_queue_and_is_explicit():
+    conf = build_config(
+        load_settings(base_env(MAILWORKER_TIME_LIMIT="120", MAILWORKER_SOFT_TIME_LIMIT="100"))
+    )
+    assert conf["task_acks_late"] is True
+    assert conf["task_reject_on_worker_lost"] is True
+    assert conf["broker_connection_max_retries"] is None
+    assert conf["broker_connection_retry_on_startup"] is True
+    assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is True
+    assert conf["broker_transport_options"]["visibility_timeout"] > conf["task_time_limit"]
+    assert conf["result_backend_transport_options"]["visibility_timeout"] > 120
+    assert [q.name for q in conf["task_queues"]] == ["sync", "send", "delete", "spam", "periodic"]
+    assert set(conf["task_routes"].values()) == {"sync", "send", "delete", "spam", "periodic"}
+    assert "broker_use_ssl" not in conf
+
+
+def test_rediss_urls_verify_certificates():
+    conf = build_config(load_settings(base_env(MAILWORKER_BROKER_URL="rediss://h:6380/0")))
+    assert conf["broker_use_ssl"]["ssl_cert_reqs"] == ssl.CERT_REQUIRED
+    assert conf["redis_backend_use_ssl"]["ssl_cert_reqs"] == ssl.CERT_REQUIRED
+    off = build_config(
+        load_settings(
+            base_env(MAILWORKER_BROKER_URL="rediss://h:6380/0", MAILWORKER_REDIS_TLS_VERIFY="no")
+        )
+    )
+    assert off["broker_use_ssl"]["ssl_cert_reqs"] == ssl.CERT_NONE

@@ -1,0 +1,23 @@
+"""The Celery application: `celery -A mailworker.celery_app worker` works.
+
+Configured only from MAILWORKER_* variables, and lazily: the configuration is read when Celery
+first needs it, so importing this module or a task module reads no file, opens no connection
+and raises nothing for a bad environment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from mailworker.celery_config import TASK_MODULES, build_config
+from mailworker.settings import load_settings
+
+
+def _configuration() -> dict[str, Any]:
+    return build_config(load_settings())
+
+
+app = Celery("mailworker", include=list(TASK_MODULES))
+app.add_defaults(_configuration)

@@ -1,0 +1,212 @@
+"""Every Celery setting the app uses, derived from `Settings`, each with the reason it is set.
+
+`explain_config()` keeps the reason next to each value as data (the bench prints it beside
+Celery's default); `build_config()` is the plain dict Celery reads.
+"""
+
+from __future__ import annotations
+
+import ssl
+from datetime import timedelta
+from typing import Any, NamedTuple
+
+from celery.schedules import schedule
+from kombu import Exchange, Queue
+
+from mailworker.settings import QUEUES, Settings
+
+# Task name prefix -> queue. Each task module holds the tasks of one queue.
+TASK_QUEUES: dict[str, str] = {
+    "mailworker.tasks.sync.*": "sync",
+    "mailworker.tasks.send.*": "send",
+    "mailworker.tasks.delete.*": "delete",
+    "mailworker.tasks.spam.*": "spam",
+    "mailworker.tasks.periodic.*": "periodic",
+}
+TASK_MODULES: tuple[str, ...] = tuple(pattern.removesuffix(".*") for pattern in TASK_QUEUES)
+SYNC_ALL_ACCOUNTS = "mailworker.tasks.periodic.sync_all_accounts"
+CLEANUP_STALE_TASKS = "mailworker.tasks.periodic.cleanup_stale_tasks"
+
+
+class Entry(NamedTuple):
+    key: str
+    value: Any
+    reason: str
+
+
+def explain_config(s: Settings) -> list[Entry]:
+    """(setting, value, reason) for every Celery setting the app sets."""
+    transport = {
+        "visibility_timeout": s.visibility_timeout,
+        "unacked_restore_interval": s.broker_restore_interval,
+        "unacked_restore_throttle": 1,
+        "socket_connect_timeout": 10,
+    }
+    entries = [
+        Entry("broker_url", s.broker_url, "Redis database 0 carries the queues."),
+        Entry("result_backend", s.result_backend, "Results live apart from queues (DB 1)."),
+        Entry(
+            "broker_transport_options",
+            transport,
+            "Redelivery of a lost worker's tasks after visibility_timeout (> hard limit and "
+            "retry countdowns, or running tasks run twice); sweep every restore interval.",
+        ),
+        Entry(
+            "result_backend_transport_options",
+            {"visibility_timeout": s.visibility_timeout},
+            "The result backend's Redis client must agree with the broker's visibility timeout.",
+        ),
+        Entry(
+            "broker_connection_retry_on_startup",
+            True,
+            "Redis may come up after the worker at boot; wait for it instead of exiting.",
+        ),
+        Entry(
+            "broker_connection_retry",
+            True,
+            "Reconnect after Redis restarts instead of dying with in-flight tasks.",
+        ),
+        Entry(
+            "broker_connection_max_retries",
+            None,
+            "Never give up reconnecting; the health timer reports a worker cut off from Redis.",
+        ),
+        Entry("task_serializer", "json", "JSON only: no pickle from the network."),
+        Entry("result_serializer", "json", "JSON only: results are small dicts."),
+        Entry("accept_content", ["json"], "Refuse pickled messages (code execution)."),
+        Entry(
+            "task_acks_late",
+            True,
+            "Acknowledge after the task ran, so a crash redelivers it (tasks are idempotent).",
+        ),
+        Entry(
+            "task_reject_on_worker_lost",
+            True,
+            "A pool process killed mid-task requeues the task instead of failing it.",
+        ),
+        Entry(
+            "task_acks_on_failure_or_timeout",
+            True,
+            "A task that failed or hit its hard limit is not redelivered in a loop.",
+        ),
+        Entry(
+            "worker_deduplicate_successful_tasks",
+            True,
+            "A redelivered task that already stored SUCCESS is skipped, not run again.",
+        ),
+        Entry(
+            "worker_prefetch_multiplier",
+            s.prefetch_multiplier,
+            "Mail tasks are long: reserve few so idle workers can take the rest.",
+        ),
+        Entry(
+            "worker_cancel_long_running_tasks_on_connection_loss",
+            True,
+            "After losing Redis the tasks are redelivered anyway; cancel the copies still running.",
+        ),
+        Entry(
+            "worker_soft_shutdown_timeout",
+            s.soft_shutdown_timeout,
+            "On cold shutdown let running tasks finish for a while before they are requeued.",
+        ),
+        Entry(
+            "worker_enable_soft_shutdown_on_idle",
+            s.soft_shutdown_timeout > 0,
+            "Soft shutdown also when idle, so retry countdowns held in memory go back to Redis.",
+        ),
+        Entry("worker_concurrency", s.concurrency, "Also applies without `mailworker run`."),
+        Entry("worker_pool", s.pool, "Also applies without `mailworker run`."),
+        Entry("task_time_limit", s.time_limit, "Kill a hung task (IMAP servers can stall)."),
+        Entry(
+            "task_soft_time_limit",
+            s.soft_time_limit,
+            "Raise SoftTimeLimitExceeded first so the task can close connections cleanly.",
+        ),
+        Entry("result_expires", s.result_expires, "Results are read within the hour, then go."),
+        Entry(
+            "result_backend_always_retry",
+            True,
+            "A Redis blip while storing a result retries instead of failing a finished task.",
+        ),
+        Entry(
+            "result_backend_max_retries",
+            10,
+            "Bound those result-store retries.",
+        ),
+        Entry(
+            "worker_send_task_events",
+            s.task_events,
+            "Flower and `celery events` see tasks only when workers send events.",
+        ),
+        Entry("task_send_sent_event", s.task_events, "Flower shows tasks while still queued."),
+        Entry("task_track_started", True, "Show STARTED, so a stuck task is visible."),
+        Entry(
+            "task_queues",
+            [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
+            "One queue per kind of work, so a flood of syncs never delays a send.",
+        ),
+        Entry("task_routes", dict(TASK_QUEUES), "Each task lands on its own queue."),
+        Entry(
+            "task_default_queue",
+            "periodic",
+            "Celery's own housekeeping tasks go with the periodic work.",
+        ),
+        Entry(
+            "task_create_missing_queues",
+            False,
+            "A typo in a route fails loudly instead of creating a queue nobody consumes.",
+        ),
+        Entry("include", list(TASK_MODULES), "The worker imports every task module."),
+        Entry("beat_schedule", beat_schedule(s), "The schedule lives in the app, not in beat."),
+        Entry(
+            "beat_scheduler",
+            "mailworker.beat:HeartbeatScheduler",
+            "Writes a heartbeat on each tick for `mailworker health beat`.",
+        ),
+        Entry("beat_schedule_filename", s.beat_schedule_file, "Schedule state in the state dir."),
+        Entry(
+            "beat_max_loop_interval",
+            s.beat_max_loop_interval,
+            "Tick at least this often so the heartbeat stays fresh.",
+        ),
+        Entry("timezone", "UTC", "Schedules and timestamps in UTC."),
+        Entry("enable_utc", True, "Schedules and timestamps in UTC."),
+    ]
+    if s.broker_url.startswith("rediss://"):
+        entries.append(Entry("broker_use_ssl", _tls(s), "Verify Redis's certificate on rediss://."))
+    if s.result_backend.startswith("rediss://"):
+        entries.append(
+            Entry("redis_backend_use_ssl", _tls(s), "Verify Redis's certificate on rediss://.")
+        )
+    return entries
+
+
+def build_config(s: Settings) -> dict[str, Any]:
+    """The Celery configuration for these settings."""
+    return {entry.key: entry.value for entry in explain_config(s)}
+
+
+def beat_schedule(s: Settings) -> dict[str, dict[str, Any]]:
+    # `expires` drops a run nobody picked up before the next one is due, so a stopped fleet
+    # does not find a backlog of identical fan-outs when it comes back.
+    return {
+        "sync-all-accounts": {
+            "task": SYNC_ALL_ACCOUNTS,
+            "schedule": schedule(timedelta(seconds=s.sync_interval)),
+            "options": {"queue": "periodic", "expires": s.sync_interval},
+        },
+        "cleanup-stale-tasks": {
+            "task": CLEANUP_STALE_TASKS,
+            "schedule": schedule(timedelta(seconds=s.cleanup_interval)),
+            "options": {"queue": "periodic", "expires": s.cleanup_interval},
+        },
+    }
+
+
+def _tls(s: Settings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "ssl_cert_reqs": ssl.CERT_REQUIRED if s.redis_tls_verify else ssl.CERT_NONE,
+    }
+    if s.redis_ca_file:
+        options["ssl_ca_certs"] = s.redis_ca_file
+    return options

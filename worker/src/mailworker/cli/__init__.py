@@ -1,0 +1,1 @@
+"""The `mailworker` command line: one module per command group, joined in main.py."""

@@ -1,0 +1,108 @@
+"""The one place where the worker, beat and Flower command lines are built.
+
+systemd, supervisor and Nomad all run `mailworker run SERVICE`, which execs exactly this argv.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Final
+
+from mailworker.settings import Settings
+
+SERVICES: Final = ("worker", "beat", "flower")
+APP: Final = "mailworker.celery_app"
+
+
+def celery_command() -> list[str]:
+    """The `celery` of this interpreter's environment (the venv on hosts)."""
+    script = Path(sys.executable).parent / "celery"
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-m", "celery"]
+
+
+def build_argv(service: str, settings: Settings) -> list[str]:
+    """The full command line of `service` (worker, beat or flower)."""
+    if service == "worker":
+        return _worker(settings)
+    if service == "beat":
+        return _beat(settings)
+    if service == "flower":
+        return _flower(settings)
+    raise ValueError(f"unknown service {service!r} (expected one of {', '.join(SERVICES)})")
+
+
+def shell_quoted(argv: list[str]) -> str:
+    return shlex.join(argv)
+
+
+def _log_options(service: str, settings: Settings) -> list[str]:
+    options = [f"--loglevel={settings.log_level}"]
+    if settings.log_file:
+        options.append(f"--logfile={settings.log_file.replace('{service}', service)}")
+    return options
+
+
+def _worker(s: Settings) -> list[str]:
+    argv = [
+        *celery_command(),
+        f"--app={APP}",
+        "worker",
+        f"--queues={','.join(s.queues)}",
+        f"--concurrency={s.concurrency}",
+        f"--pool={s.pool}",
+        f"--hostname={s.node_name}",
+        f"--time-limit={s.time_limit}",
+        f"--soft-time-limit={s.soft_time_limit}",
+        f"--prefetch-multiplier={s.prefetch_multiplier}",
+        *_log_options("worker", s),
+    ]
+    if s.task_events:
+        argv.append("--task-events")
+    return argv
+
+
+def _beat(s: Settings) -> list[str]:
+    return [
+        *celery_command(),
+        f"--app={APP}",
+        "beat",
+        f"--schedule={s.beat_schedule_file}",
+        "--scheduler=mailworker.beat:HeartbeatScheduler",
+        f"--max-interval={s.beat_max_loop_interval}",
+        *_log_options("beat", s),
+    ]
+
+
+def _flower(s: Settings) -> list[str]:
+    # Flower logs through Tornado to stderr (the journal): Tornado's own file handler rotates
+    # by itself and would fight logrotate.
+    argv = [
+        *celery_command(),
+        f"--app={APP}",
+        "flower",
+        f"--address={s.flower_address}",
+        f"--port={s.flower_port}",
+        f"--url_prefix={s.flower_url_prefix}",
+        f"--persistent={s.flower_persistent}",
+        f"--db={s.flower_db}",
+        f"--logging={s.log_level.lower()}",
+    ]
+    if s.flower_read_only and flower_supports("read_only"):
+        argv.append("--read_only=True")
+    return argv
+
+
+@cache
+def flower_supports(option: str) -> bool:
+    """Whether the installed Flower defines `option` (--read_only arrived in 2.1)."""
+    try:
+        import flower.options  # noqa: F401, PLC0415 - registers Flower's Tornado options
+        from tornado.options import options  # noqa: PLC0415
+    except ImportError:
+        return False
+    return option in options

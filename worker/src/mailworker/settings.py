@@ -1,0 +1,554 @@
+"""Every MAILWORKER_* environment variable, declared once.
+
+The `Settings` dataclass *is* the table: each field carries a `SettingSpec` (type, default,
+description, secret flag) in its metadata. `load_settings()`, `mailworker config check` and the
+README's settings table are all generated from it, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import binascii
+import os
+import re
+from base64 import urlsafe_b64decode
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+from mailworker.errors import ConfigurationError
+
+PREFIX: Final = "MAILWORKER_"
+QUEUES: Final = ("sync", "send", "delete", "spam", "periodic")
+POOLS: Final = ("prefork", "threads", "solo")
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MASK: Final = "********"
+
+
+# --- value types -------------------------------------------------------------------------------
+# Each parser turns the raw string into a value or raises ValueError with a message that never
+# repeats a secret; `kind` is what the README's "type" column shows.
+
+
+@dataclass(frozen=True)
+class Integer:
+    minimum: int = 0
+    maximum: int | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.maximum is not None:
+            return f"integer {self.minimum}..{self.maximum}"
+        return f"integer >= {self.minimum}"
+
+    def parse(self, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {raw!r}") from None
+        if value < self.minimum:
+            raise ValueError(f"must be at least {self.minimum}, got {value}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"must be at most {self.maximum}, got {value}")
+        return value
+
+
+@dataclass(frozen=True)
+class Number:
+    minimum: float = 0.0
+
+    @property
+    def kind(self) -> str:
+        return f"seconds >= {self.minimum:g}"
+
+    def parse(self, raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got {raw!r}") from None
+        if not value >= self.minimum:  # also rejects nan
+            raise ValueError(f"must be at least {self.minimum:g}, got {raw.strip()}")
+        return value
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+@dataclass(frozen=True)
+class Boolean:
+    kind: str = "boolean"
+
+    def parse(self, raw: str) -> bool:
+        word = raw.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise ValueError(f"expected true or false, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class Choice:
+    options: tuple[str, ...]
+    case_insensitive: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "one of " + ", ".join(self.options)
+
+    def parse(self, raw: str) -> str:
+        value = raw.strip().upper() if self.case_insensitive else raw.strip()
+        if value not in self.options:
+            raise ValueError(f"expected one of {', '.join(self.options)}, got {raw!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class ChoiceList:
+    options: tuple[str, ...]
+
+    @property
+    def kind(self) -> str:
+        return "comma-separated, from " + ", ".join(self.options)
+
+    def parse(self, raw: str) -> tuple[str, ...]:
+        items = tuple(item.strip() for item in raw.split(",") if item.strip())
+        if not items:
+            raise ValueError("must name at least one of " + ", ".join(self.options))
+        unknown = [item for item in items if item not in self.options]
+        if unknown:
+            raise ValueError(
+                f"unknown {', '.join(unknown)} (expected some of {', '.join(self.options)})"
+            )
+        if len(set(items)) != len(items):
+            raise ValueError("lists a name twice")
+        return items
+
+
+@dataclass(frozen=True)
+class Text:
+    kind: str = "text"
+    pattern: str | None = None
+    hint: str = ""
+
+    def parse(self, raw: str) -> str:
+        value = raw.strip()
+        if self.pattern is not None and not re.fullmatch(self.pattern, value):
+            raise ValueError(f"{self.hint}, got {raw!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class TextList:
+    kind: str = "comma-separated list"
+
+    def parse(self, raw: str) -> tuple[str, ...]:
+        items = tuple(item.strip() for item in raw.split(",") if item.strip())
+        if not items:
+            raise ValueError("must name at least one item")
+        return items
+
+
+@dataclass(frozen=True)
+class Path:
+    kind: str = "path"
+    optional: bool = False
+
+    def parse(self, raw: str) -> str:
+        value = raw.strip()
+        if not value:
+            if self.optional:
+                return ""
+            raise ValueError("must not be empty")
+        if not value.startswith("/"):
+            raise ValueError(f"must be an absolute path, got {raw!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class RedisUrl:
+    kind: str = "redis:// or rediss:// URL"
+    optional: bool = False
+
+    def parse(self, raw: str) -> str:
+        value = raw.strip()
+        if not value and self.optional:
+            return ""
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError(
+                f"expected redis://[:password@]host:port/db or rediss://..., "
+                f"got {mask_url(value)!r}"
+            )
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError:
+            raise ValueError(f"has a malformed port in {mask_url(value)!r}") from None
+        database = parts.path.lstrip("/")
+        if database and not database.isdigit():
+            raise ValueError(f"database must be a number, got {mask_url(value)!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class DatabaseUrl:
+    kind: str = "postgresql+psycopg2:// URL"
+
+    def parse(self, raw: str) -> str:
+        value = raw.strip()
+        parts = urlsplit(value)
+        if not parts.scheme.startswith("postgresql") or not (parts.hostname or parts.query):
+            raise ValueError(
+                f"expected postgresql+psycopg2://user:password@host:port/dbname, "
+                f"got {mask_url(value)!r}"
+            )
+        return value
+
+
+@dataclass(frozen=True)
+class FernetKeys:
+    kind: str = "comma-separated Fernet keys"
+
+    def parse(self, raw: str) -> tuple[str, ...]:
+        keys = tuple(key.strip() for key in raw.split(",") if key.strip())
+        if not keys:
+            raise ValueError("must hold at least one Fernet key")
+        for position, key in enumerate(keys, start=1):
+            if not _is_fernet_key(key):
+                raise ValueError(
+                    f"key {position} of {len(keys)} is not a Fernet key "
+                    "(32 url-safe base64-encoded bytes; make one with `mailworker config new-key`)"
+                )
+        return keys
+
+
+def _is_fernet_key(key: str) -> bool:
+    try:
+        return len(urlsafe_b64decode(key.encode("ascii"))) == 32  # noqa: PLR2004 - Fernet's size
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        return False
+
+
+Parser = (
+    Integer
+    | Number
+    | Boolean
+    | Choice
+    | ChoiceList
+    | Text
+    | TextList
+    | Path
+    | RedisUrl
+    | DatabaseUrl
+    | FernetKeys
+)
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One row of the table. `default=None` means required."""
+
+    parser: Parser
+    description: str
+    default: str | None = None
+    secret: bool = False
+    default_note: str = ""  # what an empty default means, for the README
+
+    @property
+    def required(self) -> bool:
+        return self.default is None
+
+
+def _setting(
+    parser: Parser,
+    description: str,
+    default: str | None = None,
+    *,
+    secret: bool = False,
+    default_note: str = "",
+) -> Any:
+    spec = SettingSpec(parser, description, default, secret, default_note)
+    return field(metadata={"spec": spec})
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Effective settings; attribute = variable name without MAILWORKER_, lower case."""
+
+    # Connections
+    broker_url: str = _setting(RedisUrl(), "Redis broker, database 0.")
+    result_backend: str = _setting(
+        RedisUrl(optional=True),
+        "Redis result backend.",
+        "",
+        default_note="the broker URL with database 1",
+    )
+    database_url: str = _setting(DatabaseUrl(), "PostgreSQL for accounts and messages.")
+    encryption_keys: tuple[str, ...] = _setting(
+        FernetKeys(),
+        "Fernet keys for mail passwords; the first encrypts, all decrypt (rotation).",
+        secret=True,
+    )
+    redis_tls_verify: bool = _setting(
+        Boolean(), "Verify the Redis server certificate on rediss:// URLs.", "true"
+    )
+    redis_ca_file: str = _setting(
+        Path(optional=True), "CA bundle for rediss:// (empty: system store).", ""
+    )
+    # Worker process
+    concurrency: int = _setting(Integer(minimum=1), "Pool processes or threads.", "4")
+    pool: str = _setting(Choice(POOLS), "Execution pool.", "prefork")
+    queues: tuple[str, ...] = _setting(
+        ChoiceList(QUEUES), "Queues this worker consumes.", ",".join(QUEUES)
+    )
+    node_name: str = _setting(
+        Text(kind="name@host", pattern=r"[^\s@]+@[^\s@]+", hint="expected name@host"),
+        "Worker node name (%h = host name).",
+        "celery-worker@%h",
+    )
+    time_limit: int = _setting(Integer(minimum=1), "Hard time limit per task (s).", "300")
+    soft_time_limit: int = _setting(
+        Integer(minimum=1), "Soft time limit per task (s); below the hard one.", "280"
+    )
+    soft_shutdown_timeout: float = _setting(
+        Number(),
+        "On cold shutdown, seconds running tasks may still finish (0 = off).",
+        "30",
+    )
+    prefetch_multiplier: int = _setting(
+        Integer(minimum=1), "Messages reserved per pool process.", "1"
+    )
+    visibility_timeout: int = _setting(
+        Integer(minimum=1),
+        "Seconds before Redis redelivers an unacknowledged task; above the hard limit.",
+        "3600",
+    )
+    broker_restore_interval: int = _setting(
+        Integer(minimum=1),
+        "Seconds between sweeps that redeliver tasks of a lost worker.",
+        "30",
+    )
+    result_expires: int = _setting(Integer(minimum=1), "Seconds task results are kept.", "3600")
+    task_events: bool = _setting(Boolean(), "Send task events (Flower sees tasks).", "true")
+    # Retries
+    retry_backoff_base: int = _setting(
+        Integer(minimum=1), "First retry delay (s); doubles each retry.", "2"
+    )
+    retry_backoff_max: int = _setting(Integer(minimum=1), "Longest retry delay (s).", "600")
+    retry_jitter: bool = _setting(Boolean(), "Randomise retry delays (full jitter).", "true")
+    max_retries: int = _setting(Integer(), "Retries of a transient failure.", "5")
+    # Logging
+    log_level: str = _setting(Choice(LOG_LEVELS, case_insensitive=True), "Log level.", "INFO")
+    log_file: str = _setting(
+        Path(optional=True), "Log file.", "", default_note="stderr (the journal)"
+    )
+    # Mail
+    sync_batch_size: int = _setting(Integer(minimum=1), "Messages fetched per IMAP batch.", "100")
+    sync_folders: tuple[str, ...] = _setting(TextList(), "Folders `sync_mailbox` reads.", "INBOX")
+    imap_timeout: float = _setting(Number(minimum=1), "IMAP socket timeout (s).", "30")
+    smtp_timeout: float = _setting(Number(minimum=1), "SMTP socket timeout (s).", "30")
+    imap_tls_verify: bool = _setting(Boolean(), "Verify IMAP server certificates.", "true")
+    smtp_tls_verify: bool = _setting(Boolean(), "Verify SMTP server certificates.", "true")
+    mail_ca_file: str = _setting(
+        Path(optional=True), "CA bundle for IMAP and SMTP (empty: system store).", ""
+    )
+    sent_folder: str = _setting(Text(), "Folder a sent message is copied to.", "Sent")
+    trash_folder: str = _setting(Text(), "Folder `delete_messages` moves to.", "Trash")
+    junk_folder: str = _setting(Text(), "Folder `classify_spam` moves spam to.", "Junk")
+    # Periodic work
+    sync_interval: int = _setting(
+        Integer(minimum=1), "Seconds between `sync_all_accounts` runs.", "300"
+    )
+    cleanup_interval: int = _setting(
+        Integer(minimum=1), "Seconds between `cleanup_stale_tasks` runs.", "3600"
+    )
+    stale_after: int = _setting(
+        Integer(minimum=1),
+        "Seconds after which unfinished task state counts as stuck; above the visibility timeout.",
+        "7200",
+    )
+    beat_schedule_file: str = _setting(
+        Path(), "Beat's schedule file.", "/var/lib/mailworker/beat/celerybeat-schedule"
+    )
+    beat_max_loop_interval: int = _setting(
+        Integer(minimum=1), "Longest sleep of beat between ticks (s).", "30"
+    )
+    beat_heartbeat_max_age: int = _setting(
+        Integer(minimum=1),
+        "`health beat` fails when beat's last tick is older (s); above the loop interval.",
+        "120",
+    )
+    health_timeout: float = _setting(Number(minimum=0.1), "Default `health` timeout (s).", "10")
+    # Flower
+    flower_address: str = _setting(Text(), "Flower listen address.", "127.0.0.1")
+    flower_port: int = _setting(Integer(minimum=1, maximum=65535), "Flower port.", "5555")
+    flower_url_prefix: str = _setting(
+        Text(pattern=r"[A-Za-z0-9._~/-]*", hint="expected a URL path"),
+        "Flower URL prefix (behind the proxy).",
+        "flower",
+    )
+    flower_persistent: bool = _setting(Boolean(), "Keep Flower's state across restarts.", "true")
+    flower_db: str = _setting(
+        Path(), "Flower's state file.", "/var/lib/mailworker/flower/flower.db"
+    )
+    flower_read_only: bool = _setting(
+        Boolean(), "Disable Flower's control operations (Flower >= 2.1).", "true"
+    )
+
+
+SETTINGS: Final[dict[str, SettingSpec]] = {
+    PREFIX + f.name.upper(): f.metadata["spec"] for f in fields(Settings)
+}
+_ATTRIBUTE: Final = {PREFIX + f.name.upper(): f.name for f in fields(Settings)}
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, parse and cross-check every setting; ConfigurationError names the first bad one."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, spec in SETTINGS.items():
+        raw = env.get(name)
+        if raw is None or (raw.strip() == "" and spec.required):
+            if spec.required:
+                raise ConfigurationError(f"{name} is required but not set")
+            raw = spec.default
+        assert raw is not None
+        try:
+            value = spec.parser.parse(raw)
+        except ValueError as error:
+            raise ConfigurationError(f"{name}: {error}") from None
+        values[_ATTRIBUTE[name]] = value
+    if not values["result_backend"]:
+        values["result_backend"] = _with_database(values["broker_url"], 1)
+    settings = Settings(**values)
+    for check in _RELATIONS:
+        check(settings)
+    return settings
+
+
+def _with_database(url: str, database: int) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def _soft_below_hard(s: Settings) -> None:
+    if s.soft_time_limit >= s.time_limit:
+        raise ConfigurationError(
+            f"{PREFIX}SOFT_TIME_LIMIT ({s.soft_time_limit}) must be below "
+            f"{PREFIX}TIME_LIMIT ({s.time_limit})"
+        )
+
+
+def _visibility_above_limits(s: Settings) -> None:
+    # Redis redelivers any task unacknowledged this long: a running task or a retry countdown
+    # that outlives it would run twice.
+    longest = max(s.time_limit, s.retry_backoff_max)
+    if s.visibility_timeout <= longest:
+        raise ConfigurationError(
+            f"{PREFIX}VISIBILITY_TIMEOUT ({s.visibility_timeout}) must be above "
+            f"{PREFIX}TIME_LIMIT and {PREFIX}RETRY_BACKOFF_MAX ({longest})"
+        )
+
+
+def _stale_above_visibility(s: Settings) -> None:
+    if s.stale_after <= s.visibility_timeout + s.time_limit:
+        raise ConfigurationError(
+            f"{PREFIX}STALE_AFTER ({s.stale_after}) must be above {PREFIX}VISIBILITY_TIMEOUT "
+            f"+ {PREFIX}TIME_LIMIT ({s.visibility_timeout + s.time_limit}): a redelivered task "
+            "must not be declared stuck"
+        )
+
+
+def _backoff_order(s: Settings) -> None:
+    if s.retry_backoff_base > s.retry_backoff_max:
+        raise ConfigurationError(
+            f"{PREFIX}RETRY_BACKOFF_BASE ({s.retry_backoff_base}) must not exceed "
+            f"{PREFIX}RETRY_BACKOFF_MAX ({s.retry_backoff_max})"
+        )
+
+
+def _heartbeat_above_loop(s: Settings) -> None:
+    if s.beat_heartbeat_max_age <= s.beat_max_loop_interval:
+        raise ConfigurationError(
+            f"{PREFIX}BEAT_HEARTBEAT_MAX_AGE ({s.beat_heartbeat_max_age}) must be above "
+            f"{PREFIX}BEAT_MAX_LOOP_INTERVAL ({s.beat_max_loop_interval})"
+        )
+
+
+_RELATIONS: Final[tuple[Callable[[Settings], None], ...]] = (
+    _soft_below_hard,
+    _visibility_above_limits,
+    _stale_above_visibility,
+    _backoff_order,
+    _heartbeat_above_loop,
+)
+
+
+# --- display -----------------------------------------------------------------------------------
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by a mask."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:{MASK}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def display_value(name: str, value: Any) -> str:
+    """How `config check` shows a value: secrets masked, passwords cut out of URLs."""
+    spec = SETTINGS[name]
+    if spec.secret:
+        count = len(value) if isinstance(value, tuple) else 1
+        return f"{MASK} ({count} key{'s' if count != 1 else ''})"
+    if isinstance(spec.parser, RedisUrl | DatabaseUrl) or name == f"{PREFIX}RESULT_BACKEND":
+        return mask_url(str(value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def effective(settings: Settings) -> list[tuple[str, str]]:
+    """(variable, displayed value) for every setting, in table order."""
+    return [(name, display_value(name, getattr(settings, _ATTRIBUTE[name]))) for name in SETTINGS]
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """MAILWORKER_* variables that no setting declares (most likely typos)."""
+    env = os.environ if environ is None else environ
+    return sorted(name for name in env if name.startswith(PREFIX) and name not in SETTINGS)
+
+
+def markdown_table() -> str:
+    """The README's settings table."""
+    lines = [
+        "| Variable | Type | Default | Description |",
+        "|---|---|---|---|",
+    ]
+    for name, spec in SETTINGS.items():
+        if spec.required:
+            default = "**required**"
+        elif spec.default_note:
+            default = spec.default_note
+        else:
+            default = f"`{spec.default}`" if spec.default else "empty"
+        description = spec.description + (" Secret: masked in output." if spec.secret else "")
+        kind = spec.parser.kind.replace("|", "\\|")
+        lines.append(f"| `{name}` | {kind} | {default} | {description} |")
+    return "\n".join(lines) + "\n"
