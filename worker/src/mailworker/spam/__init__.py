@@ -1,0 +1,1 @@
+"""Transparent spam scoring: a table of named, weighted rules (see mailworker.spam.rules)."""
