@@ -10,9 +10,15 @@ from typing import Any
 import click
 
 from mailworker import __version__
+from mailworker.cli.clean import clean
 from mailworker.cli.config import config
+from mailworker.cli.flower import flower
 from mailworker.cli.health import health
+from mailworker.cli.queue import queue
 from mailworker.cli.run import run
+from mailworker.cli.task import task
+from mailworker.cli.tasks import tasks
+from mailworker.cli.worker import worker
 from mailworker.errors import MailworkerError
 
 
@@ -35,6 +41,12 @@ def cli() -> None:
 cli.add_command(config)
 cli.add_command(health)
 cli.add_command(run)
+cli.add_command(worker)
+cli.add_command(tasks)
+cli.add_command(task)
+cli.add_command(queue)
+cli.add_command(clean)
+cli.add_command(flower)
 
 
 def main() -> None:
