@@ -78,12 +78,14 @@ class ImapSession:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._conn is not None:
-            # LOGOUT if the connection still works; closing errors must not hide the outcome.
-            with contextlib.suppress(OSError):
-                self._conn.logout()
-            self._conn = None
+        conn, self._conn = self._conn, None
         self.selected = None
+        if conn is not None:
+            # LOGOUT if the connection still works; closing errors must not hide the outcome.
+            with contextlib.suppress(imaplib.IMAP4.error, OSError):
+                conn.logout()
+            with contextlib.suppress(OSError):
+                conn.shutdown()
 
     # -- the interface the tasks use -------------------------------------------------------------
 

@@ -23,7 +23,12 @@ def quote(value: str) -> str:
 
 
 def mailbox_name(name: str) -> str:
-    """A folder name as IMAP wants it: modified UTF-7 (RFC 3501 5.1.3), quoted."""
+    """A folder name as IMAP commands want it: modified UTF-7, quoted."""
+    return quote(modified_utf7(name))
+
+
+def modified_utf7(name: str) -> str:
+    """A folder name in IMAP's modified UTF-7 (RFC 3501 5.1.3): "Entwürfe" -> "Entw&APw-rfe"."""
     if not isinstance(name, str) or not name or any(ord(ch) < 0x20 for ch in name):  # noqa: PLR2004
         raise InvalidTaskArguments(f"folder name {name!r} is empty or contains control characters")
     encoded: list[str] = []
@@ -43,7 +48,7 @@ def mailbox_name(name: str) -> str:
         else:
             pending.append(ch)
     flush()
-    return quote("".join(encoded))
+    return "".join(encoded)
 
 
 def uid_set(uids: Iterable[int]) -> str:
@@ -122,7 +127,9 @@ def parse_fetch(data: Sequence[object]) -> list[tuple[int, bytes, tuple[str, ...
         if uid is None:
             return
         flags = _FETCH_FLAGS.search(meta)
-        names = tuple(as_text(flags.group(1)).split()) if flags else ()
+        # \Recent belongs to one session (and is gone in IMAP4rev2): not a property of the mail.
+        words = as_text(flags.group(1)).split() if flags else []
+        names = tuple(word for word in words if word.lower() != "\\recent")
         messages.append((int(uid.group(1)), body, names))
 
     for item in data:

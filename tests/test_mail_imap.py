@@ -1,0 +1,277 @@
+"""ImapSession against a real Dovecot: UIDs, batches, flags, folders and every failure class."""
+
+from __future__ import annotations
+
+import socket
+import traceback
+from collections.abc import Iterator
+
+import pytest
+from mailworker.errors import (
+    AuthenticationFailed,
+    InvalidTaskArguments,
+    PermanentError,
+    TransientError,
+)
+from mailworker.mail.endpoints import MailEndpoint
+from mailworker.mail.imap import FetchedMessage, ImapSession
+
+from tests.fixtures.mailservers import HOST, LEGACY_USER, DovecotServer, MailUser, free_port
+
+
+def message(number: int, *, subject: str | None = None) -> bytes:
+    subject = subject or f"Message {number}"
+    return (
+        f"From: Sender <sender@example.org>\r\n"
+        f"To: someone@tenant-a.test\r\n"
+        f"Subject: {subject}\r\n"
+        f"Message-ID: <msg-{number}@example.org>\r\n"
+        f"Date: Mon, 6 May 2024 10:00:00 +0000\r\n"
+        f"MIME-Version: 1.0\r\n"
+        f"Content-Type: text/plain; charset=utf-8\r\n"
+        f"\r\n"
+        f"Body of message {number}.\r\n"
+    ).encode()
+
+
+@pytest.fixture
+def user(dovecot: DovecotServer) -> MailUser:
+    return dovecot.new_user()
+
+
+def fill(dovecot: DovecotServer, user: MailUser, count: int) -> None:
+    for number in range(1, count + 1):
+        assert dovecot.deliver(user.address, message(number)) == 0
+
+
+def uids(batches: Iterator[list[FetchedMessage]]) -> list[list[int]]:
+    return [[fetched.uid for fetched in batch] for batch in batches]
+
+
+def test_select_reports_uidvalidity_uidnext_and_count(dovecot, user):
+    fill(dovecot, user, 2)
+    with ImapSession(dovecot.endpoint(user.address)) as imap:
+        state = imap.select("INBOX")
+        again = imap.select("INBOX")
+    assert state.exists == 2
+    assert state.uidnext == 3
+    assert state.uidvalidity > 0
+    assert again == state
+
+
+def test_select_of_missing_folder_is_permanent(dovecot, user):
+    with ImapSession(dovecot.endpoint(user.address)) as imap, pytest.raises(PermanentError) as e:
+        imap.select("Does Not Exist")
+    assert not isinstance(e.value, TransientError)
+    assert "Does Not Exist" in str(e.value)
+
+
+def test_fetch_batches_after_a_uid_in_ascending_order(dovecot, user):
+    fill(dovecot, user, 5)
+    with ImapSession(dovecot.endpoint(user.address)) as imap:
+        imap.select("INBOX")
+        batches = list(imap.fetch_batches(after_uid=2, batch_size=2))
+        everything = uids(imap.fetch_batches(after_uid=0, batch_size=10))
+    assert [[m.uid for m in batch] for batch in batches] == [[3, 4], [5]]
+    assert b"Message-ID: <msg-3@example.org>" in batches[0][0].raw
+    assert batches[1][0].raw.rstrip().endswith(b"Body of message 5.")
+    assert everything == [[1, 2, 3, 4, 5]]
+
+
+def test_fetch_after_the_highest_uid_yields_nothing(dovecot, user):
+    # "UID n:*" matches the highest UID even when it is below n; that message must not come back.
+    fill(dovecot, user, 3)
+    with ImapSession(dovecot.endpoint(user.address)) as imap:
+        state = imap.select("INBOX")
+        assert uids(imap.fetch_batches(after_uid=state.uidnext - 1, batch_size=10)) == []
+        assert uids(imap.fetch_batches(after_uid=2, batch_size=10)) == [[3]]
+
+
+def test_fetch_uses_peek_and_leaves_messages_unseen(dovecot, user):
+    fill(dovecot, user, 2)
+    with ImapSession(dovecot.endpoint(user.address)) as imap:
+        imap.select("INBOX")
+        first = [m for batch in imap.fetch_batches(0, 10) for m in batch]
+        second = [m for batch in imap.fetch_batches(0, 10) for m in batch]
+    assert all("\\Seen" not in m.flags for m in first + second)
+    stored = dovecot.mailbox(user.address)
+    assert len(stored) == 2
+    assert not any(m.seen for m in stored)
+
+
+def test_fetch_reports_flags_set_on_the_server(dovecot, user):
+    with ImapSession(dovecot.endpoint(user.address)) as imap:
+        imap.append("INBOX", message(1), ["\\Seen", "\\Flagged"])
+        imap.select("INBOX")
+        (fetched,) = next(imap.fetch_batches(0, 10))
+    assert set(fetched.flags) == {"\\Seen", "\\Flagged"}
+
+
+@pytest.mark.parametrize("target", ["Junk", "Papierkorb Entwürfe"])
+def test_move_creates_the_target_folder(dovecot, user, target):
+    fill(dovecot, user, 3)
+    with ImapSession(dovecot.endpoint(user.address)) as imap:
+        imap.select("INBOX")
+        assert "MOVE" in imap.capabilities
+        imap.move([1, 3], target)
+        left = uids(imap.fetch_batches(0, 10))
+        moved_state = imap.select(target)
+        moved = [m.raw for batch in imap.fetch_batches(0, 10) for m in batch]
+    assert left == [[2]]
+    assert moved_state.exists == 2
+    assert [b"<msg-1@example.org>" in moved[0], b"<msg-3@example.org>" in moved[1]] == [True, True]
+    assert [m.message_id for m in dovecot.mailbox(user.address, target)] == [
+        "<msg-1@example.org>",
+        "<msg-3@example.org>",
+    ]
+
+
+def test_move_into_an_existing_folder(dovecot, user):
+    fill(dovecot, user, 2)
+    with ImapSession(dovecot.endpoint(user.address)) as imap:
+        imap.select("INBOX")
+        imap.move([1], "Trash")
+        imap.move([2], "Trash")
+        assert imap.select("Trash").exists == 2
+
+
+def test_move_without_the_move_extension_copies_and_expunges(dovecot):
+    # This user's server announces plain IMAP4rev1 after login: no MOVE, no UIDPLUS.
+    fill(dovecot, MailUser(LEGACY_USER, dovecot.users[LEGACY_USER]), 2)
+    with ImapSession(dovecot.endpoint(LEGACY_USER)) as imap:
+        assert not {"MOVE", "UIDPLUS"} & imap.capabilities
+        state = imap.select("INBOX")
+        last = state.uidnext - 1
+        imap.move([last], "Trash")
+        remaining = [m.uid for batch in imap.fetch_batches(0, 100) for m in batch]
+    assert last not in remaining
+    assert len(remaining) == state.exists - 1
+    assert "<msg-2@example.org>" in [m.message_id for m in dovecot.mailbox(LEGACY_USER, "Trash")]
+
+
+def test_expunge_removes_only_the_given_uids(dovecot, user):
+    fill(dovecot, user, 3)
+    with ImapSession(dovecot.endpoint(user.address)) as imap:
+        imap.select("INBOX")
+        imap.expunge([2])
+        imap.expunge([])
+        assert uids(imap.fetch_batches(0, 10)) == [[1, 3]]
+    assert [m.message_id for m in dovecot.mailbox(user.address)] == [
+        "<msg-1@example.org>",
+        "<msg-3@example.org>",
+    ]
+
+
+def test_append_creates_the_folder_and_sets_flags(dovecot, user):
+    with ImapSession(dovecot.endpoint(user.address)) as imap:
+        imap.append("Sent", message(7), ["\\Seen"])
+        state = imap.select("Sent")
+    assert state.exists == 1
+    (stored,) = dovecot.mailbox(user.address, "Sent")
+    assert stored.seen
+    assert stored.message_id == "<msg-7@example.org>"
+
+
+def test_search_header_finds_a_message_id(dovecot, user):
+    fill(dovecot, user, 3)
+    with ImapSession(dovecot.endpoint(user.address)) as imap:
+        imap.select("INBOX")
+        assert imap.search_header("Message-ID", "<msg-2@example.org>") == [2]
+        assert imap.search_header("Message-ID", "<nothing@example.org>") == []
+
+
+def test_search_header_with_non_ascii_text(dovecot, user):
+    dovecot.deliver(user.address, message(1, subject="=?utf-8?q?Gr=C3=BC=C3=9Fe_aus_K=C3=B6ln?="))
+    dovecot.deliver(user.address, message(2, subject="Hello"))
+    with ImapSession(dovecot.endpoint(user.address)) as imap:
+        imap.select("INBOX")
+        assert imap.search_header("Subject", "Grüße") == [1]
+
+
+def test_bad_password_is_authentication_failed_without_the_password(dovecot, user):
+    secret = "Wr0ng-Secret-Passw0rd"
+    endpoint = dovecot.endpoint(user.address, password=secret)
+    with pytest.raises(AuthenticationFailed) as caught:
+        ImapSession(endpoint).__enter__()
+    rendered = "".join(traceback.format_exception(caught.value))
+    assert user.address in str(caught.value)
+    assert secret not in rendered
+    assert secret not in repr(endpoint)
+
+
+def test_stopped_server_is_transient_and_recovers(dovecot, user):
+    fill(dovecot, user, 1)
+    endpoint = dovecot.endpoint(user.address)
+    session = ImapSession(endpoint).__enter__()
+    try:
+        dovecot.stop()
+        with pytest.raises(TransientError):
+            session.select("INBOX")  # the open session was closed under it
+        with pytest.raises(TransientError, match="refused the connection"):
+            ImapSession(endpoint).__enter__()
+    finally:
+        dovecot.start()
+        session.__exit__(None, None, None)
+    with ImapSession(endpoint) as imap:
+        assert imap.select("INBOX").exists == 1
+
+
+def test_silent_server_times_out_as_transient():
+    with socket.socket() as listener:
+        listener.bind((HOST, 0))
+        listener.listen(1)  # accepts connections (kernel backlog) but never greets
+        port = listener.getsockname()[1]
+        endpoint = _endpoint(port, "plain", timeout=0.3)
+        with pytest.raises(TransientError, match="did not answer"):
+            ImapSession(endpoint).__enter__()
+
+
+def test_nothing_listening_is_transient():
+    with pytest.raises(TransientError, match="refused"):
+        ImapSession(_endpoint(free_port(), "plain")).__enter__()
+
+
+@pytest.mark.parametrize("security", ["ssl", "starttls"])
+def test_tls_is_verified_with_the_ca_file(dovecot, user, security):
+    with ImapSession(dovecot.endpoint(user.address, security)) as imap:
+        assert imap.select("INBOX").exists == 0
+
+
+@pytest.mark.parametrize("security", ["ssl", "starttls"])
+def test_tls_without_the_ca_fails_permanently(dovecot, user, security):
+    endpoint = dovecot.endpoint(user.address, security, ca_file=None)
+    with pytest.raises(PermanentError, match="certificate verification failed") as caught:
+        ImapSession(endpoint).__enter__()
+    assert not isinstance(caught.value, TransientError)
+
+
+def test_tls_verification_can_be_switched_off(dovecot, user):
+    endpoint = dovecot.endpoint(user.address, "ssl", ca_file=None, verify_tls=False)
+    with ImapSession(endpoint) as imap:
+        assert imap.select("INBOX").exists == 0
+
+
+def test_plain_login_works_where_the_server_allows_it(dovecot, user):
+    with ImapSession(dovecot.endpoint(user.address, "plain")) as imap:
+        assert imap.select("INBOX").exists == 0
+
+
+def test_bad_arguments_are_rejected_before_any_command(dovecot, user):
+    with ImapSession(dovecot.endpoint(user.address)) as imap:
+        with pytest.raises(PermanentError, match="no folder selected"):
+            next(imap.fetch_batches(0, 10))
+        imap.select("INBOX")
+        with pytest.raises(InvalidTaskArguments, match="after_uid"):
+            next(imap.fetch_batches(-1, 10))
+        with pytest.raises(InvalidTaskArguments, match="batch_size"):
+            next(imap.fetch_batches(0, 0))
+        with pytest.raises(InvalidTaskArguments, match="uids"):
+            imap.move(["7"], "Trash")  # type: ignore[list-item]
+        with pytest.raises(InvalidTaskArguments, match="flags"):
+            imap.append("INBOX", message(1), ["\\Recent"])
+        with pytest.raises(InvalidTaskArguments, match="single line"):
+            imap.search_header("Subject", "a\r\nb")
+
+
+def _endpoint(port: int, security: str, **overrides):
+    return MailEndpoint(HOST, port, security, "nobody@tenant-a.test", "pw-123456", **overrides)
