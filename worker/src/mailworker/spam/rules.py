@@ -110,7 +110,7 @@ def score_message(raw: bytes, *, recipient: str) -> SpamVerdict:
     """Score `raw` as delivered to `recipient` (the mailbox owner's address)."""
     facts = MessageFacts.from_bytes(raw, recipient=recipient)
     fired = [rule for rule in RULES if rule.fires(facts)]
-    score = round(sum(rule.weight for rule in fired), 2)
+    score = round(float(sum(rule.weight for rule in fired)), 2)
     return SpamVerdict(
         score=score, is_spam=score >= THRESHOLD, reasons=tuple(rule.name for rule in fired)
     )
