@@ -39,7 +39,7 @@ def check_worker(settings: Settings, *, timeout: float, node: str | None = None)
             transport_options=transport,
             ssl=app.conf.broker_use_ssl or False,
         ) as connection:
-            connection.ensure_connection(max_retries=1, timeout=timeout)
+            connection.ensure_connection(max_retries=0, timeout=timeout)
             replies = app.control.ping(destination=[name], timeout=timeout, connection=connection)
     except (OperationalError, redis.RedisError, OSError) as error:
         return HealthReport(False, f"cannot reach the broker at {_where(settings)}: {error}")

@@ -371,6 +371,11 @@ class Settings:
         "Seconds after which unfinished task state counts as stuck; above the visibility timeout.",
         "7200",
     )
+    task_history_retention: int = _setting(
+        Integer(minimum=1),
+        "Seconds finished task attempts stay in the database; above STALE_AFTER.",
+        "604800",
+    )
     beat_schedule_file: str = _setting(
         Path(), "Beat's schedule file.", "/var/lib/mailworker/beat/celerybeat-schedule"
     )
@@ -466,6 +471,14 @@ def _stale_above_visibility(s: Settings) -> None:
         )
 
 
+def _retention_above_stale(s: Settings) -> None:
+    if s.task_history_retention <= s.stale_after:
+        raise ConfigurationError(
+            f"{PREFIX}TASK_HISTORY_RETENTION ({s.task_history_retention}) must be above "
+            f"{PREFIX}STALE_AFTER ({s.stale_after})"
+        )
+
+
 def _backoff_order(s: Settings) -> None:
     if s.retry_backoff_base > s.retry_backoff_max:
         raise ConfigurationError(
@@ -486,6 +499,7 @@ _RELATIONS: Final[tuple[Callable[[Settings], None], ...]] = (
     _soft_below_hard,
     _visibility_above_limits,
     _stale_above_visibility,
+    _retention_above_stale,
     _backoff_order,
     _heartbeat_above_loop,
 )

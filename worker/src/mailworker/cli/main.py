@@ -10,8 +10,10 @@ from typing import Any
 import click
 
 from mailworker import __version__
+from mailworker.cli.account import account
 from mailworker.cli.clean import clean
 from mailworker.cli.config import config
+from mailworker.cli.db import db
 from mailworker.cli.flower import flower
 from mailworker.cli.health import health
 from mailworker.cli.queue import queue
@@ -39,6 +41,8 @@ def cli() -> None:
 
 
 cli.add_command(config)
+cli.add_command(db)
+cli.add_command(account)
 cli.add_command(health)
 cli.add_command(run)
 cli.add_command(worker)

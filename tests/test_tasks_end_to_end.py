@@ -1,0 +1,161 @@
+"""Each task end to end through a real worker process, Redis, PostgreSQL, aiosmtpd and Dovecot:
+send a message over SMTP, see it arrive over IMAP, sync it, classify it, delete it."""
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from mailworker.db.models import FolderSyncState, Message, SentMessage
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from tests.fixtures.servers import celery_client
+
+pytestmark = pytest.mark.slow
+
+SEND = "mailworker.tasks.send.send_email"
+SYNC = "mailworker.tasks.sync.sync_mailbox"
+CLASSIFY = "mailworker.tasks.spam.classify_spam"
+DELETE = "mailworker.tasks.delete.delete_messages"
+
+
+HAM = {"subject": "Minutes of Monday", "body": "See you at ten."}
+SPAM = {
+    "subject": "YOU HAVE WON THE LOTTERY",
+    "body": "Dear friend, click here to claim your prize by wire transfer.",
+}
+
+
+@pytest.fixture(scope="module")
+def client(app_env, shared_worker):
+    return celery_client(app_env)
+
+
+@dataclass(frozen=True)
+class Mail:
+    dovecot: Any
+    smtp: Any
+
+
+@pytest.fixture
+def mail(dovecot, smtp_server) -> Mail:
+    return Mail(dovecot, smtp_server)
+
+
+def run(client, name: str, *args: Any, timeout: float = 30, **kwargs: Any) -> Any:
+    result = client.send_task(name, args=list(args), kwargs=kwargs)
+    value = result.get(timeout=timeout, propagate=False)
+    return result, value
+
+
+def run_ok(client, name: str, *args: Any, **kwargs: Any) -> Any:
+    result, value = run(client, name, *args, **kwargs)
+    assert result.successful(), f"{name} failed: {value!r}"
+    return value
+
+
+def messages(db_engine, account_id: str, **where: Any) -> list[Message]:
+    with Session(db_engine) as session:
+        query = select(Message).where(Message.account_id == account_id)
+        for name, value in where.items():
+            query = query.where(getattr(Message, name) == value)
+        return list(session.scalars(query.order_by(Message.uid)))
+
+
+def test_send_arrives_sync_classify_delete(client, make_account, mail, db_engine):
+    alice = make_account()
+    bob = make_account()
+
+    ham_id = send_and_check_delivery(client, alice, bob, mail)
+    spam_id = send(client, alice, {**SPAM, "to": [bob.address]})
+
+    # arrives over IMAP, synced into PostgreSQL; a re-run stores no duplicates
+    assert run_ok(client, SYNC, *bob.ids)["stored"] == 2
+    stored = messages(db_engine, bob.account_id)
+    assert [m.message_id for m in stored] == [ham_id, spam_id]
+    assert stored[0].subject == HAM["subject"]
+    assert HAM["body"] in stored[0].body_text
+    assert stored[0].raw.startswith(b"Return-Path:")
+    assert run_ok(client, SYNC, *bob.ids)["stored"] == 0
+    assert len(messages(db_engine, bob.account_id)) == 2
+
+    # classify: the spam goes to Junk, the ham stays
+    value = run_ok(client, CLASSIFY, bob.tenant_id, bob.user_id, [str(m.id) for m in stored])
+    assert (value["classified"], value["spam"], value["moved_to_junk"]) == (2, 1, 1)
+    ham_row, spam_row = messages(db_engine, bob.account_id)
+    assert (ham_row.is_spam, ham_row.state) == (False, "present")
+    assert (spam_row.is_spam, spam_row.state, spam_row.moved_to) == (True, "junk", "Junk")
+    assert spam_row.spam_score >= 5.0
+    assert "subject_keywords" in spam_row.spam_reasons
+    assert [m.message_id for m in mail.dovecot.mailbox(bob.address, "Junk")] == [spam_id]
+    assert [m.message_id for m in mail.dovecot.mailbox(bob.address)] == [ham_id]
+
+    # delete: the ham goes to Trash and its row says so
+    value = run_ok(client, DELETE, *bob.ids, [ham_row.uid])
+    assert (value["action"], value["marked"]) == ("trashed", 1)
+    assert mail.dovecot.mailbox(bob.address) == []
+    assert [m.message_id for m in mail.dovecot.mailbox(bob.address, "Trash")] == [ham_id]
+    (ham_row,) = messages(db_engine, bob.account_id, uid=ham_row.uid)
+    assert (ham_row.state, ham_row.moved_to) == ("trashed", "Trash")
+
+    # sending the same message id again does not send twice
+    value = run_ok(client, SEND, *alice.ids, {**HAM, "to": [bob.address], "message_id": ham_id})
+    assert value["duplicate"] is True
+    assert len(mail.smtp.delivered(ham_id)) == 1
+    with Session(db_engine) as session:
+        count = session.scalar(
+            select(func.count()).select_from(SentMessage).where(SentMessage.message_id == ham_id)
+        )
+    assert count == 1
+
+
+def send(client, sender, message: dict) -> str:
+    return run_ok(client, SEND, *sender.ids, message)["message_id"]
+
+
+def send_and_check_delivery(client, sender, recipient, mail) -> str:
+    """Send the ham over SMTP and check what the server, the ledger and Sent saw."""
+    result, value = run(client, SEND, *sender.ids, {**HAM, "to": [recipient.address]})
+    assert result.successful(), value
+    assert (value["status"], value["accepted"]) == ("sent", [recipient.address])
+    assert value["copied_to_sent"] is True
+    message_id = value["message_id"]
+    # No message_id given: derived from the task id, so redeliveries share it.
+    assert message_id == f"<{result.id}@{sender.address.rpartition('@')[2]}>"
+    assert len(mail.smtp.delivered(message_id)) == 1
+    assert [m.message_id for m in mail.dovecot.mailbox(sender.address, "Sent")] == [message_id]
+    return message_id
+
+
+def test_permanent_delete_expunges(client, make_account, dovecot, db_engine):
+    carol = make_account()
+    for number in range(3):
+        raw = f"From: x@example.org\r\nTo: {carol.address}\r\nSubject: n{number}\r\n\r\nhi\r\n"
+        dovecot.deliver(carol.address, raw.encode())
+    result, value = run(client, SYNC, *carol.ids)
+    assert result.successful(), value
+    uids = [m.uid for m in messages(db_engine, carol.account_id)]
+    result, value = run(client, DELETE, *carol.ids, uids[:2], permanent=True)
+    assert result.successful(), value
+    assert (value["action"], value["marked"]) == ("expunged", 2)
+    assert [m.raw.count(b"Subject: n2") for m in dovecot.mailbox(carol.address)] == [1]
+    assert dovecot.mailbox(carol.address, "Trash") == []
+    states = [m.state for m in messages(db_engine, carol.account_id)]
+    assert states == ["expunged", "expunged", "present"]
+
+
+def test_sync_in_batches_resumes_after_the_last_uid(client, make_account, dovecot, db_engine):
+    dave = make_account()
+    for number in range(12):  # batch size is 5 in the tests
+        dovecot.deliver(dave.address, f"Subject: m{number}\r\n\r\nbody\r\n".encode())
+    result, value = run(client, SYNC, *dave.ids)
+    assert result.successful(), value
+    assert value["stored"] == 12
+    dovecot.deliver(dave.address, b"Subject: late\r\n\r\nbody\r\n")
+    result, value = run(client, SYNC, *dave.ids)
+    assert value["stored"] == 1
+    with Session(db_engine) as session:
+        state = session.get(FolderSyncState, (dave.account_id, "INBOX"))
+        assert state is not None
+        assert state.last_uid == 13
+    assert [m.subject for m in messages(db_engine, dave.account_id)][-1] == "late"

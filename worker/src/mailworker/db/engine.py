@@ -1,0 +1,47 @@
+"""One SQLAlchemy engine per process, created on first use (never at import).
+
+Prefork children must not share their parent's sockets: `forget_engines()` runs in every new
+pool process (see tasks/base.py) so each child opens its own connections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from mailworker.settings import Settings
+
+_engines: dict[str, Engine] = {}
+
+
+def get_engine(settings: Settings) -> Engine:
+    engine = _engines.get(settings.database_url)
+    if engine is None:
+        engine = create_engine(
+            settings.database_url,
+            pool_pre_ping=True,  # a PostgreSQL restart costs one reconnect, not a failed task
+            hide_parameters=True,  # SQL errors never echo message bodies or password tokens
+            pool_size=2,
+            max_overflow=2,
+            connect_args={"connect_timeout": 10, "application_name": "mailworker"},
+        )
+        _engines[settings.database_url] = engine
+    return engine
+
+
+def forget_engines() -> None:
+    """Drop inherited pools without closing the parent's connections (after fork)."""
+    for engine in _engines.values():
+        engine.dispose(close=False)
+    _engines.clear()
+
+
+@contextmanager
+def session_scope(settings: Settings) -> Iterator[Session]:
+    """A session that commits when the block ends and rolls back when it raises."""
+    factory = sessionmaker(get_engine(settings), expire_on_commit=False)
+    with factory() as session, session.begin():
+        yield session

@@ -1,0 +1,82 @@
+"""The task_attempts table: one row per execution, written around every task.
+
+Best effort by design: the ledger is for operators and cleanup, so a database hiccup here is
+logged and the task goes on (the task's own database work reports the outage properly).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from sqlalchemy import func, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from mailworker.db.engine import session_scope
+from mailworker.db.models import TaskAttempt
+from mailworker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def tenant_hint(args: tuple[Any, ...], kwargs: dict[str, Any]) -> uuid.UUID | None:
+    """The tenant_id argument if it is a well-formed UUID (nothing is looked up)."""
+    value = kwargs.get("tenant_id", args[0] if args else None)
+    try:
+        return uuid.UUID(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+def start(
+    settings: Settings,
+    *,
+    task_id: str,
+    task_name: str,
+    retries: int,
+    redelivered: bool,
+    hostname: str,
+    tenant_id: uuid.UUID | None,
+) -> uuid.UUID | None:
+    attempt_id = uuid.uuid4()
+    try:
+        with session_scope(settings) as session:
+            session.add(
+                TaskAttempt(
+                    id=attempt_id,
+                    task_id=task_id,
+                    task_name=task_name,
+                    tenant_id=tenant_id,
+                    retries=retries,
+                    redelivered=redelivered,
+                    hostname=hostname,
+                    state="started",
+                )
+            )
+    except SQLAlchemyError as error:
+        logger.warning("task ledger not written: %s", _first_line(error))
+        return None
+    return attempt_id
+
+
+def finish(
+    settings: Settings, attempt_id: uuid.UUID | None, state: str, error: str | None = None
+) -> None:
+    if attempt_id is None:
+        return
+    try:
+        with session_scope(settings) as session:
+            session.execute(
+                update(TaskAttempt)
+                .where(TaskAttempt.id == attempt_id)
+                .values(state=state, error=error, finished_at=func.now())
+            )
+    except SQLAlchemyError as error_:
+        logger.warning("task ledger not updated: %s", _first_line(error_))
+
+
+def _first_line(error: SQLAlchemyError) -> str:
+    original = getattr(error, "orig", None) or error
+    text = str(original).strip()
+    return text.splitlines()[0] if text else type(original).__name__

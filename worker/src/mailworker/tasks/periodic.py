@@ -1,0 +1,27 @@
+"""Queue `periodic`: what beat schedules (celery_config.beat_schedule)."""
+
+from __future__ import annotations
+
+from mailworker.celery_app import app
+from mailworker.services.periodic import active_accounts, cleanup
+from mailworker.tasks.base import MailTask
+from mailworker.tasks.sync import sync_mailbox
+
+
+@app.task(base=MailTask, bind=True, name="mailworker.tasks.periodic.sync_all_accounts")
+def sync_all_accounts(self: MailTask) -> dict:
+    """Queue one sync_mailbox per active account."""
+    accounts = active_accounts(self.settings)
+    for tenant_id, user_id, account_id in accounts:
+        # A sync nobody ran before the next fan-out is superseded by that one.
+        sync_mailbox.apply_async(
+            args=[str(tenant_id), str(user_id), str(account_id)],
+            expires=self.settings.sync_interval,
+        )
+    return {"queued": len(accounts)}
+
+
+@app.task(base=MailTask, bind=True, name="mailworker.tasks.periodic.cleanup_stale_tasks")
+def cleanup_stale_tasks(self: MailTask) -> dict:
+    """Mark lost attempts and stuck sends, purge old attempts, give stray results an expiry."""
+    return cleanup(self.settings)

@@ -1,0 +1,19 @@
+"""Queue `spam`: score synced messages, store the verdicts, move spam to Junk."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mailworker.celery_app import app
+from mailworker.services.spam import classify
+from mailworker.tasks.base import MailTask
+from mailworker.tenancy import parse_message_ids, parse_uuid
+
+
+@app.task(base=MailTask, bind=True, name="mailworker.tasks.spam.classify_spam")
+def classify_spam(self: MailTask, tenant_id: Any, user_id: Any, message_ids: Any) -> dict:
+    """Classify the messages (row ids from the messages table) of the user's accounts."""
+    tenant = parse_uuid("tenant_id", tenant_id)
+    user = parse_uuid("user_id", user_id)
+    ids = parse_message_ids(message_ids)
+    return classify(self.settings, tenant, user, ids)

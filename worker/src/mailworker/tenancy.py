@@ -1,0 +1,141 @@
+"""Argument shapes and ownership, checked before a task does any mail or data I/O.
+
+The shape checks are pure. The ownership queries always filter by the tenant *and* user the
+task was given, so a foreign id matches nothing: no other tenant's row is ever loaded, and the
+error does not say whether the id exists elsewhere.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any, Final
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from mailworker.db.models import MailAccount, Message, Tenant, User
+from mailworker.errors import InvalidTaskArguments, TenantMismatch
+
+MAX_UIDS: Final = 10_000
+MAX_MESSAGE_IDS: Final = 1_000
+MAX_UID: Final = 2**32 - 1  # IMAP UIDs are 32-bit (RFC 3501 2.3.1.1)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."  # noqa: PLR2004
+
+
+def parse_uuid(name: str, value: Any) -> uuid.UUID:
+    """A UUID given as a string (how JSON carries it)."""
+    if isinstance(value, uuid.UUID):
+        return value
+    if not isinstance(value, str):
+        raise InvalidTaskArguments(f"{name} must be a UUID string, got {type(value).__name__}")
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidTaskArguments(f"{name} is not a UUID: {_shown(value)}") from None
+
+
+def parse_uids(value: Any) -> list[int]:
+    """A non-empty list of IMAP UIDs, deduplicated, ascending."""
+    if not isinstance(value, list | tuple) or not value:
+        raise InvalidTaskArguments("uids must be a non-empty list of integers")
+    if len(value) > MAX_UIDS:
+        raise InvalidTaskArguments(f"uids lists {len(value)} UIDs; at most {MAX_UIDS} per task")
+    for uid in value:
+        # bool is an int subclass; True is not UID 1.
+        if isinstance(uid, bool) or not isinstance(uid, int) or not 0 < uid <= MAX_UID:
+            raise InvalidTaskArguments(f"uids must hold UIDs 1..{MAX_UID}, got {_shown(uid)}")
+    return sorted(set(value))
+
+
+def parse_message_ids(value: Any) -> list[uuid.UUID]:
+    """A non-empty list of message row ids (UUID strings), deduplicated."""
+    if not isinstance(value, list | tuple) or not value:
+        raise InvalidTaskArguments("message_ids must be a non-empty list of UUID strings")
+    if len(value) > MAX_MESSAGE_IDS:
+        raise InvalidTaskArguments(
+            f"message_ids lists {len(value)} ids; at most {MAX_MESSAGE_IDS} per task"
+        )
+    return list(dict.fromkeys(parse_uuid("message_ids[]", item) for item in value))
+
+
+def parse_folder(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > 255:  # noqa: PLR2004
+        raise InvalidTaskArguments(f"{name} must be a folder name, got {_shown(value)}")
+    if any(ord(char) < 32 for char in value):  # noqa: PLR2004 - control characters
+        raise InvalidTaskArguments(f"{name} must not contain control characters")
+    return value
+
+
+def parse_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidTaskArguments(f"{name} must be true or false, got {_shown(value)}")
+    return value
+
+
+def require_tenant_and_user(session: Session, tenant_id: uuid.UUID, user_id: uuid.UUID) -> User:
+    """The active user `user_id` of the active tenant `tenant_id`."""
+    tenant = session.scalar(select(Tenant).where(Tenant.id == tenant_id))
+    if tenant is None:
+        raise TenantMismatch(f"tenant {tenant_id} does not exist")
+    if not tenant.active:
+        raise TenantMismatch(f"tenant {tenant_id} is not active")
+    user = session.scalar(select(User).where(User.id == user_id, User.tenant_id == tenant_id))
+    if user is None:
+        raise TenantMismatch(f"user {user_id} does not belong to tenant {tenant_id}")
+    if not user.active:
+        raise TenantMismatch(f"user {user_id} is not active")
+    return user
+
+
+def owned_account(
+    session: Session, tenant_id: uuid.UUID, user_id: uuid.UUID, account_id: uuid.UUID
+) -> MailAccount:
+    """The active account `account_id`, if tenant and user exist, are active and own it."""
+    require_tenant_and_user(session, tenant_id, user_id)
+    account = session.scalar(
+        select(MailAccount).where(
+            MailAccount.id == account_id,
+            MailAccount.tenant_id == tenant_id,
+            MailAccount.user_id == user_id,
+        )
+    )
+    if account is None:
+        raise TenantMismatch(f"account {account_id} does not belong to user {user_id}")
+    if not account.active:
+        raise TenantMismatch(f"account {account_id} is not active")
+    return account
+
+
+def owned_messages(
+    session: Session,
+    tenant_id: uuid.UUID,
+    user_id: uuid.UUID,
+    message_ids: Sequence[uuid.UUID],
+) -> list[tuple[Message, MailAccount]]:
+    """Every requested message with its account, all owned by the user; else TenantMismatch."""
+    require_tenant_and_user(session, tenant_id, user_id)
+    rows = session.execute(
+        select(Message, MailAccount)
+        .join(MailAccount, Message.account_id == MailAccount.id)
+        .where(
+            Message.id.in_(message_ids),
+            Message.tenant_id == tenant_id,
+            MailAccount.tenant_id == tenant_id,
+            MailAccount.user_id == user_id,
+        )
+        .order_by(Message.account_id, Message.folder, Message.uid)
+    ).all()
+    found = {message.id for message, _ in rows}
+    missing = [str(message_id) for message_id in message_ids if message_id not in found]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")  # noqa: PLR2004
+        raise TenantMismatch(f"{len(missing)} message(s) do not belong to user {user_id}: {shown}")
+    inactive = sorted({str(account.id) for _, account in rows if not account.active})
+    if inactive:
+        raise TenantMismatch(f"account {inactive[0]} is not active")
+    return [(message, account) for message, account in rows]
