@@ -1,0 +1,157 @@
+"""Cross-tenant and malformed arguments: rejected at once by a real worker, never retried,
+logged with the task id and the reason, and nothing of the other tenant touched."""
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from mailworker.db.models import FolderSyncState, Message, TaskAttempt, Tenant
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from tests.fixtures.servers import celery_client, wait_until
+
+pytestmark = pytest.mark.slow
+
+SEND = "mailworker.tasks.send.send_email"
+SYNC = "mailworker.tasks.sync.sync_mailbox"
+CLASSIFY = "mailworker.tasks.spam.classify_spam"
+DELETE = "mailworker.tasks.delete.delete_messages"
+
+
+@pytest.fixture(scope="module")
+def client(app_env, shared_worker):
+    return celery_client(app_env)
+
+
+@pytest.fixture(scope="module")
+def victim(make_account, dovecot, client):
+    """Tenant B: a synced mailbox with two messages, which tenant A must never reach."""
+    account = make_account()
+    for number in range(2):
+        dovecot.deliver(account.address, f"Subject: private {number}\r\n\r\nsecret\r\n".encode())
+    result = client.send_task(SYNC, args=account.ids)
+    assert result.get(timeout=30)["stored"] == 2
+    return account
+
+
+@pytest.fixture(scope="module")
+def intruder(make_account):
+    return make_account()
+
+
+def attempts(db_engine, task_id: str) -> list[TaskAttempt]:
+    with Session(db_engine) as session:
+        return list(
+            session.scalars(
+                select(TaskAttempt)
+                .where(TaskAttempt.task_id == task_id)
+                .order_by(TaskAttempt.started_at)
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Rejections:
+    """Runs tasks through the shared worker and checks they were rejected, not retried."""
+
+    client: Any
+    db_engine: Any
+    worker: Any
+
+    def check(self, name: str, args: list, kwargs: dict | None = None) -> str:
+        result = self.client.send_task(name, args=args, kwargs=kwargs or {})
+        error = result.get(timeout=30, propagate=False)
+        assert result.state == "FAILURE", error
+        assert type(error).__name__ in {"TenantMismatch", "InvalidTaskArguments"}, repr(error)
+        # The ledger is written after the result; wait for the attempt to be closed.
+        rows = wait_until(
+            lambda: [a for a in attempts(self.db_engine, result.id) if a.state != "started"],
+            10,
+            "the attempt to be recorded",
+        )
+        assert [(a.state, a.retries) for a in rows] == [("rejected", 0)]
+        line = f"task {result.id} rejected (not retried)"
+        wait_until(lambda: line in self.worker.log, 10, "the rejection in the worker log")
+        return str(error)
+
+
+@pytest.fixture
+def rejections(client, db_engine, shared_worker) -> Rejections:
+    return Rejections(client, db_engine, shared_worker)
+
+
+def untouched(db_engine, victim) -> list[tuple[str, str, float | None]]:
+    with Session(db_engine) as session:
+        rows = session.scalars(
+            select(Message).where(Message.account_id == victim.account_id).order_by(Message.uid)
+        )
+        return [(m.subject, m.state, m.spam_score) for m in rows]
+
+
+def test_foreign_account_is_rejected_for_every_task(
+    rejections, db_engine, dovecot, victim, intruder
+):
+    before = untouched(db_engine, victim)
+    assert before == [("private 0", "present", None), ("private 1", "present", None)]
+    foreign = [intruder.tenant_id, intruder.user_id, victim.account_id]
+
+    message = rejections.check(SYNC, foreign)
+    assert f"account {victim.account_id} does not belong to user {intruder.user_id}" in message
+    rejections.check(DELETE, [*foreign, [1, 2]])
+    rejections.check(SEND, [*foreign, {"to": ["x@example.org"], "body": "x"}])
+    # The victim's ids under the intruder's tenant, and the intruder's user with the victim's.
+    rejections.check(SYNC, [intruder.tenant_id, victim.user_id, victim.account_id])
+    rejections.check(SYNC, [victim.tenant_id, intruder.user_id, victim.account_id])
+    with Session(db_engine) as session:
+        query = select(Message.id).where(Message.account_id == victim.account_id)
+        victim_ids = [str(message_id) for message_id in session.scalars(query)]
+    message = rejections.check(CLASSIFY, [intruder.tenant_id, intruder.user_id, victim_ids])
+    assert "2 message(s) do not belong" in message
+
+    assert untouched(db_engine, victim) == before
+    assert len(dovecot.mailbox(victim.address)) == 2
+    assert dovecot.mailbox(victim.address, "Trash") == []
+
+
+def test_inactive_tenant_is_rejected(rejections, db_engine, make_account):
+    account = make_account()
+    with Session(db_engine) as session, session.begin():
+        session.execute(update(Tenant).where(Tenant.id == account.tenant_id).values(active=False))
+    message = rejections.check(SYNC, account.ids)
+    assert "is not active" in message
+    with Session(db_engine) as session:
+        assert session.get(FolderSyncState, (account.account_id, "INBOX")) is None
+
+
+NIL = str(uuid.UUID(int=0))
+VALID_MESSAGE = {"to": ["bob@example.org"], "subject": "s", "body": "b"}
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "kwargs", "reason"),
+    [
+        (SYNC, ["not-a-uuid", NIL, NIL], {}, "tenant_id is not a UUID"),
+        (SYNC, [NIL, 42, NIL], {}, "user_id must be a UUID string"),
+        (SYNC, [NIL, NIL], {}, "missing a required argument: 'account_id'"),
+        (SYNC, [NIL, NIL, NIL, NIL], {}, "too many positional arguments"),
+        (DELETE, [NIL, NIL, NIL, []], {}, "uids must be a non-empty list"),
+        (DELETE, [NIL, NIL, NIL, ["1"]], {}, "uids must hold UIDs"),
+        (DELETE, [NIL, NIL, NIL, [True]], {}, "uids must hold UIDs"),
+        (DELETE, [NIL, NIL, NIL, [0]], {}, "uids must hold UIDs"),
+        (DELETE, [NIL, NIL, NIL, [1]], {"permanent": "yes"}, "permanent must be true or false"),
+        (DELETE, [NIL, NIL, NIL, [1]], {"folder": "a\r\nb"}, "control characters"),
+        (CLASSIFY, [NIL, NIL, "x"], {}, "message_ids must be a non-empty list"),
+        (CLASSIFY, [NIL, NIL, ["nope"]], {}, "message_ids[] is not a UUID"),
+        (SEND, [NIL, NIL, NIL, "hello"], {}, "message must be an object"),
+        (SEND, [NIL, NIL, NIL, {**VALID_MESSAGE, "x": 1}], {}, "unknown field(s): x"),
+        (SEND, [NIL, NIL, NIL, {"subject": "s", "body": "b"}], {}, "at least one recipient"),
+        (SEND, [NIL, NIL, NIL, VALID_MESSAGE], {}, f"tenant {NIL} does not exist"),
+    ],
+)
+def test_malformed_arguments_are_rejected_without_retry(
+    rejections, name: str, args: list, kwargs: dict[str, Any], reason: str
+):
+    message = rejections.check(name, args, kwargs)
+    assert reason in message
