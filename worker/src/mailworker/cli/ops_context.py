@@ -14,13 +14,16 @@ from typing import Any
 
 import click
 from celery import Celery
+from celery.utils.nodenames import host_format
 
+from mailworker.celery_config import build_config
 from mailworker.errors import ConfigurationError
 from mailworker.ops.broker import CONNECTION_ERRORS, Broker, describe_failure, make_fast_failing
 from mailworker.ops.broker import open_broker as _open_broker
 from mailworker.ops.envfile import DEFAULT_ENV_FILE, apply_env_file
 from mailworker.ops.errors import EXIT_UNHEALTHY, OpsError
 from mailworker.ops.workers import Target
+from mailworker.settings import Settings, load_settings
 
 DEFAULT_TIMEOUT = 3.0
 EXIT_INTERRUPTED = 130
@@ -33,28 +36,33 @@ class Ops:
     as_json: bool
     timeout: float
     env_file: Path | None
+    _settings: Settings | None = field(default=None, repr=False)
     _app: Celery | None = field(default=None, repr=False)
 
-    def settings(self) -> Any:
-        self.load_environment()
-        from mailworker.settings import load_settings  # noqa: PLC0415 (after the env file)
-
-        return load_settings()
-
-    def load_environment(self) -> None:
-        apply_env_file(self.env_file)
+    def settings(self) -> Settings:
+        """MAILWORKER_* from the environment (after the env file); ConfigurationError if bad."""
+        if self._settings is None:
+            apply_env_file(self.env_file)
+            self._settings = load_settings()
+        return self._settings
 
     @property
     def app(self) -> Celery:
-        """The deployed Celery app, configured from MAILWORKER_*, failing fast on the broker."""
-        if self._app is None:
-            self.load_environment()
-            from mailworker.celery_app import app  # noqa: PLC0415 (reads the environment)
+        """A Celery app with the deployed configuration that fails fast on the broker.
 
-            _ = app.conf.broker_url  # configure now, so a bad setting fails here
+        Built for this command alone (not the module-level `mailworker.celery_app.app`), so
+        the short timeouts never leak into anything else running in the same process.
+        """
+        if self._app is None:
+            app = Celery("mailworker", set_as_current=False)
+            app.conf.update(build_config(self.settings()))
             make_fast_failing(app, self.timeout)
             self._app = app
         return self._app
+
+    def close(self) -> None:
+        if self._app is not None:
+            self._app.close()
 
     @contextmanager
     def broker(self) -> Iterator[Broker]:
@@ -91,6 +99,8 @@ def ops_command(func: Callable[..., None]) -> Callable[..., None]:
             fail(str(describe_failure("broker", url, exc)))
         except KeyboardInterrupt:
             fail("interrupted", EXIT_INTERRUPTED)
+        finally:
+            ops.close()
 
     options = [
         click.option(
@@ -122,7 +132,8 @@ def target_options(func: Callable[..., None]) -> Callable[..., None]:
     def run(*args: Any, node: tuple[str, ...], this_host: bool, **kwargs: Any) -> None:
         if node and this_host:
             raise click.UsageError("give either --node or --this-host, not both")
-        target = Target.this_host() if this_host else Target(nodes=tuple(node))
+        nodes = tuple(host_format(n) for n in node)  # %h, as in MAILWORKER_NODE_NAME
+        target = Target.this_host() if this_host else Target(nodes=nodes)
         func(*args, target=target, **kwargs)
 
     run = click.option(
@@ -133,5 +144,5 @@ def target_options(func: Callable[..., None]) -> Callable[..., None]:
         "-n",
         multiple=True,
         metavar="NAME@HOST",
-        help="Only this worker node (repeatable). Default: every worker.",
+        help="Only this worker node (repeatable; %h = this host). Default: every worker.",
     )(run)

@@ -1,5 +1,6 @@
 """`mailworker task status|revoke|send`: one task by id, or a new one by name."""
 
+import importlib
 import json
 from typing import Any
 
@@ -7,6 +8,7 @@ import click
 from celery import states
 from celery.exceptions import TimeoutError as ResultTimeout
 
+from mailworker.celery_config import TASK_MODULES
 from mailworker.cli.ops_context import Ops, ops_command
 from mailworker.cli.output import render_table, to_json
 from mailworker.ops import workers
@@ -27,7 +29,7 @@ def task() -> None:
 def locate(ops: Ops, task_id: str) -> dict[str, Any]:
     """Where the task is: the result backend, a worker's memory, a queue, or unacked in Redis."""
     stored = stored_result(ops.app, task_id)
-    if stored is not None and stored.state != states.PENDING:
+    if stored is not None and stored.state in states.READY_STATES:
         return {"id": task_id, "state": stored.state, "where": "result backend", **_stored(stored)}
     held = workers.query_task(ops.app, task_id, Target(), ops.timeout)
     for node, found in held.items():
@@ -40,6 +42,8 @@ def locate(ops: Ops, task_id: str) -> dict[str, Any]:
             "args": info.get("args"),
             "kwargs": info.get("kwargs"),
         }
+    if stored is not None and stored.state != states.PENDING:  # STARTED or RETRY, no holder
+        return {"id": task_id, "state": stored.state, "where": "result backend", **_stored(stored)}
     with ops.broker() as broker:
         queue = find_queued(broker, all_queues(ops.app, broker), task_id, QUEUE_SCAN_LIMIT)
         if queue is not None:
@@ -138,9 +142,13 @@ def _json_option(value: str | None, option: str, kind: type) -> Any:
     return parsed
 
 
-def known_tasks(ops: Ops) -> list[str]:
-    ops.app.loader.import_default_modules()
-    return sorted(name for name in ops.app.tasks if not name.startswith("celery."))
+def known_tasks() -> list[str]:
+    """The application's task names, from its task modules (imported, nothing connects)."""
+    for module in TASK_MODULES:
+        importlib.import_module(module)
+    from mailworker.celery_app import app  # noqa: PLC0415 (the tasks register on this app)
+
+    return sorted(name for name in app.tasks if not name.startswith("celery."))
 
 
 @task.command()
@@ -152,6 +160,7 @@ def known_tasks(ops: Ops) -> list[str]:
     "--kwargs", "kwargs_json", metavar="JSON", help="Keyword arguments, e.g. '{\"a\": 1}'."
 )
 @click.option("--queue", help="Queue to send to. Default: the task's route.")
+@click.option("--priority", type=click.IntRange(0, 9), help="Message priority (0-9).")
 @click.option(
     "--wait",
     type=click.FloatRange(min=0),
@@ -166,12 +175,16 @@ def send(
     args_json: str | None,
     kwargs_json: str | None,
     queue: str | None,
+    priority: int | None,
     wait: float,
 ) -> None:
     """Send task NAME with JSON arguments (the old dev:test)."""
     args = _json_option(args_json, "--args", list)
     kwargs = _json_option(kwargs_json, "--kwargs", dict)
-    names = known_tasks(ops)
+    names = known_tasks()
+    if name not in names:  # a worker may run tasks from modules this process does not import
+        for registered in workers.inspect(ops.app, "registered", Target(), ops.timeout).values():
+            names = sorted({*names, *registered})
     if name not in names:
         raise BadInput(f"unknown task {name!r} (known: {', '.join(names)})")
     if queue is not None and queue not in configured_queues(ops.app):
@@ -180,7 +193,9 @@ def send(
         pass
     route = ops.app.amqp.router.route({"queue": queue} if queue else {}, name, args, kwargs)
     target_queue = route["queue"].name
-    result = ops.app.send_task(name, args=args, kwargs=kwargs, queue=target_queue, retry=False)
+    result = ops.app.send_task(
+        name, args=args, kwargs=kwargs, queue=target_queue, priority=priority, retry=False
+    )
     sent = {"id": result.id, "task": name, "queue": target_queue}
     if not wait:
         ops.emit(sent, f"sent {name} as {result.id} to queue {target_queue}")
