@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import traceback
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from mailworker.errors import (
@@ -13,7 +14,7 @@ from mailworker.errors import (
     PermanentError,
     TransientError,
 )
-from mailworker.mail.endpoints import MailEndpoint
+from mailworker.mail.endpoints import MailEndpoint, Security
 from mailworker.mail.imap import FetchedMessage, ImapSession
 
 from tests.fixtures.mailservers import HOST, LEGACY_USER, DovecotServer, MailUser, free_port
@@ -259,12 +260,12 @@ def test_plain_login_works_where_the_server_allows_it(dovecot, user):
 def test_bad_arguments_are_rejected_before_any_command(dovecot, user):
     with ImapSession(dovecot.endpoint(user.address)) as imap:
         with pytest.raises(PermanentError, match="no folder selected"):
-            next(imap.fetch_batches(0, 10))
+            imap.fetch_batches(0, 10)
         imap.select("INBOX")
         with pytest.raises(InvalidTaskArguments, match="after_uid"):
-            next(imap.fetch_batches(-1, 10))
+            imap.fetch_batches(-1, 10)
         with pytest.raises(InvalidTaskArguments, match="batch_size"):
-            next(imap.fetch_batches(0, 0))
+            imap.fetch_batches(0, 0)
         with pytest.raises(InvalidTaskArguments, match="uids"):
             imap.move(["7"], "Trash")  # type: ignore[list-item]
         with pytest.raises(InvalidTaskArguments, match="flags"):
@@ -273,5 +274,13 @@ def test_bad_arguments_are_rejected_before_any_command(dovecot, user):
             imap.search_header("Subject", "a\r\nb")
 
 
-def _endpoint(port: int, security: str, **overrides):
+def test_endpoint_rejects_bad_connection_data():
+    with pytest.raises(PermanentError, match="security"):
+        MailEndpoint(HOST, 993, "tls", "a@b.test", "pw")  # type: ignore[arg-type]
+    with pytest.raises(PermanentError, match="port"):
+        MailEndpoint(HOST, 0, "ssl", "a@b.test", "pw")
+    assert "pw-secret" not in repr(MailEndpoint(HOST, 993, "ssl", "a@b.test", "pw-secret"))
+
+
+def _endpoint(port: int, security: Security, **overrides: Any) -> MailEndpoint:
     return MailEndpoint(HOST, port, security, "nobody@tenant-a.test", "pw-123456", **overrides)

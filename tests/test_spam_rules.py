@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -64,7 +64,7 @@ def test_real_looking_messages(name, is_spam, reasons):
     assert (verdict.score >= THRESHOLD) is is_spam
 
 
-BASE_HEADERS = {
+BASE_HEADERS: dict[str, str | None] = {
     "Return-Path": "<carol@tenant-a.test>",
     "Authentication-Results": "mx.tenant-a.test; spf=pass; dkim=pass; dmarc=pass",
     "From": "Carol <carol@tenant-a.test>",
@@ -77,7 +77,7 @@ BASE_HEADERS = {
 BASE_BODY = "Shall we try the new place round the corner? https://maps.tenant-a.test/x\n"
 
 
-def compose(headers: dict[str, str | None], body: str = BASE_BODY) -> bytes:
+def compose(headers: Mapping[str, str | None], body: str = BASE_BODY) -> bytes:
     lines = [f"{name}: {value}" for name, value in headers.items() if value is not None]
     return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
 

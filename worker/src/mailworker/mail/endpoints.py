@@ -6,6 +6,8 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mailworker.errors import PermanentError
+
 Security = Literal["ssl", "starttls", "plain"]
 SECURITY_MODES: tuple[Security, ...] = ("ssl", "starttls", "plain")
 
@@ -32,12 +34,15 @@ class MailEndpoint:
     ca_file: str | None = None
 
     def __post_init__(self) -> None:
+        # An account stored with bad connection data fails the same way on every retry.
         if self.security not in SECURITY_MODES:
-            raise ValueError(f"security must be one of {', '.join(SECURITY_MODES)}")
+            raise PermanentError(
+                f"mail endpoint {self.host}: security must be one of {', '.join(SECURITY_MODES)}"
+            )
         if not 0 < self.port < 65536:  # noqa: PLR2004
-            raise ValueError(f"port must be between 1 and 65535, got {self.port}")
+            raise PermanentError(f"mail endpoint {self.host}: port {self.port} is not 1-65535")
         if self.timeout <= 0:
-            raise ValueError(f"timeout must be positive, got {self.timeout}")
+            raise PermanentError(f"mail endpoint {self.host}: timeout must be positive")
 
     @property
     def address(self) -> str:

@@ -112,6 +112,9 @@ class ImapSession:
         _require_int("after_uid", after_uid, minimum=0)
         _require_int("batch_size", batch_size, minimum=1)
         self._require_selected()
+        return self._batches(after_uid, batch_size)
+
+    def _batches(self, after_uid: int, batch_size: int) -> Iterator[list[FetchedMessage]]:
         if after_uid >= syntax.MAX_UID:
             return
         conn = self._connection()
@@ -171,7 +174,8 @@ class ImapSession:
         if value.isascii():
             data = self._ok("search", conn.uid, "SEARCH", "HEADER", name, syntax.quote(value))
         else:
-            conn.literal = value.encode()  # imaplib sends it as a literal after the last argument
+            # imaplib sends `literal` after the last argument; typeshed wrongly says str.
+            conn.literal = value.encode()  # type: ignore[assignment]
             data = self._ok("search", conn.uid, "SEARCH", "CHARSET", "UTF-8", "HEADER", name)
         return sorted(_numbers(data))
 
