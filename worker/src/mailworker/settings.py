@@ -535,7 +535,7 @@ def display_value(name: str, value: Any) -> str:
         return ",".join(value)
     if isinstance(value, float):
         return f"{value:g}"
-    return str(value)
+    return str(value) if value != "" else '""'  # an empty value stays visible
 
 
 def effective(settings: Settings) -> list[tuple[str, str]]:

@@ -1,0 +1,241 @@
+"""The `mailworker` command line as an operator runs it: a subprocess, real PostgreSQL and Redis.
+
+Bad configuration must give one line naming the variable, exit status 1 and no traceback, in
+every command that reads the settings.
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import time
+
+import pytest
+from cryptography.fernet import Fernet
+from mailworker.db.models import MailAccount
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tests.fixtures.servers import ENCRYPTION_KEY, MAILWORKER, OLD_ENCRYPTION_KEY
+
+GOOD = {
+    "MAILWORKER_BROKER_URL": "redis://:brokersecret@127.0.0.1:6399/0",
+    "MAILWORKER_DATABASE_URL": "postgresql+psycopg2://mw:dbsecret@127.0.0.1:5499/mw",
+    "MAILWORKER_ENCRYPTION_KEYS": ENCRYPTION_KEY,
+}
+
+
+def clean_env(**variables: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILWORKER_")}
+    env.update(variables)
+    return env
+
+
+def mailworker(*args: str, env: dict[str, str], stdin: str | None = None, timeout: float = 60):
+    return subprocess.run(
+        [MAILWORKER, *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+BAD_CONFIGURATIONS = [
+    ({"MAILWORKER_CONCURRENCY": "lots"}, "MAILWORKER_CONCURRENCY: expected a whole number"),
+    ({"MAILWORKER_SOFT_TIME_LIMIT": "300"}, "MAILWORKER_SOFT_TIME_LIMIT (300) must be below"),
+    ({"MAILWORKER_BROKER_URL": ""}, "MAILWORKER_BROKER_URL is required but not set"),
+    ({"MAILWORKER_ENCRYPTION_KEYS": "c2hvcnQ="}, "MAILWORKER_ENCRYPTION_KEYS: key 1 of 1 is not"),
+    ({"MAILWORKER_QUEUES": "sync,urgent"}, "MAILWORKER_QUEUES: unknown urgent"),
+    ({"MAILWORKER_POOL": "eventlet"}, "MAILWORKER_POOL: expected one of prefork"),
+]
+COMMANDS = [
+    ("config", "check"),
+    ("run", "worker"),
+    ("health", "worker"),
+    ("db", "upgrade"),
+    ("account", "list"),
+]
+
+
+def test_bad_configuration_gives_one_line_and_no_traceback():
+    # Every bad setting through `config check`, the first one through every command; run
+    # concurrently to keep this quick.
+    pairs = [(bad, ("config", "check")) for bad in BAD_CONFIGURATIONS]
+    pairs += [(BAD_CONFIGURATIONS[0], command) for command in COMMANDS[1:]]
+    runs = []
+    for (overrides, expected), command in pairs:
+        env = clean_env(**{**GOOD, **overrides})
+        process = subprocess.Popen(
+            [MAILWORKER, *command],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        runs.append((command, expected, process))
+    for command, expected, process in runs:
+        out, err = process.communicate(timeout=120)
+        shown = f"mailworker {shlex.join(command)}:\nstdout: {out}\nstderr: {err}"
+        assert process.returncode == 1, shown
+        assert err.splitlines() == [f"Error: {err.strip().removeprefix('Error: ')}"], shown
+        assert expected in err, shown
+        assert "Traceback" not in out + err, shown
+        assert "brokersecret" not in out + err, shown
+
+
+def test_config_check_prints_effective_settings_with_secrets_masked():
+    ran = mailworker("config", "check", env=clean_env(**GOOD, MAILWORKER_CONCURRENCY="7"))
+    assert ran.returncode == 0, ran.stderr
+    lines = dict(line.split(None, 1) for line in ran.stdout.splitlines())
+    assert lines["MAILWORKER_CONCURRENCY"] == "7"
+    assert lines["MAILWORKER_BROKER_URL"] == "redis://:********@127.0.0.1:6399/0"
+    assert lines["MAILWORKER_RESULT_BACKEND"] == "redis://:********@127.0.0.1:6399/1"
+    assert lines["MAILWORKER_ENCRYPTION_KEYS"] == "******** (1 key)"
+    for secret in ("brokersecret", "dbsecret", ENCRYPTION_KEY):
+        assert secret not in ran.stdout + ran.stderr
+
+
+def test_config_check_warns_about_unknown_variables():
+    ran = mailworker("config", "check", env=clean_env(**GOOD, MAILWORKER_CONCURENCY="2"))
+    assert ran.returncode == 0
+    assert "warning: MAILWORKER_CONCURENCY is not a mailworker setting" in ran.stderr
+
+
+def test_run_print_shows_the_command_lines(tmp_path):
+    env = clean_env(
+        **GOOD,
+        MAILWORKER_QUEUES="send,sync",
+        MAILWORKER_CONCURRENCY="3",
+        MAILWORKER_POOL="threads",
+        MAILWORKER_LOG_FILE=f"{tmp_path}/{{service}}.log",
+        MAILWORKER_BEAT_SCHEDULE_FILE=f"{tmp_path}/beat/schedule",
+    )
+    worker = shlex.split(mailworker("run", "worker", "--print", env=env).stdout)
+    assert worker[1:3] == ["--app=mailworker.celery_app", "worker"]
+    for flag in (
+        "--queues=send,sync",
+        "--concurrency=3",
+        "--pool=threads",
+        "--hostname=celery-worker@%h",
+        "--time-limit=300",
+        "--soft-time-limit=280",
+        f"--logfile={tmp_path}/worker.log",
+        "--task-events",
+    ):
+        assert flag in worker
+    beat = shlex.split(mailworker("run", "beat", "--print", env=env).stdout)
+    assert "--scheduler=mailworker.beat:HeartbeatScheduler" in beat
+    assert f"--schedule={tmp_path}/beat/schedule" in beat
+    flower = shlex.split(mailworker("run", "flower", "--print", env=env).stdout)
+    for flag in ("--address=127.0.0.1", "--port=5555", "--url_prefix=flower", "--read_only=True"):
+        assert flag in flower
+
+    # The schedule's directory does not exist: one line before anything is exec'd.
+    ran = mailworker("run", "beat", env=env)
+    assert ran.returncode == 1
+    assert ran.stderr.strip() == (
+        f"Error: MAILWORKER_BEAT_SCHEDULE_FILE: directory {tmp_path}/beat does not exist"
+    )
+
+
+def test_db_upgrade_is_idempotent(app_env, migrated_db):
+    again = mailworker("db", "upgrade", env=app_env)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("schema at revision 0001")
+    current = mailworker("db", "current", env=app_env)
+    assert (current.returncode, current.stdout.strip()) == (
+        0,
+        "schema at revision 0001, code expects 0001",
+    )
+
+
+def test_db_upgrade_reports_an_unreachable_database_in_one_line(app_env):
+    env = {**app_env, "MAILWORKER_DATABASE_URL": "postgresql+psycopg2://u:pw@127.0.0.1:1/none"}
+    ran = mailworker("db", "upgrade", env=env)
+    assert ran.returncode == 1
+    assert len(ran.stderr.strip().splitlines()) == 1, ran.stderr
+    assert "Connection refused" in ran.stderr
+    assert ":pw@" not in ran.stderr
+
+
+def test_account_add_list_and_rotate_keys(app_env, migrated_db, db_engine):
+    tenant = f"cli-{time.time_ns()}"
+    password = "correct horse battery staple"
+    # Stored with the old key only, as before a rotation.
+    old_env = {**app_env, "MAILWORKER_ENCRYPTION_KEYS": OLD_ENCRYPTION_KEY}
+    added = mailworker(
+        "account", "add", "--tenant", tenant, "--user", "erin@example.org",
+        "--imap-host", "imap.example.org", "--smtp-host", "smtp.example.org",
+        "--password-stdin",
+        env=old_env, stdin=password + "\n",
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    ids = dict(line.split("=", 1) for line in added.stdout.splitlines())
+    assert set(ids) == {"tenant_id", "user_id", "account_id"}
+    assert password not in added.stdout + added.stderr
+
+    listed = mailworker("account", "list", "--json", "--tenant", tenant, env=app_env)
+    (row,) = json.loads(listed.stdout)
+    assert row["account_id"] == ids["account_id"]
+    assert (row["imap"], row["smtp"]) == (
+        "ssl://imap.example.org:993",
+        "starttls://smtp.example.org:587",
+    )
+    assert password not in listed.stdout
+
+    def stored_token() -> str:
+        with Session(db_engine) as session:
+            account = session.scalar(select(MailAccount).where(MailAccount.id == ids["account_id"]))
+            return account.password_encrypted
+
+    token = stored_token()
+    assert password not in token
+    assert Fernet(OLD_ENCRYPTION_KEY).decrypt(token.encode()).decode() == password
+
+    # app_env lists the new key first and the old one second: rotate, then the new key suffices.
+    rotated = mailworker("account", "rotate-keys", env=app_env)
+    assert rotated.returncode == 0, rotated.stderr
+    assert Fernet(ENCRYPTION_KEY).decrypt(stored_token().encode()).decode() == password
+
+    duplicate = mailworker(
+        "account", "add", "--tenant", tenant, "--user", "erin@example.org",
+        "--imap-host", "h", "--smtp-host", "h", "--password-stdin",
+        env=app_env, stdin="x\n",
+    )  # fmt: skip
+    assert duplicate.returncode == 1
+    assert duplicate.stderr.strip() == (
+        f"Error: tenant {tenant} already has an account for erin@example.org"
+    )
+
+
+def test_health_worker(app_env, shared_worker):
+    ok = mailworker("health", "worker", "--node", shared_worker.node, "--timeout", "5", env=app_env)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.startswith("ok: test-")
+
+    started = time.monotonic()
+    missing = mailworker(
+        "health", "worker", "--node", "nobody@nowhere", "--timeout", "1", env=app_env
+    )
+    assert missing.returncode == 1
+    assert missing.stdout.strip() == "unhealthy: nobody@nowhere did not answer within 1 s"
+    assert time.monotonic() - started < 15
+
+    no_redis = mailworker(
+        "health", "worker", "--timeout", "1",
+        env={**app_env, "MAILWORKER_BROKER_URL": "redis://:pw@127.0.0.1:1/0"},
+    )  # fmt: skip
+    assert no_redis.returncode == 1
+    assert no_redis.stdout.startswith("unhealthy: cannot reach the broker at redis://:********@")
+
+
+@pytest.mark.parametrize("command", [("health", "beat"), ("health", "worker")])
+def test_health_needs_no_database(command, app_env):
+    # The health timers must not depend on PostgreSQL: a wrong database URL changes nothing.
+    env = {**app_env, "MAILWORKER_DATABASE_URL": "postgresql+psycopg2://u@127.0.0.1:1/none"}
+    ran = mailworker(*command, "--timeout", "1", env=env)
+    assert ran.returncode == 1
+    assert "database" not in ran.stdout + ran.stderr
