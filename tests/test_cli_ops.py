@@ -236,8 +236,8 @@ def test_send_wait_reports_success_and_failure(
     status = mw_json(ops_env, "task", "status", outcome["id"])
     assert status["state"] == "FAILURE"
     assert status["where"] == "result backend"
-    recent = mw_json(ops_env, "tasks", "failed")
-    assert outcome["id"] in [row["id"] for row in recent]
+    recent = {row["id"]: row for row in mw_json(ops_env, "tasks", "failed")}
+    assert recent[outcome["id"]]["result"].startswith("InvalidTaskArguments: tenant_id")
 
 
 def test_bad_input_is_one_line_with_its_exit_code(

@@ -27,11 +27,22 @@ def cell(value: Any, width: int = MAX_CELL) -> str:
 def render_table(
     rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]], empty: str
 ) -> str:
-    """columns: (key, HEADER) pairs. An empty table renders as the `empty` sentence."""
+    """columns: (key, HEADER) pairs. An empty table renders as the `empty` sentence.
+
+    Cells are cut at MAX_CELL characters except in the last column, which has room to the end
+    of the line (notes and error messages are read in full).
+    """
     if not rows:
         return empty
+    last = len(columns) - 1
     grid = [[header for _key, header in columns]]
-    grid += [[cell(row.get(key)) for key, _header in columns] for row in rows]
+    grid += [
+        [
+            cell(row.get(key), 10_000 if i == last else MAX_CELL)
+            for i, (key, _h) in enumerate(columns)
+        ]
+        for row in rows
+    ]
     widths = [max(len(line[i]) for line in grid) for i in range(len(columns))]
     return "\n".join(
         "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()

@@ -206,6 +206,7 @@ def send(
         raise Unhealthy(f"task {result.id} did not finish within {wait:g} s") from None
     outcome = {**sent, "state": result.state, "result": value}
     if result.state != states.SUCCESS:
-        ops.emit({**outcome, "result": str(value)}, f"task {result.id} {result.state}: {value}")
+        error = f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else value
+        ops.emit({**outcome, "result": str(error)}, f"task {result.id} {result.state}: {error}")
         raise Unhealthy(f"task {result.id} ended in {result.state}")
     ops.emit(outcome, f"task {result.id} SUCCESS: {to_json(value)}")

@@ -101,19 +101,20 @@ def registered(ops: Ops, target: Target) -> None:
 def failed(ops: Ops, limit: int, states: tuple[str, ...]) -> None:
     """Recent failures from the result backend (kept for MAILWORKER_RESULT_EXPIRES seconds)."""
     wanted = frozenset(s.upper() for s in states) or frozenset({"FAILURE"})
-    results = stored_results(ops.app, wanted, limit)
+    rows = [r.as_dict() for r in stored_results(ops.app, wanted, limit)]
+    columns = [
+        ("id", "ID"),
+        ("name", "TASK"),
+        ("state", "STATE"),
+        ("date_done", "DONE"),
+        ("worker", "WORKER"),
+        ("result", "ERROR"),
+    ]
+    # Task name and worker are stored only with result_extended; show them when they are.
+    shown = [c for c in columns if c[0] not in {"name", "worker"} or any(r[c[0]] for r in rows)]
     ops.emit(
-        [r.as_dict() for r in results],
+        rows,
         render_table(
-            [r.as_dict() for r in results],
-            [
-                ("id", "ID"),
-                ("name", "TASK"),
-                ("state", "STATE"),
-                ("date_done", "DONE"),
-                ("worker", "WORKER"),
-                ("result", "ERROR"),
-            ],
-            f"no task in state {', '.join(sorted(wanted))} among the stored results",
+            rows, shown, f"no task in state {', '.join(sorted(wanted))} among the stored results"
         ),
     )

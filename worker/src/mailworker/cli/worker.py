@@ -45,7 +45,8 @@ def stats_row(node: str, stats: dict[str, Any]) -> dict[str, Any]:
     return {
         "node": node,
         "pid": stats.get("pid"),
-        "pool": str(pool.get("implementation", "")).rsplit(":", 1)[-1] or None,
+        # "celery.concurrency.prefork:TaskPool" -> "prefork"
+        "pool": str(pool.get("implementation", "")).split(":")[0].rsplit(".", 1)[-1] or None,
         "concurrency": pool.get("max-concurrency"),
         "processes": len(pool.get("processes") or []),
         "prefetch": stats.get("prefetch_count"),

@@ -77,7 +77,7 @@ def stored_result(app: Celery, task_id: str) -> StoredResult | None:
         raise describe_failure("result backend", str(app.conf.result_backend), exc) from None
     if raw is None:
         return None
-    return StoredResult.from_meta(backend.decode_result(raw))
+    return StoredResult.from_meta(backend.decode(raw))
 
 
 def stored_results(app: Celery, states: frozenset[str], limit: int) -> list[StoredResult]:
@@ -109,7 +109,7 @@ def _matching(
     for raw in values:
         if raw is None:  # expired between SCAN and MGET
             continue
-        meta = backend.decode_result(raw)
+        meta = backend.decode(raw)
         if meta.get("status") in states:
             matches.append(StoredResult.from_meta(meta))
     return matches
