@@ -1,0 +1,221 @@
+"""kill -9 a worker in the middle of a task, start another, and the task's effects happen once.
+
+Each test runs its workers on broker databases of their own (isolated_env) with a short
+visibility timeout, so Redis hands the killed worker's task to the new worker within seconds.
+The kill lands at a known point: a TCP proxy that stops forwarding IMAP traffic mid-sync, and an
+SMTP relay that holds the DATA reply.
+"""
+
+import asyncio
+import contextlib
+import select
+import socket
+import threading
+import time
+from functools import partial
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
+from mailworker.db.models import FolderSyncState, MailAccount, Message, SentMessage, TaskAttempt
+from mailworker.mail.imap import ImapSession
+from sqlalchemy import func, update
+from sqlalchemy import select as sql_select
+from sqlalchemy.orm import Session
+
+from tests.fixtures.servers import free_port, wait_until
+
+pytestmark = pytest.mark.slow
+
+SEND = "mailworker.tasks.send.send_email"
+SYNC = "mailworker.tasks.sync.sync_mailbox"
+# Redis redelivers after VISIBILITY_TIMEOUT; the limits must stay below it.
+FAST_REDELIVERY = {
+    "MAILWORKER_TIME_LIMIT": "8",
+    "MAILWORKER_SOFT_TIME_LIMIT": "6",
+    "MAILWORKER_VISIBILITY_TIMEOUT": "10",
+    "MAILWORKER_STALE_AFTER": "30",
+    "MAILWORKER_IMAP_TIMEOUT": "30",
+    "MAILWORKER_SMTP_TIMEOUT": "30",
+}
+
+
+class HoldingProxy:
+    """A loopback TCP proxy that can stop forwarding, as a stalled network would."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.holding = threading.Event()
+        self.closed = threading.Event()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+
+    def _pump(self, client: socket.socket, server: socket.socket) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while not self.closed.is_set():
+                if self.holding.is_set():
+                    time.sleep(0.05)
+                    continue
+                ready, _, _ = select.select([client, server], [], [], 0.05)
+                for source in ready:
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    (server if source is client else client).sendall(data)
+
+    def hold(self) -> None:
+        self.holding.set()
+
+    def close(self) -> None:
+        self.closed.set()
+        for sock in [self.listener, *self.sockets]:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def attempts(db_engine, task_id: str) -> list[TaskAttempt]:
+    with Session(db_engine) as session:
+        query = (
+            sql_select(TaskAttempt)
+            .where(TaskAttempt.task_id == task_id)
+            .order_by(TaskAttempt.started_at)
+        )
+        return list(session.scalars(query))
+
+
+def count_messages(db_engine, account_id: str) -> int:
+    with Session(db_engine) as session:
+        query = sql_select(func.count()).select_from(Message)
+        return session.scalar(query.where(Message.account_id == account_id))
+
+
+@pytest.fixture
+def proxy(dovecot):
+    holding = HoldingProxy(dovecot.port)
+    yield holding
+    holding.close()
+
+
+def test_sync_killed_mid_mailbox_resumes_without_duplicates(fleet, make_account, dovecot, proxy):
+    total = 150
+    account = make_account(imap_port=proxy.port)
+    with ImapSession(dovecot.endpoint(account.address)) as imap:
+        for number in range(total):
+            imap.append("INBOX", f"Subject: m{number}\r\n\r\nbody {number}\r\n".encode())
+    fleet.configure(**FAST_REDELIVERY, MAILWORKER_SYNC_BATCH_SIZE="1", MAILWORKER_CONCURRENCY="1")
+    db_engine = fleet.db_engine
+    first = fleet.start_worker()
+    client = fleet.client()
+
+    result = client.send_task(SYNC, args=account.ids)
+    wait_until(lambda: count_messages(db_engine, account.account_id) >= 10, 30, "a few batches")
+    proxy.hold()  # the sync now waits on IMAP with some batches stored
+    time.sleep(0.3)
+    stored_before_kill = count_messages(db_engine, account.account_id)
+    assert 0 < stored_before_kill < total, "the sync finished before the kill; use more mail"
+    first.kill_hard()
+    proxy.close()
+
+    # The new worker reaches Dovecot directly; Redis redelivers after the visibility timeout.
+    _point_account_at(db_engine, account.account_id, dovecot.port)
+    second = fleet.start_worker()
+    value = result.get(timeout=60)
+    assert value["stored"] == total - stored_before_kill, (value, second.log[-2000:])
+
+    with Session(db_engine) as session:
+        uids = session.scalars(
+            sql_select(Message.uid).where(Message.account_id == account.account_id)
+        ).all()
+        state = session.get(FolderSyncState, (account.account_id, "INBOX"))
+    assert len(uids) == len(set(uids)) == total
+    assert state.last_uid == max(uids)
+    runs = [(a.state, a.redelivered) for a in attempts(db_engine, result.id)]
+    assert runs == [("started", False), ("succeeded", True)]
+
+
+def _point_account_at(db_engine, account_id: str, port: int) -> None:
+    with Session(db_engine) as session, session.begin():
+        session.execute(
+            update(MailAccount).where(MailAccount.id == account_id).values(imap_port=port)
+        )
+
+
+class HoldingRelay:
+    """An SMTP server that takes any login, delivers to Dovecot on DATA and then waits `hold`
+    seconds before it replies, as an MTA that committed the message to its queue: a worker
+    killed while it waits has handed over the message but never heard so."""
+
+    def __init__(self, dovecot: Any, hold: float) -> None:
+        self.dovecot = dovecot
+        self.hold = hold
+        self.in_data = threading.Event()
+        self.data_commands = 0
+        self.controller = Controller(
+            self,
+            hostname="127.0.0.1",
+            port=free_port(),
+            authenticator=lambda *_: AuthResult(success=True),
+            auth_require_tls=False,
+        )
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        self.data_commands += 1
+        loop = asyncio.get_running_loop()
+        for rcpt in envelope.rcpt_tos:
+            deliver = partial(self.dovecot.deliver, rcpt, envelope.original_content)
+            await loop.run_in_executor(None, deliver)
+        self.in_data.set()
+        await asyncio.sleep(self.hold)
+        return "250 2.0.0 accepted"
+
+
+@pytest.fixture
+def relay(dovecot):
+    holding = HoldingRelay(dovecot, hold=2.0)
+    holding.controller.start()
+    yield holding
+    holding.controller.stop()
+
+
+def test_send_killed_inside_smtp_is_not_sent_twice(fleet, make_account, dovecot, relay):
+    alice = make_account(smtp_port=relay.controller.port, smtp_security="plain")
+    bob = make_account()
+    fleet.configure(**FAST_REDELIVERY, MAILWORKER_CONCURRENCY="1")
+    db_engine = fleet.db_engine
+    first = fleet.start_worker()
+    client = fleet.client()
+
+    message = {"to": [bob.address], "subject": "quarterly report", "body": "attached"}
+    result = client.send_task(SEND, args=[*alice.ids, message])
+    assert relay.in_data.wait(30), first.log[-2000:]
+    first.kill_hard()  # the message is delivered; its 250 goes to a dead connection
+    assert len(dovecot.mailbox(bob.address)) == 1
+
+    second = fleet.start_worker()
+    error = result.get(timeout=60, propagate=False)
+    assert result.state == "FAILURE", error
+    assert "was NOT resent" in str(error), second.log[-2000:]
+    assert relay.data_commands == 1
+    time.sleep(1)
+    assert len(dovecot.mailbox(bob.address)) == 1
+
+    with Session(db_engine) as session:
+        rows = session.scalars(
+            sql_select(SentMessage).where(SentMessage.account_id == alice.account_id)
+        ).all()
+    assert [(row.status, row.attempts) for row in rows] == [("unknown", 1)]
+    runs = [(a.state, a.redelivered) for a in attempts(db_engine, result.id)]
+    assert runs == [("started", False), ("failed", True)]

@@ -1,0 +1,157 @@
+"""Transient failures retry with exponential backoff and then succeed; permanent ones fail at
+once. Real outages: Dovecot stopped and started again, an SMTP server answering 4xx or 5xx."""
+
+import itertools
+import uuid
+from email.message import EmailMessage
+
+import pytest
+from mailworker.db.models import SentMessage, TaskAttempt
+from mailworker.mail.imap import ImapSession
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tests.fixtures.servers import celery_client, wait_until
+
+pytestmark = pytest.mark.slow
+
+SEND = "mailworker.tasks.send.send_email"
+SYNC = "mailworker.tasks.sync.sync_mailbox"
+
+
+def attempts(db_engine, task_id: str) -> list[TaskAttempt]:
+    with Session(db_engine) as session:
+        query = (
+            select(TaskAttempt)
+            .where(TaskAttempt.task_id == task_id)
+            .order_by(TaskAttempt.started_at)
+        )
+        return list(session.scalars(query))
+
+
+def finished_attempts(db_engine, task_id: str, count: int) -> list[TaskAttempt]:
+    return wait_until(
+        lambda: (
+            (rows := attempts(db_engine, task_id))
+            and len([a for a in rows if a.state != "started"]) >= count
+            and rows
+        ),
+        15,
+        f"{count} finished attempt(s) of {task_id}",
+    )
+
+
+def sent_row(db_engine, account_id: str, message_id: str) -> SentMessage:
+    with Session(db_engine) as session:
+        return session.scalar(
+            select(SentMessage).where(
+                SentMessage.account_id == account_id, SentMessage.message_id == message_id
+            )
+        )
+
+
+@pytest.fixture(scope="module")
+def client(app_env, shared_worker):
+    return celery_client(app_env)
+
+
+def test_imap_outage_is_retried_with_backoff_then_succeeds(fleet, make_account, dovecot):
+    account = make_account()
+    dovecot.deliver(account.address, b"Subject: during the outage\r\n\r\nhello\r\n")
+    fleet.configure(
+        MAILWORKER_RETRY_JITTER="false",  # exact delays: 1, 2, 3 (capped), 3, ... seconds
+        MAILWORKER_RETRY_BACKOFF_BASE="1",
+        MAILWORKER_RETRY_BACKOFF_MAX="3",
+        MAILWORKER_MAX_RETRIES="8",
+    )
+    worker = fleet.start_worker()
+    dovecot.stop()
+    try:
+        result = fleet.client().send_task(SYNC, args=account.ids)
+        finished_attempts(fleet.db_engine, result.id, 3)
+    finally:
+        dovecot.start()
+    assert result.get(timeout=30)["stored"] == 1, worker.log[-2000:]
+
+    rows = finished_attempts(fleet.db_engine, result.id, 4)
+    states = [a.state for a in rows]
+    assert states[-1] == "succeeded"
+    assert set(states[:-1]) == {"retrying"}
+    assert len(states) >= 4
+    assert all("refused the connection" in a.error for a in rows[:-1]), [a.error for a in rows]
+    gaps = [(b.started_at - a.started_at).total_seconds() for a, b in itertools.pairwise(rows)]
+    expected = [min(3, 2**n) for n in range(len(gaps))]
+    assert all(gap >= 0.9 * want for gap, want in zip(gaps, expected, strict=True)), gaps
+    assert [a.retries for a in rows] == list(range(len(rows)))
+    assert "retry 1 of 8 in 1 s" in worker.log
+
+
+def test_smtp_4xx_is_retried_and_sent_once(client, make_account, smtp_server, db_engine):
+    alice = make_account()
+    message = {"to": ["someone@example.org"], "body": "hello", "message_id": f"<{uuid.uuid4()}@t>"}
+    with smtp_server.failing(count=2, reply="451 4.3.0 Try again later"):
+        result = client.send_task(SEND, args=[*alice.ids, message])
+        value = result.get(timeout=60)
+    assert value["status"] == "sent"
+    assert len(smtp_server.delivered(message["message_id"])) == 1
+    states = [a.state for a in finished_attempts(db_engine, result.id, 3)]
+    assert states == ["retrying", "retrying", "succeeded"]
+    row = sent_row(db_engine, alice.account_id, message["message_id"])
+    assert (row.status, row.attempts) == ("sent", 3)
+
+
+def test_smtp_5xx_fails_at_once_and_may_be_sent_again(client, make_account, smtp_server, db_engine):
+    alice = make_account()
+    message = {"to": ["someone@example.org"], "body": "hello", "message_id": f"<{uuid.uuid4()}@t>"}
+    with smtp_server.failing(count=1, reply="554 5.7.1 Message rejected"):
+        result = client.send_task(SEND, args=[*alice.ids, message])
+        error = result.get(timeout=30, propagate=False)
+    assert type(error).__name__ == "PermanentError"
+    assert "554 5.7.1 Message rejected" in str(error)
+    assert [a.state for a in finished_attempts(db_engine, result.id, 1)] == ["failed"]
+    assert sent_row(db_engine, alice.account_id, message["message_id"]).status == "failed"
+    assert smtp_server.delivered(message["message_id"]) == []
+
+    # The server never took it, so a new task with the same Message-ID sends it.
+    assert client.send_task(SEND, args=[*alice.ids, message]).get(timeout=30)["status"] == "sent"
+    assert len(smtp_server.delivered(message["message_id"])) == 1
+
+
+def test_wrong_mailbox_password_fails_at_once(client, make_account, db_engine):
+    account = make_account(stored_password="not-the-password")
+    result = client.send_task(SYNC, args=account.ids)
+    error = result.get(timeout=30, propagate=False)
+    assert type(error).__name__ == "AuthenticationFailed", repr(error)
+    assert "not-the-password" not in str(error)
+    assert [a.state for a in finished_attempts(db_engine, result.id, 1)] == ["failed"]
+
+
+def test_interrupted_send_found_in_sent_is_recorded_not_resent(
+    client, make_account, dovecot, smtp_server, db_engine
+):
+    """The state a worker killed after the Sent copy but before its last commit leaves."""
+    alice = make_account()
+    message_id = f"<{uuid.uuid4()}@tenant-a.test>"
+    copy = EmailMessage()
+    copy["From"], copy["To"], copy["Message-ID"] = alice.address, "x@example.org", message_id
+    copy.set_content("already sent")
+    with ImapSession(dovecot.endpoint(alice.address)) as imap:
+        imap.append("Sent", copy.as_bytes())
+    with Session(db_engine) as session, session.begin():
+        session.add(
+            SentMessage(
+                tenant_id=alice.tenant_id,
+                account_id=alice.account_id,
+                message_id=message_id,
+                status="sending",
+                recipients=["x@example.org"],
+                subject="",
+                attempts=1,
+                copied_to_sent=False,
+            )
+        )
+    spec = {"to": ["x@example.org"], "body": "already sent", "message_id": message_id}
+    value = client.send_task(SEND, args=[*alice.ids, spec]).get(timeout=30)
+    assert (value["status"], value["recovered"]) == ("sent", True)
+    assert smtp_server.delivered(message_id) == []
+    assert sent_row(db_engine, alice.account_id, message_id).status == "sent"
