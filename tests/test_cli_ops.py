@@ -290,6 +290,13 @@ def test_env_file_supplies_the_settings(ops_env: dict[str, str], tmp_path: Path)
     assert done.returncode == 0, done.stderr
     assert {row["queue"] for row in json.loads(done.stdout)} >= {"sync", "send", "periodic"}
 
+    # `task send` reads the application's task registry too: it must see the file's settings.
+    sent = mw_process(
+        bare, "task", "send", "mailworker.tasks.delete.delete_messages", "--queue", "delete",
+        "--args", json.dumps([str(uuid.uuid4())] * 3 + [[1]]), "--env-file", str(env_file),
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+
     missing = mw(bare, "queue", "status", "--env-file", str(tmp_path / "absent.env"))
     assert missing.returncode == 2
     assert "does not exist" in missing.stderr

@@ -40,9 +40,8 @@ class Ops:
     _app: Celery | None = field(default=None, repr=False)
 
     def settings(self) -> Settings:
-        """MAILWORKER_* from the environment (after the env file); ConfigurationError if bad."""
+        """MAILWORKER_* settings (env file included); ConfigurationError names a bad one."""
         if self._settings is None:
-            apply_env_file(self.env_file)
             self._settings = load_settings()
         return self._settings
 
@@ -89,6 +88,8 @@ def ops_command(func: Callable[..., None]) -> Callable[..., None]:
     ) -> None:
         ops = Ops(as_json=as_json, timeout=timeout, env_file=env_file)
         try:
+            # Before anything reads MAILWORKER_*: the env file fills os.environ for all of it.
+            apply_env_file(ops.env_file)
             func(ops, *args, **kwargs)
         except OpsError as exc:
             fail(str(exc), exc.exit_code)
