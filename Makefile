@@ -44,10 +44,12 @@ docker: $(STAMPS)/host-lab ## Start the Docker engine if it is not running
 image: docker ## Build the local Debian 12 systemd base image (debootstrap + docker import)
 	scripts/build-base-image.sh
 
+# pip evaluates dependency markers for this Python, not the hosts' (Debian 12: 3.11.2): redis-py
+# needs async-timeout below 3.11.3, so it is named here.
 .PHONY: wheelhouse
 wheelhouse: $(STAMPS)/venv ## Build the worker and all its dependencies as wheels for the hosts
 	rm -rf $(WHEELHOUSE)
-	$(BIN)/pip wheel -q --wheel-dir $(WHEELHOUSE) ./worker
+	$(BIN)/pip wheel -q --wheel-dir $(WHEELHOUSE) ./worker 'async-timeout>=4.0.3'
 
 .PHONY: lint
 lint: $(STAMPS)/venv ## ruff, yamllint and ansible-lint (production profile)

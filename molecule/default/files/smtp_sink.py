@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""TEST-ONLY SMTP sink for the Molecule scenario.
+
+Accepts every message on 127.0.0.1:2525 and delivers it into the INBOX (a Maildir) of the test
+IMAP user, so that a `send` task can be followed by a `sync` task that finds it. A message for
+slow@example.test is held SMTP_SINK_SLOW_SECONDS before the 250 reply: a task that runs long
+enough to stop its worker in the middle of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mailbox
+import os
+import signal
+
+from aiosmtpd.controller import Controller
+
+MAILDIR = "/srv/testmail/mail/alice@example.test"
+SLOW_RECIPIENT = "slow@example.test"
+SLOW_SECONDS = float(os.environ.get("SMTP_SINK_SLOW_SECONDS", "20"))
+
+
+class Deliver:
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802, ANN001, ANN201 - aiosmtpd's hook
+        if SLOW_RECIPIENT in envelope.rcpt_tos:
+            await asyncio.sleep(SLOW_SECONDS)
+        box = mailbox.Maildir(MAILDIR, create=True)
+        box.add(envelope.original_content or envelope.content)
+        box.close()
+        return "250 OK delivered"
+
+
+def main() -> None:
+    controller = Controller(Deliver(), hostname="127.0.0.1", port=2525)
+    controller.start()
+    stop = asyncio.Event()
+    loop = asyncio.new_event_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.run_until_complete(stop.wait())
+    controller.stop()
+
+
+if __name__ == "__main__":
+    main()

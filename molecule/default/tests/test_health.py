@@ -1,0 +1,178 @@
+"""The health timers, as an operator checks them: they run, and they bring back a worker (and
+Flower) that was killed or stopped responding, while an operator's stop is respected.
+
+The tests start the check services directly instead of waiting for the 30 s timers. Every wait
+is bounded; each failing assertion prints the journals of the units concerned.
+"""
+
+import os
+import time
+from collections.abc import Callable
+
+import pytest
+import testinfra.utils.ansible_runner
+
+_inventory = testinfra.utils.ansible_runner.AnsibleRunner(os.environ["MOLECULE_INVENTORY_FILE"])
+testinfra_hosts = sorted(
+    set(_inventory.get_hosts("celery_workers"))
+    | set(_inventory.get_hosts("celery_beat"))
+    | set(_inventory.get_hosts("flower"))
+)
+
+THRESHOLD = 3
+TIMERS = {
+    "celery_workers": ["celery-worker-health.timer"],
+    "celery_beat": ["celery-beat-health.timer"],
+    "flower": ["celery-flower-health.timer"],
+}
+# The admin wrapper runs the CLI as celeryworker with the units' environment files.
+WORKER_HEALTH = (
+    "MAILWORKER_ENV_FILES=/etc/mailworker/celery-worker.env "
+    "/usr/local/sbin/mailworker health worker"
+)
+
+
+def groups(host) -> list[str]:
+    return host.ansible.get_variables()["group_names"]
+
+
+def needs(host, group: str) -> None:
+    if group not in groups(host):
+        pytest.skip(f"{host.backend.get_hostname()} is not in {group}")
+
+
+def journal(host, *units: str, lines: int = 40) -> str:
+    args = " ".join(f"-u {unit}" for unit in units)
+    out = host.run(f"journalctl {args} -n {lines} --no-pager -o short-precise").stdout
+    return f"\n--- journalctl {args} ---\n{out}"
+
+
+def unit_property(host, unit: str, name: str) -> str:
+    return host.check_output(f"systemctl show --property={name} --value {unit}")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, step: float = 1.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(step)
+    return condition()
+
+
+def restarted(host, unit: str, old_pid: str) -> bool:
+    return unit_property(host, unit, "ActiveState") == "active" and unit_property(
+        host, unit, "MainPID"
+    ) not in ("0", old_pid)
+
+
+def worker_healthy(host) -> bool:
+    return host.run(WORKER_HEALTH).rc == 0
+
+
+def check_until_restarted(host, check: str, unit: str, old_pid: str, timeout: float) -> bool:
+    """Run the check service (as the timer would) until `unit` has a new main process."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if restarted(host, unit, old_pid):
+            return True
+        host.run(f"systemctl start {check}")  # a failed check exits non-zero: expected
+        wait_for(lambda: restarted(host, unit, old_pid), timeout=5)
+    return restarted(host, unit, old_pid)
+
+
+@pytest.mark.parametrize(("group", "timer"), [(g, t) for g, ts in TIMERS.items() for t in ts])
+def test_health_timers_are_enabled_and_active(host, group, timer):
+    needs(host, group)
+    assert host.service(timer).is_enabled, journal(host, timer)
+    assert unit_property(host, timer, "ActiveState") == "active", journal(host, timer)
+    assert unit_property(host, timer, "AccuracyUSec") == "1s"
+
+
+@pytest.mark.parametrize(
+    ("group", "check"),
+    [
+        ("celery_workers", "celery-worker-health.service"),
+        ("celery_beat", "celery-beat-health.service"),
+        ("flower", "celery-flower-health.service"),
+    ],
+)
+def test_checks_pass_on_a_healthy_host(host, group, check):
+    needs(host, group)
+    target = check.replace("-health", "")
+    host.run(f"rm -f /var/lib/mailworker/health/{target}.failures")
+    result = host.run(f"systemctl start {check}")
+    assert result.rc == 0, result.stderr + journal(host, check)
+    failures = host.file(f"/var/lib/mailworker/health/{target}.failures")
+    assert not failures.exists, journal(host, check, target)
+
+
+def test_checks_run_hardened_as_celeryworker(host):
+    needs(host, "celery_workers")
+    check = "celery-worker-health.service"
+    assert unit_property(host, check, "User") == "celeryworker"
+    assert unit_property(host, check, "NoNewPrivileges") == "yes"
+    assert unit_property(host, check, "CapabilityBoundingSet") == ""
+    assert unit_property(host, check, "IPAddressDeny").split() == ["0.0.0.0/0", "::/0"]
+    recover = "celery-health-recover@celery-worker.service"
+    assert unit_property(host, recover, "CapabilityBoundingSet") == ""
+    assert unit_property(host, recover, "RestrictAddressFamilies") == "AF_UNIX"
+
+
+def test_a_killed_worker_is_back_and_healthy(host):
+    needs(host, "celery_workers")
+    unit = "celery-worker.service"
+    old = unit_property(host, unit, "MainPID")
+    host.run_expect([0], f"kill -KILL {old}")
+    assert wait_for(lambda: restarted(host, unit, old), timeout=60), journal(host, unit)
+    assert wait_for(lambda: worker_healthy(host), timeout=60), journal(host, unit)
+
+
+def test_a_worker_that_stopped_responding_is_restarted(host):
+    needs(host, "celery_workers")
+    unit, check = "celery-worker.service", "celery-worker-health.service"
+    recover = "celery-health-recover@celery-worker.service"
+    assert wait_for(lambda: worker_healthy(host), timeout=60), journal(host, unit)
+    old = unit_property(host, unit, "MainPID")
+    host.run_expect([0], f"kill -STOP {old}")
+    try:
+        # THRESHOLD failed checks of about 6 s each, then the warm restart.
+        back = check_until_restarted(host, check, unit, old, timeout=150)
+        assert back, journal(host, check, recover, unit)
+    finally:
+        host.run(f"kill -CONT {old}")  # only matters when the restart did not happen
+    log = journal(host, check, recover, lines=80)
+    assert f"failed {THRESHOLD} health checks in a row" in log, log
+    assert f"restarting {unit} after failed health checks" in log, log
+    assert wait_for(lambda: not host.file(f"/proc/{old}").exists, timeout=30), log
+    assert wait_for(lambda: worker_healthy(host), timeout=60), journal(host, unit)
+
+
+def test_an_operator_stop_is_respected(host):
+    needs(host, "celery_workers")
+    unit, check = "celery-worker.service", "celery-worker-health.service"
+    host.run_expect([0], f"systemctl stop {unit}")
+    try:
+        for _ in range(THRESHOLD + 1):
+            result = host.run(f"systemctl start {check}")
+            assert result.rc == 0, result.stderr + journal(host, check)
+        assert unit_property(host, unit, "ActiveState") == "inactive", journal(host, check, unit)
+        assert "Skipped due to 'exec-condition'" in journal(host, check), journal(host, check)
+    finally:
+        host.run_expect([0], f"systemctl start {unit}")
+    assert wait_for(lambda: worker_healthy(host), timeout=60), journal(host, unit)
+
+
+def test_flower_that_stopped_responding_is_restarted(host):
+    needs(host, "flower")
+    unit, check = "celery-flower.service", "celery-flower-health.service"
+    recover = "celery-health-recover@celery-flower.service"
+    old = unit_property(host, unit, "MainPID")
+    host.run_expect([0], f"kill -STOP {old}")
+    try:
+        back = check_until_restarted(host, check, unit, old, timeout=120)
+        assert back, journal(host, check, recover, unit)
+    finally:
+        host.run(f"kill -CONT {old}")
+    healthy = "curl --silent --fail --max-time 5 http://127.0.0.1:5555/flower/healthcheck"
+    assert wait_for(lambda: host.run(healthy).rc == 0, timeout=60), journal(host, unit)

@@ -1,0 +1,170 @@
+"""The nginx proxy in front of Flower, as an operator checks it from the Flower host.
+
+TLS only (Mozilla intermediate), basic auth on everything including /flower/metrics, a rate
+limit. Each failing assertion prints nginx's journal and error log.
+"""
+
+import os
+import shlex
+import stat
+from pathlib import Path
+
+import pytest
+import testinfra.utils.ansible_runner
+
+testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(
+    os.environ["MOLECULE_INVENTORY_FILE"]
+).get_hosts("flower")
+
+HTTPS = "https://127.0.0.1"
+CREDENTIALS = Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent / ".credentials"
+USER = "flower"
+
+
+@pytest.fixture(scope="module")
+def password() -> str:
+    return (CREDENTIALS / f"flower-proxy-{USER}.password").read_text().strip()
+
+
+def logs(host) -> str:
+    unit = host.run("journalctl -u nginx -n 30 --no-pager").stdout
+    errors = host.run("tail -n 30 /var/log/nginx/error.log").stdout
+    return f"\n--- journalctl -u nginx ---\n{unit}\n--- /var/log/nginx/error.log ---\n{errors}"
+
+
+def curl(host, *args: str):
+    return host.run("curl --silent --show-error --max-time 10 --insecure " + shlex.join(args))
+
+
+def status(host, url: str, *args: str) -> int:
+    result = curl(host, "--output", "/dev/null", "--write-out", "%{http_code}", *args, url)
+    assert result.rc == 0, result.stderr + logs(host)
+    return int(result.stdout)
+
+
+def handshake(host, *args: str):
+    """An openssl handshake with the proxy; rc 0 when it succeeded."""
+    return host.run(
+        "timeout 10 openssl s_client -connect 127.0.0.1:443 -servername localhost "
+        + shlex.join(args)
+        + " </dev/null"
+    )
+
+
+def test_nginx_is_enabled_and_running(host):
+    nginx = host.service("nginx")
+    assert nginx.is_enabled, logs(host)
+    assert nginx.is_running, logs(host)
+
+
+@pytest.mark.parametrize(
+    "path", ["/flower/", "/flower/metrics", "/flower/healthcheck", "/flower/api/workers"]
+)
+def test_without_credentials_nginx_answers_401(host, path):
+    assert status(host, HTTPS + path) == 401, logs(host)
+
+
+def test_a_wrong_password_gets_401(host):
+    assert status(host, HTTPS + "/flower/", "--user", f"{USER}:not-the-password") == 401
+
+
+@pytest.mark.parametrize("path", ["/flower/", "/flower/workers", "/flower/api/workers"])
+def test_with_credentials_flower_answers_200(host, password, path):
+    assert status(host, HTTPS + path, "--user", f"{USER}:{password}") == 200, logs(host)
+
+
+def test_metrics_come_with_credentials(host, password):
+    result = curl(host, "--fail", "--user", f"{USER}:{password}", HTTPS + "/flower/metrics")
+    assert result.rc == 0, result.stderr + logs(host)
+    assert "flower_" in result.stdout
+
+
+def test_plain_http_only_redirects_to_https(host):
+    result = curl(
+        host,
+        "--output",
+        "/dev/null",
+        "--write-out",
+        "%{http_code} %{redirect_url}",
+        "http://127.0.0.1/flower/",
+    )
+    code, location = result.stdout.split()
+    assert code == "301"
+    assert location == "https://127.0.0.1/flower/"
+
+
+def test_plain_http_on_the_tls_port_is_refused(host):
+    assert status(host, "http://127.0.0.1:443/flower/") == 400
+
+
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+def test_tls_1_2_and_1_3_are_accepted(host, version):
+    result = handshake(host, version)
+    assert result.rc == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("version", ["-tls1", "-tls1_1"])
+def test_tls_1_0_and_1_1_are_refused(host, version):
+    # SECLEVEL=0 lets the client offer the old versions: a refusal is the server's.
+    result = handshake(host, version, "-cipher", "DEFAULT:@SECLEVEL=0")
+    assert result.rc != 0, result.stdout
+
+
+def test_only_aead_ciphers_are_accepted_on_tls_1_2(host):
+    assert handshake(host, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256").rc == 0
+    weak = handshake(host, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384")
+    assert weak.rc != 0, weak.stdout
+
+
+def test_no_session_tickets(host):
+    result = handshake(host, "-tls1_2")
+    assert result.rc == 0, result.stderr
+    assert "TLS session ticket:" not in result.stdout, result.stdout
+
+
+def test_hsts_and_security_headers(host, password):
+    headers = curl(
+        host, "--head", "--user", f"{USER}:{password}", HTTPS + "/flower/"
+    ).stdout.lower()
+    assert "strict-transport-security: max-age=63072000" in headers, headers
+    assert "x-content-type-options: nosniff" in headers, headers
+    assert "x-frame-options: deny" in headers, headers
+
+
+def test_self_signed_certificate_names_the_host(host):
+    certificate = host.file("/etc/nginx/tls/flower-proxy.crt")
+    key = host.file("/etc/nginx/tls/flower-proxy.key")
+    assert (certificate.user, certificate.mode) == ("root", 0o644)
+    assert (key.user, key.mode) == ("root", 0o600)
+    names = host.check_output("openssl x509 -noout -ext subjectAltName -in " + certificate.path)
+    assert "DNS:localhost" in names
+    assert "IP Address:127.0.0.1" in names
+
+
+def test_htpasswd_is_bcrypt_and_readable_by_nginx_only(host):
+    htpasswd = host.file("/etc/nginx/flower-proxy.htpasswd")
+    assert (htpasswd.user, htpasswd.group, htpasswd.mode) == ("root", "www-data", 0o640)
+    assert htpasswd.content_string.startswith(f"{USER}:$2b$")
+
+
+def test_generated_password_is_private_on_the_controller(password):
+    assert len(password) >= 32
+    assert stat.S_IMODE(CREDENTIALS.stat().st_mode) == 0o700
+    for file in CREDENTIALS.iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600, file
+
+
+def test_rate_limit_answers_429(host):
+    # 100 requests on one connection, faster than 10 r/s with a burst of 40.
+    result = curl(
+        host,
+        "--output",
+        "/dev/null",
+        "--write-out",
+        "%{http_code}\\n",
+        *[HTTPS + "/flower/healthcheck"] * 100,
+    )
+    codes = result.stdout.split()
+    assert len(codes) == 100, result.stderr
+    assert "429" in codes, codes
+    assert "401" in codes, codes
