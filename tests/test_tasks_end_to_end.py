@@ -1,6 +1,8 @@
 """Each task end to end through a real worker process, Redis, PostgreSQL, aiosmtpd and Dovecot:
 send a message over SMTP, see it arrive over IMAP, sync it, classify it, delete it."""
 
+import imaplib
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,3 +161,35 @@ def test_sync_in_batches_resumes_after_the_last_uid(client, make_account, doveco
         assert state is not None
         assert state.last_uid == 13
     assert [m.subject for m in messages(db_engine, dave.account_id)][-1] == "late"
+
+
+def test_uidvalidity_change_resets_the_folder(fleet, make_account, dovecot):
+    account = make_account()
+    endpoint = dovecot.endpoint(account.address)
+
+    def recreate_archive(subjects: list[str]) -> None:
+        imap = imaplib.IMAP4(endpoint.host, endpoint.port)
+        imap.starttls(endpoint.tls_context())
+        imap.login(endpoint.username, endpoint.password)
+        imap.delete("Archive")  # NO when it does not exist yet; fine
+        imap.create("Archive")
+        for subject in subjects:
+            imap.append("Archive", None, None, f"Subject: {subject}\r\n\r\nbody\r\n".encode())
+        imap.logout()
+
+    recreate_archive(["old one", "old two"])
+    fleet.configure(MAILWORKER_SYNC_FOLDERS="INBOX,Archive")
+    fleet.start_worker()
+    client = fleet.client()
+    first = run_ok(client, SYNC, *account.ids)
+    (archive,) = [f for f in first["folders"] if f["folder"] == "Archive"]
+    assert (archive["stored"], archive["reset"]) == (2, False)
+
+    time.sleep(1.1)  # Dovecot derives a new mailbox's UIDVALIDITY from the clock
+    recreate_archive(["new one"])
+    second = run_ok(client, SYNC, *account.ids)
+    (archive_again,) = [f for f in second["folders"] if f["folder"] == "Archive"]
+    assert archive_again["uidvalidity"] != archive["uidvalidity"]
+    assert (archive_again["stored"], archive_again["reset"]) == (1, True)
+    rows = messages(fleet.db_engine, account.account_id, folder="Archive")
+    assert [(m.subject, m.uidvalidity) for m in rows] == [("new one", archive_again["uidvalidity"])]
