@@ -344,7 +344,11 @@ class Settings:
     # Logging
     log_level: str = _setting(Choice(LOG_LEVELS, case_insensitive=True), "Log level.", "INFO")
     log_file: str = _setting(
-        Path(optional=True), "Log file.", "", default_note="stderr (the journal)"
+        Path(optional=True),
+        "Log file of worker and beat; `{service}` in it becomes worker or beat (Flower logs "
+        "to stderr).",
+        "",
+        default_note="stderr (the journal)",
     )
     # Mail
     sync_batch_size: int = _setting(Integer(minimum=1), "Messages fetched per IMAP batch.", "100")
