@@ -1,0 +1,130 @@
+"""`python -m bench` (what `make bench` runs): measure, then write docs/benchmarks.md and the plot.
+
+Only loopback: a private redis-server on a free 127.0.0.1 port, worker processes on this machine
+and, for deploy time, the project's own lab containers. Every phase is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.deploy import DeployFailed, DeployTiming, lab_available, measure_deploy
+from bench.machine import describe_machine, load_average
+from bench.memory import MemoryCgroup
+from bench.plot import plot_sweep
+from bench.redis_server import running_redis
+from bench.report import RunInfo, render, write_report
+from bench.runner import MEMORY_LIMIT
+from bench.suite import Plan, Results, load_units, run_rounds, run_sweep
+
+REPO = Path(__file__).resolve().parent.parent
+FULL = Plan(
+    rounds=3,
+    noop_tasks=10000,
+    io_tasks=2000,
+    latency_seconds=6,
+    noop_sweep=(1, 2, 4, 8),
+    io_sweep=(2, 4, 8, 16, 32, 64),
+    sweep_seconds=8,
+)
+QUICK = Plan(
+    rounds=1,
+    noop_tasks=2000,
+    io_tasks=300,
+    latency_seconds=2,
+    noop_sweep=(2, 4),
+    io_sweep=(4, 32),
+    sweep_seconds=4,
+)
+
+
+def _cgroup_note() -> str:
+    probe = MemoryCgroup.create("celery-fleet-bench-probe", MEMORY_LIMIT)
+    if probe is None:
+        return "no memory cgroup could be made here: the 512 MiB limit was NOT enforced"
+    probe.remove()
+    return (
+        f"every session's workers ran in a memory cgroup (v{probe.version}) limited to "
+        f"{MEMORY_LIMIT // 1024 // 1024} MiB, like the units' MemoryMax"
+    )
+
+
+def _deploy(skip: bool, work_dir: Path) -> list[DeployTiming] | str:
+    if skip:
+        return "skipped with --skip-deploy"
+    missing = lab_available()
+    if missing:
+        return missing
+    try:
+        return measure_deploy(work_dir)
+    except DeployFailed as failure:
+        return f"the lab deploy failed: {str(failure).splitlines()[0]}"
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument(
+        "--quick", action="store_true", help="one small round (develop the harness)"
+    )
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 1)")
+    parser.add_argument("--skip-sweep", action="store_true", help="no concurrency sweep, no plot")
+    parser.add_argument("--skip-deploy", action="store_true", help="do not time site.yml")
+    parser.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--plot", type=Path, default=REPO / "docs" / "benchmarks-throughput.png")
+    parser.add_argument("--json", type=Path, default=REPO / "build" / "bench" / "results.json")
+    options = parser.parse_args(argv)
+
+    plan = QUICK if options.quick else FULL
+    if options.rounds:
+        plan = dataclasses.replace(plan, rounds=options.rounds)
+    started = datetime.now(UTC)
+    load_before = load_average()
+    results = Results(plan, load_units())
+    with running_redis() as redis:
+        run_rounds(redis, plan, results)
+        if not options.skip_sweep:
+            run_sweep(redis, plan, results)
+    with tempfile.TemporaryDirectory(prefix="celery-fleet-bench-") as tmp:
+        deploy = _deploy(options.skip_deploy, Path(tmp))
+    info = RunInfo(
+        date=started.strftime("%Y-%m-%d %H:%M UTC"),
+        command="make bench"
+        if not argv and not sys.argv[1:]
+        else "python -m bench " + " ".join(argv or sys.argv[1:]),
+        machine=describe_machine(),
+        load_before=load_before,
+        load_after=load_average(),
+        cgroup=_cgroup_note(),
+    )
+    if not options.skip_sweep:
+        plot_sweep(results.sweep, results.summaries, options.plot)
+    write_report(options.doc, render(info, results, deploy, options.plot.name))
+    options.json.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "info": dataclasses.asdict(info),
+        "summaries": results.summaries,
+        "sessions": [{"round": n, **dataclasses.asdict(s)} for n, s in results.sessions],
+        "sweep": [dataclasses.asdict(p) for p in results.sweep],
+        "deploy": deploy if isinstance(deploy, str) else [dataclasses.asdict(t) for t in deploy],
+        "failures": results.failures,
+    }
+    options.json.write_text(json.dumps(payload, indent=1, default=_json_default))
+    print(f"wrote {options.doc} and {options.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

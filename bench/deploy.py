@@ -1,0 +1,129 @@
+"""Deploy time: playbooks/site.yml on fresh lab containers, then the idempotent re-run.
+
+Measured twice: with the repository's ansible.cfg (pipelining, fact cache, forks) and with
+those three settings back at Ansible's defaults. Each variant starts from new containers
+(`playbooks/lab.yml`), so the first run is a full converge. The lab is removed at the end.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PATH_KEYS = ("inventory", "roles_path", "collections_path", "fact_caching_connection")
+RECAP = re.compile(r"^\S+\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+
+
+@dataclass(frozen=True)
+class DeployTiming:
+    variant: str
+    converge_seconds: float
+    rerun_seconds: float
+    rerun_changed: int
+    hosts: int
+
+
+class DeployFailed(RuntimeError):
+    """A playbook failed; the message carries the end of its output."""
+
+
+def _plain_config(directory: Path) -> Path:
+    """ansible.cfg with pipelining off, no fact cache and 5 forks (Ansible's defaults)."""
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(REPO / "ansible.cfg")
+    defaults = config["defaults"]
+    for key in PATH_KEYS:
+        if key in defaults:
+            parts = [
+                str(REPO / p) if p and not p.startswith(("/", "~")) else p
+                for p in defaults[key].split(":")
+            ]
+            defaults[key] = ":".join(parts)
+    defaults["forks"] = "5"
+    defaults["fact_caching"] = "memory"
+    for section in ("connection", "ssh_connection"):
+        if config.has_section(section):
+            config[section]["pipelining"] = "false"
+    path = directory / "ansible-plain.cfg"
+    with path.open("w") as handle:
+        config.write(handle)
+    return path
+
+
+def _playbook(args: list[str], config: Path, timeout: float) -> tuple[float, str]:
+    env = {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(config),
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+    }
+    started = time.monotonic()
+    try:
+        process = subprocess.run(
+            [str(BIN / "ansible-playbook"), *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise DeployFailed(f"ansible-playbook {' '.join(args)} took over {timeout:.0f} s") from None
+    elapsed = time.monotonic() - started
+    if process.returncode != 0:
+        tail = "\n".join(process.stdout.splitlines()[-25:])
+        raise DeployFailed(f"ansible-playbook {' '.join(args)} failed:\n{tail}")
+    return elapsed, process.stdout
+
+
+def _measure(variant: str, config: Path, lab_config: Path) -> DeployTiming:
+    _playbook(["playbooks/lab.yml", "-e", "lab_state=absent"], lab_config, 600)
+    _playbook(["playbooks/lab.yml"], lab_config, 900)
+    converge, _ = _playbook(["-i", "inventories/lab", "playbooks/site.yml"], config, 2400)
+    rerun, output = _playbook(["-i", "inventories/lab", "playbooks/site.yml"], config, 900)
+    recap = RECAP.findall(output)
+    return DeployTiming(
+        variant=variant,
+        converge_seconds=converge,
+        rerun_seconds=rerun,
+        rerun_changed=sum(int(changed) for _, changed, _, _ in recap),
+        hosts=len(recap),
+    )
+
+
+def lab_available() -> str:
+    """Empty when the lab can be deployed here, else why not."""
+    if not (REPO / "playbooks" / "lab.yml").exists():
+        return "playbooks/lab.yml does not exist yet"
+    if not (REPO / "build" / "wheelhouse").is_dir():
+        return "no wheelhouse (make wheelhouse)"
+    docker = subprocess.run(["docker", "info"], capture_output=True, check=False)
+    if docker.returncode != 0:
+        return "the Docker engine is not running (make docker)"
+    return ""
+
+
+def measure_deploy(work_dir: Path) -> list[DeployTiming]:
+    repo_config = REPO / "ansible.cfg"
+    plain = _plain_config(work_dir)
+    try:
+        return [
+            _measure(
+                "Ansible defaults (no pipelining, no fact cache, 5 forks)", plain, repo_config
+            ),
+            _measure(
+                "repository ansible.cfg (pipelining, fact cache, 20 forks)",
+                repo_config,
+                repo_config,
+            ),
+        ]
+    finally:
+        _playbook(["playbooks/lab.yml", "-e", "lab_state=absent"], repo_config, 600)
