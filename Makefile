@@ -82,6 +82,10 @@ lab: $(STAMPS)/venv image wheelhouse ## Deploy the whole stack into local contai
 lab-destroy: $(STAMPS)/venv ## Remove the lab containers
 	$(BIN)/ansible-playbook playbooks/lab.yml -e lab_state=absent
 
+.PHONY: bench
+bench: $(STAMPS)/venv $(STAMPS)/host-test image wheelhouse ## Measure the shipped worker against Celery's defaults; writes docs/benchmarks.md (BENCH_ARGS=--quick)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 .PHONY: clean
 clean: ## Remove the virtualenv, build output and stamps
 	rm -rf $(VENV) build $(STAMPS)
