@@ -98,6 +98,9 @@ def ops_command(func: Callable[..., None]) -> Callable[..., None]:
         except CONNECTION_ERRORS as exc:
             url = str(ops._app.conf.broker_url) if ops._app is not None else "(unknown)"
             fail(str(describe_failure("broker", url, exc)))
+        except OSError as exc:  # a file the command reads or cleans
+            where = f" {exc.filename}" if exc.filename else ""
+            fail(f"cannot access{where}: {exc.strerror or exc}")
         except KeyboardInterrupt:
             fail("interrupted", EXIT_INTERRUPTED)
         finally:

@@ -7,6 +7,7 @@ with backoff), so an unreachable Redis gives one line within about the timeout.
 """
 
 import json
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,7 +33,15 @@ KOMBU_DEFAULTS: dict[str, Any] = {
     "visibility_timeout": 3600,
 }
 BINDING_PREFIX = "_kombu.binding."
-CONNECTION_ERRORS = (OperationalError, redis.exceptions.RedisError, OSError)
+# What "the server did not answer" looks like from kombu, redis-py and the socket layer; other
+# OSErrors (a log file that cannot be read) are not connection problems.
+CONNECTION_ERRORS = (
+    OperationalError,
+    redis.exceptions.RedisError,
+    ConnectionError,
+    TimeoutError,
+    socket.gaierror,
+)
 
 
 def make_fast_failing(app: Celery, timeout: float) -> None:

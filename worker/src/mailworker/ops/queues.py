@@ -84,6 +84,8 @@ def unacked_by_queue(broker: Broker) -> tuple[Counter[str], Counter[str]]:
     overdue: Counter[str] = Counter()
     deadline = time() - broker.keys.visibility_timeout
     index_key = broker.keys.key(broker.keys.unacked_index_key)
+    tags: list[bytes] = []
+    queues: list[str] = []
     for tag, raw in broker.client.hscan_iter(broker.keys.key(broker.keys.unacked_key), count=500):
         entry = decode_json(raw)
         if isinstance(entry, list) and len(entry) == 3:  # noqa: PLR2004 ([message, ex, rk])
@@ -91,7 +93,12 @@ def unacked_by_queue(broker: Broker) -> tuple[Counter[str], Counter[str]]:
         else:
             queue = "?"
         unacked[queue] += 1
-        delivered = broker.client.zscore(index_key, tag)
+        tags.append(tag)
+        queues.append(queue)
+    pipe = broker.client.pipeline(transaction=False)
+    for tag in tags:
+        pipe.zscore(index_key, tag)
+    for queue, delivered in zip(queues, pipe.execute() if tags else [], strict=True):
         if delivered is not None and delivered < deadline:
             overdue[queue] += 1
     return unacked, overdue
