@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """TEST-ONLY SMTP sink for the Molecule scenario.
 
-Accepts every message on 127.0.0.1:2525 and delivers it into the INBOX (a Maildir) of the test
-IMAP user, so that a `send` task can be followed by a `sync` task that finds it. A message for
-slow@example.test is held SMTP_SINK_SLOW_SECONDS before the 250 reply: a task that runs long
-enough to stop its worker in the middle of it.
+Accepts every message on 127.0.0.1:2525 from the test user (AUTH PLAIN/LOGIN without TLS, on
+loopback only) and delivers it into the INBOX (a Maildir) of the test IMAP user, so that a `send`
+task can be followed by a `sync` task that finds it. A message for slow@example.test is held
+SMTP_SINK_SLOW_SECONDS before the 250 reply: a task that runs long enough to stop its worker in
+the middle of it.
 """
 
 from __future__ import annotations
@@ -15,14 +16,21 @@ import os
 import signal
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 MAILDIR = "/srv/testmail/mail/alice@example.test"
 SLOW_RECIPIENT = "slow@example.test"
 SLOW_SECONDS = float(os.environ.get("SMTP_SINK_SLOW_SECONDS", "20"))
+USERS = {b"alice@example.test": b"lab-only-imap"}
+
+
+def authenticate(server, session, envelope, mechanism, auth_data):
+    ok = isinstance(auth_data, LoginPassword) and USERS.get(auth_data.login) == auth_data.password
+    return AuthResult(success=ok)
 
 
 class Deliver:
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802, ANN001, ANN201 - aiosmtpd's hook
+    async def handle_DATA(self, server, session, envelope):
         if SLOW_RECIPIENT in envelope.rcpt_tos:
             await asyncio.sleep(SLOW_SECONDS)
         box = mailbox.Maildir(MAILDIR, create=True)
@@ -32,7 +40,14 @@ class Deliver:
 
 
 def main() -> None:
-    controller = Controller(Deliver(), hostname="127.0.0.1", port=2525)
+    controller = Controller(
+        Deliver(),
+        hostname="127.0.0.1",
+        port=2525,
+        authenticator=authenticate,
+        auth_required=True,
+        auth_require_tls=False,
+    )
     controller.start()
     stop = asyncio.Event()
     loop = asyncio.new_event_loop()

@@ -1,0 +1,102 @@
+"""Shared helpers for the default scenario's checklist.
+
+A test marked `@pytest.mark.units("celery-worker", ...)` prints the journal of those units when
+it fails: the first thing an operator would look at.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+JOURNAL_LINES = 60
+TEST_PASSWORD = "lab-only-imap"  # the TEST-ONLY mail user of prepare.yml
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "units(*names): print these units' journal on failure")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    marker = item.get_closest_marker("units")
+    host = getattr(item, "funcargs", {}).get("host")
+    if report.when != "call" or not report.failed or marker is None or host is None:
+        return
+    for unit in marker.args:
+        journal = host.run(f"journalctl -u {shlex.quote(unit)} -n {JOURNAL_LINES} --no-pager")
+        report.sections.append((f"journalctl -u {unit}", journal.stdout + journal.stderr))
+
+
+def eventually(
+    check: Callable[[], Any],
+    until: Callable[[Any], bool] = bool,
+    timeout: float = 90,
+    interval: float = 1,
+) -> Any:
+    """The first result of `check` that satisfies `until` within `timeout` seconds, else its last
+    result (a unit that has just (re)started needs some seconds under load before it answers)."""
+    deadline = time.monotonic() + timeout
+    result = check()
+    while not until(result) and time.monotonic() < deadline:
+        time.sleep(interval)
+        result = check()
+    return result
+
+
+def mailworker(host: Any, *args: str, stdin: str | None = None) -> Any:
+    """`mailworker ARGS` as an operator types it on the box: the root-only wrapper runs the CLI as
+    celeryworker with the units' environment file."""
+    command = "mailworker " + " ".join(shlex.quote(arg) for arg in args)
+    if stdin is not None:
+        command = f"printf '%s\\n' {shlex.quote(stdin)} | {command}"
+    return host.run(command)
+
+
+def mailworker_json(host: Any, *args: str) -> dict[str, Any]:
+    result = mailworker(host, *args, "--json")
+    assert result.stdout.strip(), f"mailworker {' '.join(args)}: no output\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+@dataclass(frozen=True)
+class Account:
+    tenant_id: str
+    user_id: str
+    account_id: str
+
+    def args(self) -> list[str]:
+        return [self.tenant_id, self.user_id, self.account_id]
+
+
+@pytest.fixture(scope="module")
+def account(host: Any) -> Account:
+    """A fresh tenant with one mailbox on the test IMAP/SMTP servers (unique per module, so
+    `molecule verify` can run again on the same instance)."""
+    tenant = f"verify-{uuid.uuid4().hex[:8]}"
+    result = mailworker(
+        host,
+        *("account", "add", "--tenant", tenant, "--user", "alice@example.test"),
+        *("--imap-host", "127.0.0.1", "--imap-port", "1143", "--imap-security", "plain"),
+        *("--smtp-host", "127.0.0.1", "--smtp-port", "2525", "--smtp-security", "plain"),
+        "--password-stdin",
+        stdin=TEST_PASSWORD,
+    )
+    assert result.rc == 0, result.stderr
+    ids = dict(line.split("=", 1) for line in result.stdout.split())
+    return Account(ids["tenant_id"], ids["user_id"], ids["account_id"])
+
+
+def send_task(host: Any, name: str, args: list[Any], wait: float = 0) -> dict[str, Any]:
+    """Send a task by name through the deployed broker; with `wait`, until it finished."""
+    options = ["--wait", f"{wait:g}"] if wait else []
+    return mailworker_json(host, "task", "send", name, "--args", json.dumps(args), *options)
