@@ -161,6 +161,17 @@ def test_db_upgrade_reports_an_unreachable_database_in_one_line(app_env):
     assert ":pw@" not in ran.stderr
 
 
+def test_account_list_on_an_unmigrated_database_says_what_to_run(app_env):
+    # The server's own `postgres` database has no schema.
+    url = app_env["MAILWORKER_DATABASE_URL"].rpartition("/")[0] + "/postgres"
+    ran = mailworker("account", "list", env={**app_env, "MAILWORKER_DATABASE_URL": url})
+    assert ran.returncode == 1
+    assert ran.stderr.strip().endswith(
+        'relation "mail_accounts" does not exist (run `mailworker db upgrade`)'
+    )
+    assert len(ran.stderr.strip().splitlines()) == 1
+
+
 def test_account_add_list_and_rotate_keys(app_env, migrated_db, db_engine):
     tenant = f"cli-{time.time_ns()}"
     password = "correct horse battery staple"

@@ -65,14 +65,14 @@ def add(
     from sqlalchemy import select  # noqa: PLC0415
 
     from mailworker.crypto import encrypt_password  # noqa: PLC0415
-    from mailworker.db.engine import session_scope  # noqa: PLC0415
+    from mailworker.db.engine import database_errors, session_scope  # noqa: PLC0415
     from mailworker.db.models import MailAccount, Tenant, User  # noqa: PLC0415
 
     settings = load_settings()
     password = _read_password(password_stdin, "Mailbox password")
     smtp_password = _read_password(password_stdin, "SMTP password") if smtp_username else None
     address = email or user_email
-    with session_scope(settings) as session:
+    with database_errors(settings), session_scope(settings) as session:
         tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
         if tenant is None:
             tenant = Tenant(name=tenant_name, active=True)
@@ -133,7 +133,7 @@ def list_accounts(tenant_name: str | None, as_json: bool) -> None:
     """List accounts (never their passwords)."""
     from sqlalchemy import select  # noqa: PLC0415
 
-    from mailworker.db.engine import session_scope  # noqa: PLC0415
+    from mailworker.db.engine import database_errors, session_scope  # noqa: PLC0415
     from mailworker.db.models import MailAccount, Tenant, User  # noqa: PLC0415
 
     settings = load_settings()
@@ -145,7 +145,7 @@ def list_accounts(tenant_name: str | None, as_json: bool) -> None:
     )
     if tenant_name:
         query = query.where(Tenant.name == tenant_name)
-    with session_scope(settings) as session:
+    with database_errors(settings), session_scope(settings) as session:
         rows = [
             {
                 "tenant": tenant,
@@ -182,11 +182,11 @@ def rotate_keys() -> None:
     from sqlalchemy import select  # noqa: PLC0415
 
     from mailworker.crypto import rotate_token  # noqa: PLC0415
-    from mailworker.db.engine import session_scope  # noqa: PLC0415
+    from mailworker.db.engine import database_errors, session_scope  # noqa: PLC0415
     from mailworker.db.models import MailAccount  # noqa: PLC0415
 
     settings = load_settings()
-    with session_scope(settings) as session:
+    with database_errors(settings), session_scope(settings) as session:
         accounts = session.scalars(select(MailAccount).with_for_update()).all()
         for item in accounts:
             item.password_encrypted = rotate_token(settings, item.password_encrypted)

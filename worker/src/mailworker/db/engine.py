@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Engine, create_engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from mailworker.settings import Settings
+from mailworker.errors import TransientError
+from mailworker.settings import Settings, mask_url
 
 _engines: dict[str, Engine] = {}
 
@@ -45,3 +47,17 @@ def session_scope(settings: Settings) -> Iterator[Session]:
     factory = sessionmaker(get_engine(settings), expire_on_commit=False)
     with factory() as session, session.begin():
         yield session
+
+
+@contextmanager
+def database_errors(settings: Settings) -> Iterator[None]:
+    """For commands: a database error becomes one line without SQL, parameters or password."""
+    try:
+        yield
+    except SQLAlchemyError as error:
+        original = getattr(error, "orig", None) or error
+        lines = str(original).strip().splitlines()
+        reason = lines[0] if lines else type(original).__name__
+        if "relation" in reason and "does not exist" in reason:
+            reason += " (run `mailworker db upgrade`)"
+        raise TransientError(f"database {mask_url(settings.database_url)}: {reason}") from None
