@@ -5,6 +5,7 @@ import ssl
 from pathlib import Path
 
 import pytest
+from celery import Celery
 from cryptography.fernet import Fernet
 from mailworker.celery_config import build_config
 from mailworker.errors import ConfigurationError
@@ -151,3 +152,22 @@ def test_rediss_urls_verify_certificates():
         )
     )
     assert off["broker_use_ssl"]["ssl_cert_reqs"] == ssl.CERT_NONE
+
+
+def test_each_task_is_routed_to_its_own_queue():
+    app = Celery("routing")
+    app.conf.update(build_config(load_settings(base_env())))
+    expected = {
+        "mailworker.tasks.sync.sync_mailbox": "sync",
+        "mailworker.tasks.send.send_email": "send",
+        "mailworker.tasks.delete.delete_messages": "delete",
+        "mailworker.tasks.spam.classify_spam": "spam",
+        "mailworker.tasks.periodic.sync_all_accounts": "periodic",
+        "mailworker.tasks.periodic.cleanup_stale_tasks": "periodic",
+    }
+    routed = {name: app.amqp.router.route({}, name)["queue"].name for name in expected}
+    assert routed == expected
+    schedule = app.conf.beat_schedule
+    assert {entry["options"]["queue"] for entry in schedule.values()} == {"periodic"}
+    assert schedule["sync-all-accounts"]["schedule"].run_every.total_seconds() == 300
+    assert schedule["cleanup-stale-tasks"]["schedule"].run_every.total_seconds() == 3600
