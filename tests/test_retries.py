@@ -155,3 +155,18 @@ def test_interrupted_send_found_in_sent_is_recorded_not_resent(
     assert (value["status"], value["recovered"]) == ("sent", True)
     assert smtp_server.delivered(message_id) == []
     assert sent_row(db_engine, alice.account_id, message_id).status == "sent"
+
+
+def test_database_outage_is_retried_then_succeeds(fleet, make_account, dovecot, postgres_server):
+    account = make_account()
+    dovecot.deliver(account.address, b"Subject: while PostgreSQL was down\r\n\r\nhello\r\n")
+    fleet.configure(MAILWORKER_RETRY_JITTER="false", MAILWORKER_MAX_RETRIES="10")
+    worker = fleet.start_worker()
+    postgres_server.stop()
+    try:
+        result = fleet.client().send_task(SYNC, args=account.ids)
+        wait_until(lambda: worker.log.count("database unavailable") >= 2, 30, "two failed attempts")
+    finally:
+        postgres_server.start()
+    assert result.get(timeout=30)["stored"] == 1, worker.log[-2000:]
+    assert "task ledger not written" in worker.log  # the ledger is best effort

@@ -22,11 +22,14 @@ _engines: dict[str, Engine] = {}
 def get_engine(settings: Settings) -> Engine:
     engine = _engines.get(settings.database_url)
     if engine is None:
+        # A running task holds up to two connections (its session and an advisory lock); the
+        # threads pool runs `concurrency` tasks in one process, prefork and solo one each.
+        tasks = settings.concurrency if settings.pool == "threads" else 1
         engine = create_engine(
             settings.database_url,
             pool_pre_ping=True,  # a PostgreSQL restart costs one reconnect, not a failed task
             hide_parameters=True,  # SQL errors never echo message bodies or password tokens
-            pool_size=2,
+            pool_size=2 * tasks,
             max_overflow=2,
             connect_args={"connect_timeout": 10, "application_name": "mailworker"},
         )

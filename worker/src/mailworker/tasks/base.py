@@ -23,7 +23,8 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from mailworker.db.engine import forget_engines
 from mailworker.errors import (
@@ -56,8 +57,11 @@ def database_error(error: SQLAlchemyError) -> MailworkerError:
     original = getattr(error, "orig", None) or error
     text = str(original).strip()
     reason = text.splitlines()[0] if text else type(original).__name__
-    if isinstance(error, DBAPIError) and (
-        error.connection_invalidated or type(original).__name__ == "OperationalError"
+    if isinstance(error, PoolTimeout):
+        return TransientError(f"database connection pool exhausted: {reason}")
+    # OperationalError covers lost connections, restarts, deadlocks and statement timeouts.
+    if isinstance(error, OperationalError | InterfaceError) or (
+        isinstance(error, DBAPIError) and error.connection_invalidated
     ):
         return TransientError(f"database unavailable: {reason}")
     return PermanentError(f"database error ({type(original).__name__}): {reason}")
