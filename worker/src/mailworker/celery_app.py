@@ -11,6 +11,7 @@ from typing import Any
 
 from celery import Celery
 
+from mailworker import redis_transport
 from mailworker.celery_config import TASK_MODULES, build_config
 from mailworker.settings import load_settings
 
@@ -19,5 +20,7 @@ def _configuration() -> dict[str, Any]:
     return build_config(load_settings())
 
 
+# redis:// URLs of this process reuse one Redis client per channel (see redis_transport).
+redis_transport.install()
 app = Celery("mailworker", include=list(TASK_MODULES))
 app.add_defaults(_configuration)

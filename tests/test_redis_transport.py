@@ -1,0 +1,59 @@
+"""mailworker.redis_transport: redis:// URLs get the client-reusing transport, and it still
+delivers, acknowledges and restores messages on a real Redis (the redelivery tests cover a killed
+worker end to end)."""
+
+import kombu
+from kombu.transport import redis as kombu_redis
+from mailworker import celery_app  # noqa: F401 - importing the app installs the transport
+from mailworker.redis_transport import Channel, Transport
+
+# The last of the fixture's 64 databases: no other test uses it.
+DB = 63
+
+
+def test_redis_urls_use_the_transport_and_keep_their_scheme(redis_server):
+    with kombu.Connection(f"redis://:secret@127.0.0.1:{redis_server.port}/{DB}") as connection:
+        assert isinstance(connection.transport, Transport)
+        assert connection.as_uri() == f"redis://:**@127.0.0.1:{redis_server.port}/{DB}"
+
+
+def test_a_channel_reuses_one_client_until_its_pool_changes(redis_server):
+    with kombu.Connection(f"redis://127.0.0.1:{redis_server.port}/{DB}") as connection:
+        channel = connection.default_channel
+        assert isinstance(channel, Channel)
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second
+        channel._after_fork()  # what a prefork child does: drop the inherited pools
+        with channel.conn_or_acquire() as after_fork:
+            assert after_fork is not first
+            assert after_fork.ping()
+
+
+def test_messages_are_delivered_acknowledged_and_restored(redis_server):
+    client = redis_server.client(DB)
+    client.flushdb()
+    url = f"redis://127.0.0.1:{redis_server.port}/{DB}"
+    with kombu.Connection(url) as connection:
+        queue = connection.SimpleQueue("transport-test")
+        for number in range(20):
+            queue.put({"n": number})
+        received = []
+        for _ in range(20):
+            message = queue.get(timeout=5)
+            received.append(message.payload["n"])
+            message.ack()
+        assert sorted(received) == list(range(20))
+        assert client.hlen(kombu_redis.Channel.unacked_key) == 0
+
+        queue.put({"n": "unacked"})
+        message = queue.get(timeout=5)
+        assert client.hlen(kombu_redis.Channel.unacked_key) == 1
+        queue.close()
+    # Closing the connection with a message unacknowledged puts it back on the queue.
+    with kombu.Connection(url) as connection:
+        queue = connection.SimpleQueue("transport-test")
+        again = queue.get(timeout=5)
+        assert again.payload == {"n": "unacked"}
+        again.ack()
+        queue.close()
+    assert client.hlen(kombu_redis.Channel.unacked_key) == 0

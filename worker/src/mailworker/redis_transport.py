@@ -1,0 +1,46 @@
+"""kombu's Redis transport with one synchronous Redis client per channel instead of one per call.
+
+kombu's Redis channel builds a new `redis.Redis` for every synchronous operation: the unacked
+bookkeeping on each delivery and each ack, every fanout publish (task events) and every enqueue.
+Building one copies redis-py's response-callback table (about 165 entries, redis-py#3624), a
+cost paid several times per task. A client only wraps the channel's connection pool and is
+thread-safe, so the channel keeps one per pool (a new pool, after a fork or a reconnect, gets a
+new client). docs/benchmarks.md has the measured saving.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu.transport import TRANSPORT_ALIASES, _transport_cache
+from kombu.transport import redis as kombu_redis
+
+SCHEMES = ("redis", "rediss")
+
+
+class Channel(kombu_redis.Channel):
+    _sync_client: Any = None
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        if asynchronous:
+            return super()._create_client(asynchronous=True)
+        pool = self.pool
+        client = self._sync_client
+        if client is None or client.connection_pool is not pool:
+            client = self._sync_client = super()._create_client()
+        return client
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+
+def install() -> None:
+    """Make redis:// and rediss:// URLs in this process use this transport.
+
+    Through kombu's alias table rather than Celery's `broker_transport`, so URLs keep their
+    scheme: `Connection.as_uri()` and Flower's broker page still see redis://.
+    """
+    for scheme in SCHEMES:
+        TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+        _transport_cache.pop(scheme, None)
