@@ -157,7 +157,7 @@ def test_rolling_restart_while_tasks_arrive_loses_none(
     with log_file.open("w") as log_handle:
         restart = subprocess.Popen(
             [str(PLAYBOOK), "-i", str(Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent),
-             "-e", "services=worker,beat", str(PROJECT / "playbooks" / "ops" / "restart.yml")],
+             "-e", "only=worker,beat", str(PROJECT / "playbooks" / "ops" / "restart.yml")],
             cwd=PROJECT, stdout=log_handle, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         try:
@@ -182,7 +182,7 @@ def test_rolling_restart_while_tasks_arrive_loses_none(
 
 def test_purge_refuses_without_confirm_and_purges_with_it(host) -> None:
     nodes = nodes_answering(host)
-    stopped = playbook("stop.yml", "services=worker")
+    stopped = playbook("stop.yml", "only=worker")
     assert stopped.returncode == 0, output(stopped)
     try:
         for _ in range(3):  # waits in `delete`: no worker consumes while they are stopped
@@ -215,7 +215,7 @@ def test_purge_refuses_without_confirm_and_purges_with_it(host) -> None:
         assert purged.returncode == 0, output(purged)
         assert waiting(host, "delete") == 0
     finally:
-        started = playbook("start.yml", "services=worker")
+        started = playbook("start.yml", "only=worker")
     assert started.returncode == 0, output(started)
     assert wait_for(lambda: nodes_answering(host) >= nodes, 90), journal(host)
 
@@ -234,7 +234,7 @@ def test_revoke_across_the_fleet_needs_confirm_only_to_terminate(host) -> None:
 
 
 def test_logs_come_back_from_every_host(host, tmp_path: Path) -> None:
-    done = playbook("logs.yml", "services=worker", "lines=5", f"logs_dir={tmp_path}")
+    done = playbook("logs.yml", "only=worker", "lines=5", f"logs_dir={tmp_path}")
     assert done.returncode == 0, output(done)
     saved = list(tmp_path.glob("*/celery-worker.service.txt"))
     assert saved, f"no journal saved under {tmp_path}{output(done)}"
