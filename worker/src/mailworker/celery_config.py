@@ -139,7 +139,12 @@ def explain_config(s: Settings) -> list[Entry]:
             "Flower and `celery events` see tasks only when workers send events.",
         ),
         Entry("task_send_sent_event", s.task_events, "Flower shows tasks while still queued."),
-        Entry("task_track_started", True, "Show STARTED, so a stuck task is visible."),
+        Entry(
+            "task_track_started",
+            False,
+            "A STARTED result costs a GET, SETEX and PUBLISH per task (docs/benchmarks.md); the "
+            "task-started event (Flower) and the task_attempts ledger already show running tasks.",
+        ),
         Entry(
             "task_queues",
             [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
