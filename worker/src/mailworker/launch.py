@@ -59,6 +59,10 @@ def _worker(s: Settings) -> list[str]:
         f"--time-limit={s.time_limit}",
         f"--soft-time-limit={s.soft_time_limit}",
         f"--prefetch-multiplier={s.prefetch_multiplier}",
+        # Gossip makes every worker consume every other worker's heartbeats (traffic grows with
+        # the square of the fleet) for clock sync and elections the app never uses. Mingle stays
+        # (a restarted worker learns earlier revokes), heartbeats stay (Flower shows workers).
+        "--without-gossip",
         *_log_options("worker", s),
     ]
     if s.task_events:
