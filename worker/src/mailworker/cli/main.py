@@ -1,31 +1,49 @@
 """`mailworker`: the click group and the console-script entry point.
 
-Every command group lives in its own module and is added here with `cli.add_command(...)`.
+Every command group lives in its own module, named in COMMANDS and imported only when it runs:
+the health timers call `mailworker health` every 30 s, and loading Celery, SQLAlchemy and Alembic
+for every command would cost each call a second or more.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import click
 
 from mailworker import __version__
-from mailworker.cli.account import account
-from mailworker.cli.clean import clean
-from mailworker.cli.config import config
-from mailworker.cli.db import db
-from mailworker.cli.flower import flower
-from mailworker.cli.health import health
-from mailworker.cli.queue import queue
-from mailworker.cli.run import run
-from mailworker.cli.task import task
-from mailworker.cli.tasks import tasks
-from mailworker.cli.worker import worker
 from mailworker.errors import MailworkerError
+
+# command name -> "module:attribute" of its click command or group
+COMMANDS: dict[str, str] = {
+    "config": "mailworker.cli.config:config",
+    "db": "mailworker.cli.db:db",
+    "account": "mailworker.cli.account:account",
+    "health": "mailworker.cli.health:health",
+    "run": "mailworker.cli.run:run",
+    "worker": "mailworker.cli.worker:worker",
+    "tasks": "mailworker.cli.tasks:tasks",
+    "task": "mailworker.cli.task:task",
+    "queue": "mailworker.cli.queue:queue",
+    "clean": "mailworker.cli.clean:clean",
+    "flower": "mailworker.cli.flower:flower",
+}
 
 
 class Group(click.Group):
-    """Turns the application's own errors into one line on stderr and exit status 1."""
+    """Loads each command on first use; turns the application's errors into one line, exit 1."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attribute = target.split(":")
+        command: click.Command = getattr(importlib.import_module(module_name), attribute)
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -38,19 +56,6 @@ class Group(click.Group):
 @click.version_option(__version__, prog_name="mailworker")
 def cli() -> None:
     """Run and operate the mailworker Celery fleet. Settings come from MAILWORKER_* variables."""
-
-
-cli.add_command(config)
-cli.add_command(db)
-cli.add_command(account)
-cli.add_command(health)
-cli.add_command(run)
-cli.add_command(worker)
-cli.add_command(tasks)
-cli.add_command(task)
-cli.add_command(queue)
-cli.add_command(clean)
-cli.add_command(flower)
 
 
 def main() -> None:
