@@ -33,6 +33,7 @@ FULL = Plan(
     noop_sweep=(1, 2, 4, 8),
     io_sweep=(2, 4, 8, 16, 32, 64),
     sweep_seconds=8,
+    sweep_tasks=(5000, 3000),
 )
 QUICK = Plan(
     rounds=1,
@@ -42,6 +43,7 @@ QUICK = Plan(
     noop_sweep=(2, 4),
     io_sweep=(4, 32),
     sweep_seconds=4,
+    sweep_tasks=(1000, 300),
 )
 
 

@@ -79,9 +79,18 @@ def _unit_env(broker_url: str, unit: WorkerUnit, concurrency: int) -> dict[str, 
 
 
 def shipped(
-    broker_url: str, queue: str, units: list[WorkerUnit], concurrency: int | None = None
+    broker_url: str,
+    queue: str,
+    units: list[WorkerUnit],
+    concurrency: int | None = None,
+    *,
+    events: bool = True,
 ) -> Deployment:
-    """The units that serve `queue`; `concurrency` overrides each unit's only for the sweep."""
+    """The units that serve `queue`; `concurrency` overrides each unit's only for the sweep.
+
+    `events=False` is the one ablation: MAILWORKER_TASK_EVENTS=false, what a fleet without
+    Flower's task views would run (Flower itself turns events back on unless told not to).
+    """
     if not units:
         raise ValueError(f"no shipped worker unit consumes the queue {queue!r}")
     workers = []
@@ -90,6 +99,8 @@ def shipped(
     for unit in units:
         used = concurrency or unit.concurrency
         env = _unit_env(broker_url, unit, used)
+        if not events:
+            env["MAILWORKER_TASK_EVENTS"] = "false"
         settings = load_settings(env)
         argv = [*build_argv("worker", settings), "--include=bench.tasks"]
         workers.append(WorkerSpec(tuple(argv), env))
@@ -98,8 +109,8 @@ def shipped(
             f"{unit.name}: {unit.pool} -c {used}, prefetch x{settings.prefetch_multiplier}"
         )
     return Deployment(
-        label="shipped",
-        summary="; ".join(parts) + ", late ack",
+        label="shipped" if events else "shipped, events off",
+        summary="; ".join(parts) + ", late ack" + ("" if events else ", task events off"),
         concurrency=total,
         queue=queue,
         producer_app="mailworker.celery_app:app",

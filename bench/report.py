@@ -10,7 +10,7 @@ from pathlib import Path
 from bench.deploy import DeployTiming
 from bench.machine import Machine
 from bench.runner import MEMORY_LIMIT, Session
-from bench.suite import IO, NOOP, Results
+from bench.suite import ABLATION, IO, NOOP, Results
 
 START = "<!-- bench:results:start -->"
 END = "<!-- bench:results:end -->"
@@ -64,6 +64,7 @@ ROWS: list[tuple[str, Callable[[Session], float], int, bool]] = [
     ("enqueue throughput (producer), tasks/s", lambda s: s.enqueue_rate, 0, True),
     ("worker CPU per task, ms (all worker processes)", lambda s: s.worker_cpu_ms, 2, False),
     ("redis-server CPU per task, ms", lambda s: s.redis_cpu_ms, 3, False),
+    ("Redis commands per task (worker side)", lambda s: s.redis_commands, 1, False),
     ("p50 enqueue->start at half of own peak, ms", lambda s: s.latency_p50_ms, 1, False),
     ("p99 enqueue->start at half of own peak, ms", lambda s: s.latency_p99_ms, 1, False),
     ("offered load for those latencies, tasks/s", lambda s: s.latency_rate, 0, True),
@@ -125,6 +126,15 @@ def _summary(results: Results, deploy: list[DeployTiming] | str) -> list[str]:
         f"- largest worker process peak RSS, shipped: {_fmt(rss, 1)} MiB (Celery defaults: "
         f"{_fmt(default_rss, 1)} MiB) (target <= {RSS_TARGET_MB:.0f} MiB: {rss_verdict})",
     ]
+    ablation = _ratio(
+        results.median(NOOP.name, ABLATION, lambda s: s.drain_rate),
+        results.median(NOOP.name, "default", lambda s: s.drain_rate),
+    )
+    if not math.isnan(ablation):
+        lines.append(
+            f"- ablation, not shipped: no-op throughput ratio with task events off "
+            f"(MAILWORKER_TASK_EVENTS=false): {_fmt(ablation, 2)}"
+        )
     if isinstance(deploy, str):
         lines.append(f"- idempotent site.yml re-run: not measured ({deploy})")
     else:
@@ -135,6 +145,20 @@ def _summary(results: Results, deploy: list[DeployTiming] | str) -> list[str]:
             f"(target <= {RERUN_TARGET_S:.0f} s: "
             f"{_verdict(fast.rerun_seconds, lambda v: v <= RERUN_TARGET_S)})"
         )
+    return lines
+
+
+def _command_mix(results: Results) -> list[str]:
+    lines = []
+    for workload in (NOOP.name, IO.name):
+        for label in ("default", "shipped"):
+            sessions = results.of(workload, label)
+            if sessions:
+                last = sessions[-1]
+                lines.append(
+                    f"- {workload}, {label}: {_fmt(last.redis_commands, 1)} per task "
+                    f"({last.command_mix})"
+                )
     return lines
 
 
@@ -211,6 +235,10 @@ def render(
         "### Figures (medians of the rounds)",
         "",
         *_table(results),
+        "",
+        "### Redis commands per task (last round: the drain, worker start-up in, producer out)",
+        "",
+        *_command_mix(results),
         "",
         "### Throughput against concurrency",
         "",

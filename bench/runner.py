@@ -41,6 +41,8 @@ class Session:
     ready_seconds: float = math.nan
     worker_cpu_ms: float = math.nan  # worker CPU time per drained task, all processes
     redis_cpu_ms: float = math.nan  # redis-server CPU time per drained task
+    redis_commands: float = math.nan  # Redis commands per drained task (start-up included)
+    command_mix: str = ""  # the commands behind that figure, most frequent first
     latency_rate: float = math.nan
     latency_p50_ms: float = math.nan
     latency_p99_ms: float = math.nan
@@ -112,6 +114,17 @@ def _latency_phase(
     return percentile(latencies, 0.50), percentile(latencies, 0.99)
 
 
+def _commands_per_task(redis: RedisServer, tasks: int) -> tuple[float, str]:
+    """Commands Redis served since the last reset, per task: what each setting costs, exactly."""
+    if not tasks:
+        return math.nan, ""
+    stats = redis.client().info("commandstats")
+    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+    mix = sorted(calls.items(), key=lambda item: -item[1])
+    text = ", ".join(f"{name} {count / tasks:.1f}" for name, count in mix if count / tasks >= 0.05)
+    return sum(calls.values()) / tasks, text
+
+
 def run_session(
     redis: RedisServer,
     deployment: Deployment,
@@ -133,6 +146,7 @@ def run_session(
         log_dir = Path(tmp)
         process = _produce(deployment, workload, tasks, 0.0)
         session.enqueue_rate = tasks / _producer_result(process, timeout=max(120.0, tasks / 200))
+        redis.client().config_resetstat()
         with running_workers(list(deployment.workers), log_dir, MEMORY_LIMIT) as workers:
             session.ready_seconds = workers.ready_after
             worker_pids = [p.pid for p in workers.processes]
@@ -140,6 +154,7 @@ def run_session(
             done = _wait_for(workers, log_dir, tasks, time.monotonic() + max_seconds)
             cpu_after = cpu_seconds(worker_pids), cpu_seconds([redis.pid])
             session.completed = done
+            session.redis_commands, session.command_mix = _commands_per_task(redis, done)
             if done:
                 session.worker_cpu_ms = (cpu_after[0] - cpu_before[0]) * 1000 / done
                 session.redis_cpu_ms = (cpu_after[1] - cpu_before[1]) * 1000 / done

@@ -21,6 +21,7 @@ IO = Workload("50 ms I/O", IO_WAIT_TASK, 0.05)
 # the units the roles run for it, exactly as deployed.
 QUEUE = "send"
 LABELS = ("default", "shipped")
+ABLATION = "shipped, events off"
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Plan:
     noop_sweep: tuple[int, ...]
     io_sweep: tuple[int, ...]
     sweep_seconds: float
+    sweep_tasks: tuple[int, int]  # prefilled per point (no-op, I/O); the drain stops at the bound
 
 
 @dataclass
@@ -77,11 +79,13 @@ def _deployments(
 def run_rounds(redis: RedisServer, plan: Plan, results: Results) -> None:
     """Both configurations back to back for each workload, `rounds` times, so noise hits both."""
     deployments = _deployments(redis, results.units)
+    deployments[ABLATION] = shipped(redis.url, QUEUE, units_for(QUEUE, results.units), events=False)
     results.summaries = {label: d.summary for label, d in deployments.items()}
     for round_number in range(1, plan.rounds + 1):
         for workload, tasks in ((NOOP, plan.noop_tasks), (IO, plan.io_tasks)):
             default_peak = 0.0
-            for label in LABELS:
+            labels = (*LABELS, ABLATION) if workload is NOOP else LABELS
+            for label in labels:
                 deployment = deployments[label]
                 _say(f"round {round_number}: {workload.name}, {label} ({tasks} tasks)")
                 try:
@@ -91,7 +95,7 @@ def run_rounds(redis: RedisServer, plan: Plan, results: Results) -> None:
                         workload,
                         tasks=tasks,
                         max_seconds=tasks / 10 + 60,
-                        latency_seconds=plan.latency_seconds,
+                        latency_seconds=plan.latency_seconds if label != ABLATION else 0.0,
                         common_rate=default_peak / 2 if label == "shipped" else 0.0,
                     )
                 except WorkerFailed as failure:
@@ -112,8 +116,8 @@ def run_rounds(redis: RedisServer, plan: Plan, results: Results) -> None:
 def run_sweep(redis: RedisServer, plan: Plan, results: Results) -> None:
     """Throughput against concurrency for both configurations, each point bounded in time."""
     for workload, points, tasks in (
-        (NOOP, plan.noop_sweep, plan.noop_tasks),
-        (IO, plan.io_sweep, plan.io_tasks),
+        (NOOP, plan.noop_sweep, plan.sweep_tasks[0]),
+        (IO, plan.io_sweep, plan.sweep_tasks[1]),
     ):
         for concurrency in points:
             for label, deployment in _deployments(redis, results.units, concurrency).items():
