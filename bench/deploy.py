@@ -1,13 +1,17 @@
-"""Deploy time: playbooks/site.yml on fresh lab containers, then the idempotent re-run.
+"""Deploy time: playbooks/site.yml on one fresh lab container, then the idempotent re-run.
 
-Measured twice: with the repository's ansible.cfg (pipelining, fact cache, forks) and with
-those three settings back at Ansible's defaults. Each variant starts from new containers
-(`playbooks/lab.yml`), so the first run is a full converge. The lab is removed at the end.
+The bench makes its own one-host lab (every inventory group on one container named
+celery-fleet-bench, with the lab's group_vars, on its own Docker network and HTTPS port), so the
+shared lab of `make lab` is left alone. Measured twice: with the repository's ansible.cfg
+(pipelining, fact cache, forks) and with those three back at Ansible's defaults. Each variant
+starts from a new container (`playbooks/lab.yml`), so the first run is a full converge. The
+bench's container and network are removed at the end.
 """
 
 from __future__ import annotations
 
 import configparser
+import contextlib
 import os
 import re
 import subprocess
@@ -15,10 +19,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.redis_server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PATH_KEYS = ("inventory", "roles_path", "collections_path", "fact_caching_connection")
+HOST = "celery-fleet-bench"
+NETWORK = "celery-fleet-bench"
 RECAP = re.compile(r"^\S+\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 
@@ -58,6 +69,27 @@ def _plain_config(directory: Path) -> Path:
     return path
 
 
+def _one_host_inventory(directory: Path) -> Path:
+    """The lab inventory with every group on one host; the lab's group_vars, linked."""
+    lab = yaml.safe_load((REPO / "inventories" / "lab" / "hosts.yml").read_text())
+
+    def one_host(group: dict[str, Any]) -> dict[str, Any]:
+        group = dict(group)
+        if "hosts" in group:
+            group["hosts"] = {HOST: None}
+        if "children" in group:
+            group["children"] = {
+                name: one_host(child or {}) for name, child in group["children"].items()
+            }
+        return group
+
+    inventory = directory / "inventory"
+    inventory.mkdir()
+    (inventory / "hosts.yml").write_text(yaml.safe_dump({"all": one_host(lab["all"])}))
+    (inventory / "group_vars").symlink_to(REPO / "inventories" / "lab" / "group_vars")
+    return inventory
+
+
 def _playbook(args: list[str], config: Path, timeout: float) -> tuple[float, str]:
     env = {
         **os.environ,
@@ -84,11 +116,18 @@ def _playbook(args: list[str], config: Path, timeout: float) -> tuple[float, str
     return elapsed, process.stdout
 
 
-def _measure(variant: str, config: Path, lab_config: Path) -> DeployTiming:
-    _playbook(["playbooks/lab.yml", "-e", "lab_state=absent"], lab_config, 600)
-    _playbook(["playbooks/lab.yml"], lab_config, 900)
-    converge, _ = _playbook(["-i", "inventories/lab", "playbooks/site.yml"], config, 2400)
-    rerun, output = _playbook(["-i", "inventories/lab", "playbooks/site.yml"], config, 900)
+def _lab(inventory: Path, state: str, config: Path) -> None:
+    lab_vars = f"lab_state={state} lab_network={NETWORK} lab_https_port={free_port()}"
+    _playbook(["-i", str(inventory), "playbooks/lab.yml", "-e", lab_vars], config, 900)
+
+
+def _measure(variant: str, config: Path, inventory: Path) -> DeployTiming:
+    repo_config = REPO / "ansible.cfg"
+    _lab(inventory, "absent", repo_config)
+    _lab(inventory, "present", repo_config)
+    site = ["-i", str(inventory), "playbooks/site.yml"]
+    converge, _ = _playbook(site, config, 2400)
+    rerun, output = _playbook(site, config, 900)
     recap = RECAP.findall(output)
     return DeployTiming(
         variant=variant,
@@ -114,16 +153,14 @@ def lab_available() -> str:
 def measure_deploy(work_dir: Path) -> list[DeployTiming]:
     repo_config = REPO / "ansible.cfg"
     plain = _plain_config(work_dir)
+    inventory = _one_host_inventory(work_dir)
     try:
         return [
+            _measure("Ansible defaults (no pipelining, no fact cache, 5 forks)", plain, inventory),
             _measure(
-                "Ansible defaults (no pipelining, no fact cache, 5 forks)", plain, repo_config
-            ),
-            _measure(
-                "repository ansible.cfg (pipelining, fact cache, 20 forks)",
-                repo_config,
-                repo_config,
+                "repository ansible.cfg (pipelining, fact cache, 20 forks)", repo_config, inventory
             ),
         ]
     finally:
-        _playbook(["playbooks/lab.yml", "-e", "lab_state=absent"], repo_config, 600)
+        with contextlib.suppress(DeployFailed):
+            _lab(inventory, "absent", repo_config)
