@@ -27,7 +27,7 @@ from bench.suite import Plan, Results, load_units, run_rounds, run_sweep
 REPO = Path(__file__).resolve().parent.parent
 FULL = Plan(
     rounds=3,
-    noop_tasks=10000,
+    noop_tasks=6000,
     io_tasks=2000,
     latency_seconds=6,
     noop_sweep=(1, 2, 4, 8),

@@ -30,6 +30,7 @@ BIN = Path(sys.executable).parent
 PATH_KEYS = ("inventory", "roles_path", "collections_path", "fact_caching_connection")
 HOST = "celery-fleet-bench"
 NETWORK = "celery-fleet-bench"
+PROFILE = re.compile(r"^(\S.*?) -{3,} (\d+\.\d+)s$", re.M)
 RECAP = re.compile(r"^\S+\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 
@@ -40,6 +41,7 @@ class DeployTiming:
     rerun_seconds: float
     rerun_changed: int
     hosts: int
+    slowest: tuple[tuple[str, float], ...] = ()  # the re-run's slowest tasks (profile_tasks)
 
 
 class DeployFailed(RuntimeError):
@@ -135,6 +137,11 @@ def _measure(variant: str, config: Path, inventory: Path) -> DeployTiming:
         rerun_seconds=rerun,
         rerun_changed=sum(int(changed) for _, changed, _, _ in recap),
         hosts=len(recap),
+        slowest=tuple(
+            sorted(
+                ((name, float(sec)) for name, sec in PROFILE.findall(output)), key=lambda t: -t[1]
+            )[:5]
+        ),
     )
 
 

@@ -206,6 +206,10 @@ def _deploy_table(deploy: list[DeployTiming] | str) -> list[str]:
             f"| {t.variant} | {t.converge_seconds:.1f} | {t.rerun_seconds:.1f} "
             f"| {t.rerun_changed} |"
         )
+    for t in deploy:
+        if t.slowest:
+            tasks = "; ".join(f"{name} {seconds:.1f} s" for name, seconds in t.slowest)
+            lines += ["", f"Slowest tasks of the re-run, {t.variant}: {tasks}."]
     return lines
 
 
