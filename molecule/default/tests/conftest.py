@@ -7,15 +7,21 @@ it fails: the first thing an operator would look at.
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[3]
+PLAYBOOK_TIMEOUT = 900
 JOURNAL_LINES = 60
 TEST_PASSWORD = "lab-only-imap"  # the TEST-ONLY mail user of prepare.yml
 
@@ -100,3 +106,17 @@ def send_task(host: Any, name: str, args: list[Any], wait: float = 0) -> dict[st
     """Send a task by name through the deployed broker; with `wait`, until it finished."""
     options = ["--wait", f"{wait:g}"] if wait else []
     return mailworker_json(host, "task", "send", name, "--args", json.dumps(args), *options)
+
+
+def playbook(name: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`ansible-playbook playbooks/NAME` from the controller against this scenario's instance."""
+    inventory = os.environ.get("MOLECULE_INVENTORY_FILE")
+    assert inventory, "MOLECULE_INVENTORY_FILE is not set: run through `molecule verify`"
+    command = [
+        str(Path(sys.executable).parent / "ansible-playbook"),
+        *("-i", inventory, *extra, str(ROOT / "playbooks" / name)),
+    ]
+    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "ANSIBLE_NOCOLOR": "1"}
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT, env=env, check=False
+    )

@@ -7,28 +7,14 @@ at a time; the first play (playbooks/preflight.yml) must fail and nothing may ch
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[3]
-TIMEOUT = 300
+from conftest import playbook
 
 
-def site(*extra: str) -> subprocess.CompletedProcess[str]:
-    inventory = os.environ.get("MOLECULE_INVENTORY_FILE")
-    assert inventory, "MOLECULE_INVENTORY_FILE is not set: run through `molecule verify`"
-    command = [
-        str(Path(sys.executable).parent / "ansible-playbook"),
-        *("-i", inventory, *extra, str(ROOT / "playbooks" / "site.yml")),
-    ]
-    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "ANSIBLE_NOCOLOR": "1"}
-    return subprocess.run(
-        command, capture_output=True, text=True, timeout=TIMEOUT, env=env, check=False
-    )
+def site(*extra: str):
+    return playbook("site.yml", *extra)
 
 
 @pytest.mark.parametrize(

@@ -1,23 +1,38 @@
 """`systemctl stop celery-worker` while a task runs: the task finishes, nothing is lost.
 
-The io instance (which also consumes `send`) is stopped first so that the main worker takes the
-task. A message to slow@example.test is held 20 s by the test SMTP sink, so the task is inside
-its SMTP exchange when the stop begins.
+The task is a send to slow@example.test, which the test SMTP sink holds 20 s, published to a queue
+that only celery-worker.service consumes (the instances take send and sync), so the main worker
+is inside the SMTP exchange when the stop begins.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 
 import pytest
-from conftest import mailworker_json, send_task
+from conftest import mailworker_json
 
 SLOW_SECONDS = 20
 STARTED_WITHIN = 60
 
 pytestmark = pytest.mark.units("celery-worker.service", "test-smtp.service")
+
+
+def queues(host, env_file: str) -> set[str]:
+    match = re.search(r'MAILWORKER_QUEUES="([^"]*)"', host.file(env_file).content_string)
+    return set(match.group(1).split(",")) if match else set()
+
+
+def main_worker_only_queue(host) -> str:
+    others: set[str] = set()
+    for path in host.run("ls /etc/mailworker/celery-worker@*.env").stdout.split():
+        others |= queues(host, path)
+    only_main = sorted(queues(host, "/etc/mailworker/celery-worker.env") - others)
+    assert only_main, "every queue of celery-worker.service is also consumed by an instance"
+    return only_main[0]
 
 
 def wait_for_smtp_session(host) -> None:
@@ -30,20 +45,22 @@ def wait_for_smtp_session(host) -> None:
 
 
 def test_stopping_the_worker_lets_the_running_task_finish(host, account):
-    assert host.run("systemctl stop celery-worker@io.service").rc == 0
+    queue = main_worker_only_queue(host)
+    subject = f"warm {uuid.uuid4().hex}"
+    message = {"to": ["slow@example.test"], "subject": subject, "body": "held by the sink"}
+    sent = mailworker_json(
+        host,
+        *("task", "send", "mailworker.tasks.send.send_email", "--queue", queue),
+        *("--args", json.dumps([*account.args(), message])),
+    )
     try:
-        subject = f"warm {uuid.uuid4().hex}"
-        message = {"to": ["slow@example.test"], "subject": subject, "body": "held by the sink"}
-        sent = send_task(host, "mailworker.tasks.send.send_email", [*account.args(), message])
         wait_for_smtp_session(host)
 
         started = time.monotonic()
         stop = host.run("systemctl stop celery-worker.service")
         took = time.monotonic() - started
         assert stop.rc == 0, stop.stderr
-        assert took > SLOW_SECONDS / 4, (
-            f"stop returned after {took:.1f} s: the task was not waited for"
-        )
+        assert took > SLOW_SECONDS / 4, f"stop took {took:.1f} s: the task was not waited for"
 
         journal = host.run("journalctl -u celery-worker.service -n 30 --no-pager").stdout
         assert "Warm shutdown" in journal
@@ -55,6 +72,5 @@ def test_stopping_the_worker_lets_the_running_task_finish(host, account):
         delivered = host.run(f"grep -rl {subject!r} /srv/testmail/mail/alice@example.test/new")
         assert delivered.stdout.strip(), "the message never reached the SMTP sink"
     finally:
-        host.run("systemctl start celery-worker.service celery-worker@io.service")
+        host.run("systemctl start celery-worker.service")
     assert host.service("celery-worker.service").is_running
-    assert host.service("celery-worker@io.service").is_running
