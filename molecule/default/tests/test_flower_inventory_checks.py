@@ -1,0 +1,34 @@
+"""Bad Flower, proxy and health-check values stop playbooks/site.yml before any host changes,
+naming the variable (the same way as test_inventory_checks.py for the core roles).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import playbook
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        # Flower has no auth of its own: it must never listen beyond loopback.
+        ({"celery_flower_address": "0.0.0.0"}, "celery_flower_address"),
+        # A certificate without its key would leave nginx unable to start.
+        (
+            {"flower_proxy_tls_certificate": "-----BEGIN CERTIFICATE-----"},
+            "flower_proxy_tls_private_key",
+        ),
+        # A check that may take longer than its interval.
+        ({"celery_health_worker_timeout": 45}, "celery_health_worker_timeout"),
+    ],
+    ids=["flower-not-on-loopback", "certificate-without-key", "check-longer-than-interval"],
+)
+def test_bad_value_fails_before_any_change(overrides, named):
+    result = playbook("site.yml", "-e", json.dumps(overrides))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert named in output, output
+    assert "changed=0" in output
+    assert "PLAY [Redis, the broker]" not in output, "a play after the checks ran"
