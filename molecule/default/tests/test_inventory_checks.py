@@ -1,54 +1,59 @@
 """Bad inventory values stop playbooks/site.yml before any host changes, naming the variable.
 
 Runs the real playbook from the controller against this scenario's inventory with one bad value
-at a time; the first play (playbooks/preflight.yml) must fail and nothing may change.
+at a time; the first play (playbooks/preflight.yml) must fail and nothing may change. The runs
+only read the host, so they run side by side.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from conftest import playbook
 
-
-def site(*extra: str):
-    return playbook("site.yml", *extra)
-
-
-@pytest.mark.parametrize(
-    ("overrides", "named"),
-    [
-        ({"celery_worker_concurrency": "abc"}, "celery_worker_concurrency"),
-        (
-            {"celery_worker_soft_time_limit": 300, "celery_worker_time_limit": 300},
-            "celery_worker_soft_time_limit",
-        ),
-        ({"celery_worker_queues": ["sync", "mail"]}, "celery_worker_queues"),
-        ({"mailworker_app_log_level": "LOUD"}, "mailworker_app_log_level"),
-    ],
-    ids=["concurrency-abc", "soft-not-below-hard", "unknown-queue", "bad-log-level"],
-)
-def test_bad_value_fails_before_any_change(overrides, named):
-    result = site("-e", json.dumps(overrides))
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output
-    assert named in output, output
-    assert "changed=0" in output
-    assert "PLAY [Redis, the broker]" not in output, "a play after the checks ran"
+BAD_VALUES = {
+    "concurrency-abc": ({"celery_worker_concurrency": "abc"}, "celery_worker_concurrency"),
+    "soft-not-below-hard": (
+        {"celery_worker_soft_time_limit": 300, "celery_worker_time_limit": 300},
+        "celery_worker_soft_time_limit",
+    ),
+    "unknown-queue": ({"celery_worker_queues": ["sync", "mail"]}, "celery_worker_queues"),
+    "bad-log-level": ({"mailworker_app_log_level": "LOUD"}, "mailworker_app_log_level"),
+}
 
 
-def test_two_beat_hosts_fail_before_any_change(tmp_path):
-    ghost = tmp_path / "ghost-beat.yml"
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess[str]]:
+    ghost = Path(tmp_path_factory.mktemp("inventory")) / "ghost-beat.yml"
     ghost.write_text(
         "celery_beat:\n  hosts:\n    ghost-beat:\n"
         "      ansible_connection: local\n"
         f"      ansible_python_interpreter: {sys.executable}\n"
     )
-    result = site("-i", str(ghost))
+    cases = {name: ("-e", json.dumps(overrides)) for name, (overrides, _) in BAD_VALUES.items()}
+    cases["two-beat-hosts"] = ("-i", str(ghost))
+    with ThreadPoolExecutor(max_workers=len(cases)) as pool:
+        futures = {name: pool.submit(playbook, "site.yml", *extra) for name, extra in cases.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def stopped_in_the_checks(result: subprocess.CompletedProcess[str], message: str) -> None:
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
-    assert "exactly one beat may run" in output, output
+    assert message in output, output
     assert "changed=0" in output
-    assert "PLAY [Redis, the broker]" not in output
+    assert "PLAY [Redis, the broker]" not in output, "a play after the checks ran"
+
+
+@pytest.mark.parametrize("case", BAD_VALUES)
+def test_bad_value_fails_before_any_change(runs, case):
+    stopped_in_the_checks(runs[case], BAD_VALUES[case][1])
+
+
+def test_two_beat_hosts_fail_before_any_change(runs):
+    stopped_in_the_checks(runs["two-beat-hosts"], "exactly one beat may run")
