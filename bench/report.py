@@ -140,7 +140,7 @@ def _summary(results: Results, deploy: list[DeployTiming] | str) -> list[str]:
     else:
         fast = deploy[-1]
         lines.append(
-            f"- idempotent site.yml re-run ({fast.hosts} lab hosts, {fast.variant}): "
+            f"- idempotent site.yml re-run ({fast.hosts} lab host(s), {fast.variant}): "
             f"{fast.rerun_seconds:.1f} s, {fast.rerun_changed} changed "
             f"(target <= {RERUN_TARGET_S:.0f} s: "
             f"{_verdict(fast.rerun_seconds, lambda v: v <= RERUN_TARGET_S)})"
