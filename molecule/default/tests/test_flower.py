@@ -8,6 +8,7 @@ import re
 
 import pytest
 import testinfra.utils.ansible_runner
+from conftest import eventually
 
 testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(
     os.environ["MOLECULE_INVENTORY_FILE"]
@@ -37,6 +38,13 @@ def local_status(host, path: str, method: str = "GET") -> int:
             f"--request {method} {LOCAL}/{path}"
         )
     )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _flower_answers(host):
+    # An earlier checklist (deploy restarts) may have restarted Flower a moment ago.
+    healthy = f"curl --silent --fail --max-time 5 {LOCAL}/healthcheck"
+    assert eventually(lambda: host.run(healthy).rc == 0, timeout=60), "Flower does not answer"
 
 
 def test_flower_unit_is_enabled_and_running(host):

@@ -32,6 +32,13 @@ WORKER_HEALTH = (
     "MAILWORKER_ENV_FILES=/etc/mailworker/celery-worker.env "
     "/usr/local/sbin/mailworker health worker"
 )
+# What each check asks, asked directly.
+READY = {
+    "celery_workers": WORKER_HEALTH,
+    "celery_beat": "MAILWORKER_ENV_FILES=/etc/mailworker/celery-beat.env "
+    "/usr/local/sbin/mailworker health beat",
+    "flower": "curl --silent --fail --max-time 5 http://127.0.0.1:5555/flower/healthcheck",
+}
 
 
 def groups(host) -> list[str]:
@@ -105,6 +112,8 @@ def test_health_timers_are_enabled_and_active(host, group, timer):
 def test_checks_pass_on_a_healthy_host(host, group, check):
     needs(host, group)
     target = check.replace("-health", "")
+    # Earlier checklists restart units: wait until the target answers before checking the check.
+    assert wait_for(lambda: host.run(READY[group]).rc == 0, timeout=60), READY[group]
     host.run(f"rm -f /var/lib/mailworker/health/{target}.failures")
     result = host.run(f"systemctl start {check}")
     assert result.rc == 0, result.stderr

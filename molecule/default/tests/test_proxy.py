@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import testinfra.utils.ansible_runner
+from conftest import eventually
 
 testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(
     os.environ["MOLECULE_INVENTORY_FILE"]
@@ -28,6 +29,13 @@ USER = "flower"
 @pytest.fixture(scope="module")
 def password() -> str:
     return (CREDENTIALS / f"flower-proxy-{USER}.password").read_text().strip()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _flower_answers(host):
+    # An earlier checklist may have restarted Flower a moment ago.
+    healthy = "curl --silent --fail --max-time 5 http://127.0.0.1:5555/flower/healthcheck"
+    assert eventually(lambda: host.run(healthy).rc == 0, timeout=60), "Flower does not answer"
 
 
 def logs(host) -> str:
