@@ -9,6 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMPS := .stamps
 WHEELHOUSE := build/wheelhouse
+LOGS := build/logs
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
@@ -64,10 +65,17 @@ test-python: $(STAMPS)/venv $(STAMPS)/host-test ## Application tests against rea
 
 .PHONY: test-molecule
 test-molecule: $(STAMPS)/venv image wheelhouse ## Every Molecule scenario on local systemd containers
+	mkdir -p $(LOGS)
+	status=0; failed=; \
 	for scenario in $$(ls molecule); do \
 	  [ -f molecule/$$scenario/molecule.yml ] || continue; \
-	  $(BIN)/molecule test -s $$scenario; \
-	done
+	  log=$(LOGS)/molecule-$$scenario.log; \
+	  if ! $(BIN)/molecule test -s $$scenario 2>&1 | tee $$log; then \
+	    status=1; failed="$$failed $$scenario"; \
+	  fi; \
+	done; \
+	for scenario in $$failed; do scripts/failure-summary.sh $(LOGS)/molecule-$$scenario.log; done; \
+	exit $$status
 
 .PHONY: test
 test: lint test-python test-molecule ## Everything CI runs

@@ -108,6 +108,12 @@ def send_task(host: Any, name: str, args: list[Any], wait: float = 0) -> dict[st
     return mailworker_json(host, "task", "send", name, "--args", json.dumps(args), *options)
 
 
+def said(result: subprocess.CompletedProcess[str]) -> str:
+    """A playbook's stdout and stderr with white space collapsed: the yaml result format folds long
+    messages at spaces, and where depends on the lengths of the host names in them."""
+    return " ".join((result.stdout + result.stderr).split())
+
+
 def playbook(name: str, *extra: str) -> subprocess.CompletedProcess[str]:
     """`ansible-playbook playbooks/NAME` from the controller against this scenario's instance."""
     inventory = os.environ.get("MOLECULE_INVENTORY_FILE")

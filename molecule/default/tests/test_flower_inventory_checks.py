@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import playbook
+from conftest import playbook, said
 
 
 @pytest.mark.parametrize(
@@ -27,7 +27,7 @@ from conftest import playbook
 )
 def test_bad_value_fails_before_any_change(overrides, named):
     result = playbook("site.yml", "-e", json.dumps(overrides))
-    output = result.stdout + result.stderr
+    output = said(result)
     assert result.returncode != 0, output
     assert named in output, output
     assert "changed=0" in output

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import playbook
+from conftest import playbook, said
 
 BAD_VALUES = {
     "concurrency-abc": ({"celery_worker_concurrency": "abc"}, "celery_worker_concurrency"),
@@ -43,7 +43,7 @@ def runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess[str]]:
 
 
 def stopped_in_the_checks(result: subprocess.CompletedProcess[str], message: str) -> None:
-    output = result.stdout + result.stderr
+    output = said(result)
     assert result.returncode != 0, output
     assert message in output, output
     assert "changed=0" in output

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import testinfra.utils.ansible_runner
+from conftest import said
 
 _inventory = testinfra.utils.ansible_runner.AnsibleRunner(os.environ["MOLECULE_INVENTORY_FILE"])
 testinfra_hosts = _inventory.get_hosts("celery_workers")[:1]
@@ -135,8 +136,7 @@ def main_pid(host, unit: str) -> str:
 def test_status_report_shows_units_pings_nodes_and_queues(host) -> None:
     done = playbook("status.yml")
     assert done.returncode == 0, output(done)
-    # The yaml result format folds long lines; compare with white space collapsed.
-    report = " ".join(done.stdout.split())
+    report = said(done)
     for expected in ("UNITS", "celery-worker.service", "celery-beat.service", "WORKER NODES",
                      "QUEUES", "healthy: every unit running"):  # fmt: skip
         assert expected in report, f"{expected!r} missing{output(done)}"
@@ -146,7 +146,7 @@ def test_status_report_shows_units_pings_nodes_and_queues(host) -> None:
 
     deep = playbook("status.yml", "max_depth=-1")  # every queue holds more than -1 messages
     assert deep.returncode != 0
-    assert "(max_depth -1)" in deep.stdout + deep.stderr, output(deep)
+    assert "(max_depth -1)" in said(deep), output(deep)
 
 
 def test_rolling_restart_while_tasks_arrive_loses_none(
@@ -205,11 +205,11 @@ def test_purge_refuses_without_confirm_and_purges_with_it(host) -> None:
 
         refused = playbook("purge.yml", "queue=delete")
         assert refused.returncode != 0
-        said = refused.stdout + refused.stderr
-        assert f"would delete {count} waiting message(s) from queue 'delete'" in said, output(
+        refusal = said(refused)
+        assert f"would delete {count} waiting message(s) from queue 'delete'" in refusal, output(
             refused
         )
-        assert "confirm=true" in said, output(refused)
+        assert "confirm=true" in refusal, output(refused)
         assert waiting(host, "delete") == count
 
         purged = playbook("purge.yml", "queue=delete", "confirm=true")
@@ -225,11 +225,11 @@ def test_revoke_across_the_fleet_needs_confirm_only_to_terminate(host) -> None:
     task_id = str(uuid.uuid4())
     refused = playbook("revoke.yml", f"task_id={task_id}", "terminate=true")
     assert refused.returncode != 0
-    assert f"would revoke task {task_id}" in refused.stdout + refused.stderr, output(refused)
+    assert f"would revoke task {task_id}" in said(refused), output(refused)
 
     revoked = playbook("revoke.yml", f"task_id={task_id}")
     assert revoked.returncode == 0, output(revoked)
-    assert "flagged as revoked" in revoked.stdout, output(revoked)
+    assert "flagged as revoked" in said(revoked), output(revoked)
     listed = host.run(shlex.join([MW, "task", "revoke", task_id, "--json"]))
     assert listed.rc == 0, listed.stderr
 
@@ -245,6 +245,6 @@ def test_logs_come_back_from_every_host(host, tmp_path: Path) -> None:
 def test_clean_without_confirm_only_shows_the_plan(host) -> None:
     done = playbook("clean.yml", "what=all")
     assert done.returncode != 0
-    said = done.stdout + done.stderr
-    assert "re-run with -e confirm=true" in said, output(done)
-    assert "purge queue sync" in said, output(done)
+    plan = said(done)
+    assert "re-run with -e confirm=true" in plan, output(done)
+    assert "purge queue sync" in plan, output(done)
