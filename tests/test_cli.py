@@ -114,7 +114,7 @@ def test_run_print_shows_the_command_lines(tmp_path):
         MAILWORKER_BEAT_SCHEDULE_FILE=f"{tmp_path}/beat/schedule",
     )
     worker = shlex.split(mailworker("run", "worker", "--print", env=env).stdout)
-    assert worker[1:3] == ["--app=mailworker.celery_app", "worker"]
+    assert worker[1:3] == ["-m", "mailworker.worker_command"]
     for flag in (
         "--queues=send,sync",
         "--concurrency=3",

@@ -25,6 +25,12 @@ def celery_command() -> list[str]:
     return [sys.executable, "-m", "celery"]
 
 
+def worker_command() -> list[str]:
+    """Celery's `worker` command for this app, without the `celery` umbrella and its plugins
+    (see mailworker.worker_command: about 15 MiB less in every worker process)."""
+    return [sys.executable, "-m", "mailworker.worker_command"]
+
+
 def build_argv(service: str, settings: Settings) -> list[str]:
     """The full command line of `service` (worker, beat or flower)."""
     if service == "worker":
@@ -49,9 +55,7 @@ def _log_options(service: str, settings: Settings) -> list[str]:
 
 def _worker(s: Settings) -> list[str]:
     argv = [
-        *celery_command(),
-        f"--app={APP}",
-        "worker",
+        *worker_command(),
         f"--queues={','.join(s.queues)}",
         f"--concurrency={s.concurrency}",
         f"--pool={s.pool}",
