@@ -66,6 +66,7 @@ test-python: $(STAMPS)/venv $(STAMPS)/host-test ## Application tests against rea
 .PHONY: test-molecule
 test-molecule: $(STAMPS)/venv image wheelhouse ## Every Molecule scenario on local systemd containers
 	mkdir -p $(LOGS)
+	rm -f $(LOGS)/verify-*.xml
 	status=0; failed=; \
 	for scenario in $$(ls molecule); do \
 	  [ -f molecule/$$scenario/molecule.yml ] || continue; \
@@ -74,7 +75,9 @@ test-molecule: $(STAMPS)/venv image wheelhouse ## Every Molecule scenario on loc
 	    status=1; failed="$$failed $$scenario"; \
 	  fi; \
 	done; \
-	for scenario in $$failed; do scripts/failure-summary.sh $(LOGS)/molecule-$$scenario.log; done; \
+	for scenario in $$failed; do \
+	  scripts/failure-summary.py $(LOGS)/molecule-$$scenario.log $(LOGS)/verify-$$scenario.xml; \
+	done; \
 	exit $$status
 
 .PHONY: test
