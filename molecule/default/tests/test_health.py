@@ -164,6 +164,30 @@ def test_a_worker_that_stopped_responding_is_restarted(host):
     assert wait_for(lambda: worker_healthy(host), timeout=60)
 
 
+@pytest.mark.units("celery-worker-health", "celery-worker", "redis-server")
+def test_a_broker_outage_restarts_no_worker(host):
+    # The check cannot tell a hung worker from a missing broker: it answers unknown, which is
+    # logged and not counted. Restarting the workers would not bring Redis back.
+    needs(host, "celery_workers")
+    if "redis" not in groups(host):
+        pytest.skip("Redis runs on another host")
+    unit, check = "celery-worker.service", "celery-worker-health.service"
+    assert wait_for(lambda: worker_healthy(host), timeout=60)
+    old = unit_property(host, unit, "MainPID")
+    host.run("rm -f /var/lib/mailworker/health/celery-worker.service.failures")
+    host.run_expect([0], "systemctl stop redis-server.service")
+    try:
+        for _ in range(THRESHOLD + 1):
+            result = host.run(f"systemctl start {check}")
+            assert result.rc == 0, result.stderr + journal(host, check)
+    finally:
+        host.run_expect([0], "systemctl start redis-server.service")
+    log = journal(host, check, lines=20)
+    assert f"cannot check {unit}, not counted" in log, log
+    assert unit_property(host, unit, "MainPID") == old, log
+    assert wait_for(lambda: worker_healthy(host), timeout=90), journal(host, unit)
+
+
 @pytest.mark.units("celery-health-test-hung")
 def test_the_restart_kills_a_main_process_that_ignores_sigterm(host):
     # A hung main process never finishes a warm shutdown; the restart script SIGKILLs it after the

@@ -2,12 +2,17 @@
 
 A worker waits for Redis forever; a health check must answer within its timeout, so these use
 their own connections with retries off and the timeout on every socket.
+
+Three answers, with the exit codes of the monitoring-plugin convention: healthy (0), unhealthy (1)
+and unknown (3). Unknown means the broker cannot be reached, so nothing can be said about the
+worker or beat: restarting them would not bring Redis back, and the health timers do not count it.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from enum import IntEnum
 
 import redis
 from celery.utils.nodenames import host_format
@@ -19,10 +24,22 @@ from mailworker.redis_client import redis_from_url
 from mailworker.settings import Settings, mask_url
 
 
+class Health(IntEnum):
+    """The verdict, valued as the exit code of `mailworker health`."""
+
+    HEALTHY = 0
+    UNHEALTHY = 1
+    UNKNOWN = 3
+
+
 @dataclass(frozen=True)
 class HealthReport:
-    healthy: bool
+    health: Health
     message: str
+
+    @property
+    def healthy(self) -> bool:
+        return self.health is Health.HEALTHY
 
 
 def check_worker(settings: Settings, *, timeout: float, node: str | None = None) -> HealthReport:
@@ -42,12 +59,14 @@ def check_worker(settings: Settings, *, timeout: float, node: str | None = None)
             connection.ensure_connection(max_retries=0, timeout=timeout)
             replies = app.control.ping(destination=[name], timeout=timeout, connection=connection)
     except (OperationalError, redis.RedisError, OSError) as error:
-        return HealthReport(False, f"cannot reach the broker at {_where(settings)}: {error}")
+        return HealthReport(
+            Health.UNKNOWN, f"cannot reach the broker at {_where(settings)}: {error}"
+        )
     elapsed = time.monotonic() - started
     for reply in replies:
         if name in reply:
-            return HealthReport(True, f"{name} answered in {elapsed:.2f} s")
-    return HealthReport(False, f"{name} did not answer within {timeout:g} s")
+            return HealthReport(Health.HEALTHY, f"{name} answered in {elapsed:.2f} s")
+    return HealthReport(Health.UNHEALTHY, f"{name} did not answer within {timeout:g} s")
 
 
 def check_beat(settings: Settings, *, timeout: float, max_age: int) -> HealthReport:
@@ -55,12 +74,16 @@ def check_beat(settings: Settings, *, timeout: float, max_age: int) -> HealthRep
     try:
         age = heartbeat_age(redis_from_url(settings.broker_url, settings, timeout=timeout))
     except redis.RedisError as error:
-        return HealthReport(False, f"cannot reach Redis at {_where(settings)}: {error}")
+        return HealthReport(Health.UNKNOWN, f"cannot reach Redis at {_where(settings)}: {error}")
     if age is None:
-        return HealthReport(False, "beat has written no heartbeat (not running, or lost Redis)")
+        return HealthReport(
+            Health.UNHEALTHY, "beat has written no heartbeat (not running, or lost Redis)"
+        )
     if age > max_age:
-        return HealthReport(False, f"beat's last tick was {age:.0f} s ago (limit {max_age} s)")
-    return HealthReport(True, f"beat ticked {age:.0f} s ago")
+        return HealthReport(
+            Health.UNHEALTHY, f"beat's last tick was {age:.0f} s ago (limit {max_age} s)"
+        )
+    return HealthReport(Health.HEALTHY, f"beat ticked {age:.0f} s ago")
 
 
 def _where(settings: Settings) -> str:

@@ -1,4 +1,5 @@
-"""`mailworker health worker|beat [--timeout S]`: exit 0 when healthy, 1 with one line when not."""
+"""`mailworker health worker|beat [--timeout S]`: one line, and exit 0 when healthy, 1 when not,
+3 when it cannot tell (the broker is unreachable)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import sys
 
 import click
 
-from mailworker.health import HealthReport, check_beat, check_worker
+from mailworker.health import Health, HealthReport, check_beat, check_worker
 from mailworker.settings import load_settings
 
 
@@ -41,6 +42,9 @@ def beat(timeout: float | None, max_age: int | None) -> None:
     )
 
 
+_PREFIX = {Health.HEALTHY: "ok: ", Health.UNHEALTHY: "unhealthy: ", Health.UNKNOWN: "unknown: "}
+
+
 def _report(report: HealthReport) -> None:
-    click.echo(("ok: " if report.healthy else "unhealthy: ") + report.message)
-    sys.exit(0 if report.healthy else 1)
+    click.echo(_PREFIX[report.health] + report.message)
+    sys.exit(int(report.health))
