@@ -27,9 +27,15 @@ def failed_checks(junit: Path) -> list[str]:
     for case in ET.parse(junit).getroot().iter("testcase"):  # noqa: S314
         for problem in [*case.iter("failure"), *case.iter("error")]:
             name = f"{case.get('classname', '')}::{case.get('name', '')}"
-            message = (problem.get("message") or problem.text or "").strip().splitlines()
+            message = (problem.get("message") or "").strip().splitlines()[:1]
+            # pytest's report: the `E   assert ...` line says what was compared.
+            asserted = [
+                line[1:].strip()
+                for line in (problem.text or "").splitlines()
+                if re.match(r"E\s+assert ", line)
+            ][:1]
             lines.append(f"FAILED {name}")
-            lines += [f"    {line.strip()}" for line in message[:2]]
+            lines += [f"    {line.strip()}" for line in message + asserted]
     return lines
 
 

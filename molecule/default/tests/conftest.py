@@ -122,7 +122,12 @@ def playbook(name: str, *extra: str) -> subprocess.CompletedProcess[str]:
         str(Path(sys.executable).parent / "ansible-playbook"),
         *("-i", inventory, *extra, str(ROOT / "playbooks" / name)),
     ]
-    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "ANSIBLE_NOCOLOR": "1"}
+    env = {
+        **os.environ,
+        "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+    }
     return subprocess.run(
         command, capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT, env=env, check=False
     )

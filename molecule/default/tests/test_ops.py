@@ -30,6 +30,8 @@ MW = "/usr/local/sbin/mailworker"
 QUEUES = ["sync", "send", "delete", "spam", "periodic"]
 # Test-only IMAP account that molecule/default/prepare.yml creates in Dovecot.
 IMAP_USER, IMAP_PASSWORD, IMAP_PORT = "alice@example.test", "lab-only-imap", 1143
+# Molecule forces colours on; the checks read the playbooks' output as plain text.
+NO_COLOR = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
 
 
 def playbook(name: str, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -39,7 +41,13 @@ def playbook(name: str, *extra: str, timeout: float = 600) -> subprocess.Complet
         argv += ["-e", value]
     argv.append(str(PROJECT / "playbooks" / "ops" / name))
     return subprocess.run(
-        argv, cwd=PROJECT, capture_output=True, text=True, timeout=timeout, check=False
+        argv,
+        cwd=PROJECT,
+        env=NO_COLOR,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -161,7 +169,7 @@ def test_rolling_restart_while_tasks_arrive_loses_none(
         restart = subprocess.Popen(
             [str(PLAYBOOK), "-i", str(Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent),
              "-e", "only=worker,beat", str(PROJECT / "playbooks" / "ops" / "restart.yml")],
-            cwd=PROJECT, stdout=log_handle, stderr=subprocess.STDOUT, text=True,
+            cwd=PROJECT, env=NO_COLOR, stdout=log_handle, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         try:
             deadline = time.monotonic() + 600
