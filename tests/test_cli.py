@@ -132,6 +132,12 @@ def test_run_print_shows_the_command_lines(tmp_path):
     flower = shlex.split(mailworker("run", "flower", "--print", env=env).stdout)
     for flag in ("--address=127.0.0.1", "--port=5555", "--url_prefix=flower", "--read_only=True"):
         assert flag in flower
+    assert not any(arg.startswith("--enable_events") for arg in flower)
+    quiet = {**env, "MAILWORKER_TASK_EVENTS": "false"}
+    worker = shlex.split(mailworker("run", "worker", "--print", env=quiet).stdout)
+    assert "--task-events" not in worker
+    flower = shlex.split(mailworker("run", "flower", "--print", env=quiet).stdout)
+    assert "--enable_events=False" in flower  # or Flower turns them back on in every worker
 
     # The schedule's directory does not exist: one line before anything is exec'd.
     ran = mailworker("run", "beat", env=env)

@@ -102,6 +102,9 @@ def _flower(s: Settings) -> list[str]:
     ]
     if s.flower_read_only and flower_supports("read_only"):
         argv.append("--read_only=True")
+    if not s.task_events:
+        # Flower would otherwise switch task events back on in every worker every few seconds.
+        argv.append("--enable_events=False")
     return argv
 
 

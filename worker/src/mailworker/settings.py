@@ -333,7 +333,11 @@ class Settings:
         "30",
     )
     result_expires: int = _setting(Integer(minimum=1), "Seconds task results are kept.", "3600")
-    task_events: bool = _setting(Boolean(), "Send task events (Flower sees tasks).", "true")
+    task_events: bool = _setting(
+        Boolean(),
+        "Send task events (Flower sees tasks); false also stops Flower from turning them on.",
+        "true",
+    )
     # Retries
     retry_backoff_base: int = _setting(
         Integer(minimum=1), "First retry delay (s); doubles each retry.", "2"
