@@ -37,10 +37,6 @@ class HealthReport:
     health: Health
     message: str
 
-    @property
-    def healthy(self) -> bool:
-        return self.health is Health.HEALTHY
-
 
 def check_worker(settings: Settings, *, timeout: float, node: str | None = None) -> HealthReport:
     """Ping `node` (default: this host's node name) and wait at most about `timeout` seconds."""
