@@ -108,6 +108,17 @@ def send_task(host: Any, name: str, args: list[Any], wait: float = 0) -> dict[st
     return mailworker_json(host, "task", "send", name, "--args", json.dumps(args), *options)
 
 
+def controller_env() -> dict[str, str]:
+    """The environment of the checks' ansible-playbook runs: the project's roles, and no colours
+    (Molecule forces them on, and ANSIBLE_FORCE_COLOR wins over ANSIBLE_NOCOLOR)."""
+    return {
+        **os.environ,
+        "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+    }
+
+
 def said(result: subprocess.CompletedProcess[str]) -> str:
     """A playbook's stdout and stderr with white space collapsed: the yaml result format folds long
     messages at spaces, and where depends on the lengths of the host names in them."""
@@ -122,12 +133,11 @@ def playbook(name: str, *extra: str) -> subprocess.CompletedProcess[str]:
         str(Path(sys.executable).parent / "ansible-playbook"),
         *("-i", inventory, *extra, str(ROOT / "playbooks" / name)),
     ]
-    env = {
-        **os.environ,
-        "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_FORCE_COLOR": "0",
-    }
     return subprocess.run(
-        command, capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT, env=env, check=False
+        command,
+        capture_output=True,
+        text=True,
+        timeout=PLAYBOOK_TIMEOUT,
+        env=controller_env(),
+        check=False,
     )

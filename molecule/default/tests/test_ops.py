@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import testinfra.utils.ansible_runner
-from conftest import said
+from conftest import controller_env, said
 
 _inventory = testinfra.utils.ansible_runner.AnsibleRunner(os.environ["MOLECULE_INVENTORY_FILE"])
 testinfra_hosts = _inventory.get_hosts("celery_workers")[:1]
@@ -30,8 +30,6 @@ MW = "/usr/local/sbin/mailworker"
 QUEUES = ["sync", "send", "delete", "spam", "periodic"]
 # Test-only IMAP account that molecule/default/prepare.yml creates in Dovecot.
 IMAP_USER, IMAP_PASSWORD, IMAP_PORT = "alice@example.test", "lab-only-imap", 1143
-# Molecule forces colours on; the checks read the playbooks' output as plain text.
-NO_COLOR = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
 
 
 def playbook(name: str, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -43,7 +41,7 @@ def playbook(name: str, *extra: str, timeout: float = 600) -> subprocess.Complet
     return subprocess.run(
         argv,
         cwd=PROJECT,
-        env=NO_COLOR,
+        env=controller_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -169,7 +167,8 @@ def test_rolling_restart_while_tasks_arrive_loses_none(
         restart = subprocess.Popen(
             [str(PLAYBOOK), "-i", str(Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent),
              "-e", "only=worker,beat", str(PROJECT / "playbooks" / "ops" / "restart.yml")],
-            cwd=PROJECT, env=NO_COLOR, stdout=log_handle, stderr=subprocess.STDOUT, text=True,
+            cwd=PROJECT, env=controller_env(), stdout=log_handle, stderr=subprocess.STDOUT,
+            text=True,
         )  # fmt: skip
         try:
             deadline = time.monotonic() + 600
