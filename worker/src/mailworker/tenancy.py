@@ -12,12 +12,25 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session, load_only
 
 from mailworker.db.models import MailAccount, Message, Tenant, User
 from mailworker.errors import InvalidTaskArguments, TenantMismatch
 
 MAX_MESSAGE_IDS: Final = 1_000
+# What user_messages loads of a message: where it is and what is claimed on it.
+_WHERE_COLUMNS: Final = (
+    Message.id,
+    Message.tenant_id,
+    Message.account_id,
+    Message.folder,
+    Message.uidvalidity,
+    Message.uid,
+    Message.state,
+    Message.action,
+    Message.action_state,
+    Message.action_task_id,
+)
 
 
 def _shown(value: Any) -> str:
@@ -104,8 +117,9 @@ def user_messages(
 ) -> list[tuple[Message, MailAccount]]:
     """Those of the requested messages the user owns, with their accounts; others are absent.
 
-    The raw message is not loaded (`Message.raw` is deferred): a caller that needs it reads one
-    message at a time, so memory does not grow with the number of ids.
+    Only the columns that say where a message is and what is claimed on it are loaded, not its
+    raw bytes, headers or text: a caller that needs those reads one message at a time, so memory
+    does not grow with the number of ids.
     """
     require_tenant_and_user(session, tenant_id, user_id)
     rows = session.execute(
@@ -117,7 +131,7 @@ def user_messages(
             MailAccount.tenant_id == tenant_id,
             MailAccount.user_id == user_id,
         )
-        .options(defer(Message.raw))
+        .options(load_only(*_WHERE_COLUMNS))
         .order_by(Message.account_id, Message.folder, Message.uid)
     ).all()
     return [(message, account) for message, account in rows]
@@ -131,7 +145,7 @@ def owned_messages(
 ) -> list[tuple[Message, MailAccount]]:
     """Every requested message with its account, all owned by the user; else TenantMismatch.
 
-    As `user_messages`: the raw message is not loaded.
+    As `user_messages`: the message's raw bytes, headers and text are not loaded.
     """
     rows = user_messages(session, tenant_id, user_id, message_ids)
     found = {message.id for message, _ in rows}
