@@ -23,7 +23,6 @@ from typing import Final
 
 from sqlalchemy import and_, case, func, or_, select, update
 
-from mailworker.celery_app import app
 from mailworker.db.engine import session_scope
 from mailworker.db.models import MailAccount, Message
 from mailworker.settings import Settings
@@ -207,6 +206,9 @@ def sweep_message_actions(settings: Settings) -> dict[str, int]:
             )
             resubmissions.append(resubmission)
     # Published after the commit: a lost publish leaves rows that the next sweep hands on again.
+    # The app is imported here, where it publishes: the services stay free of Celery otherwise.
+    from mailworker.celery_app import app  # noqa: PLC0415
+
     published = 0
     for resubmission in resubmissions:
         try:
