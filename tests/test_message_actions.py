@@ -161,6 +161,30 @@ def test_renumbered_folder_is_refused_and_nothing_expunged(
     assert subjects(dovecot, account.address, "Archive") == ["new one", "new two"]
 
 
+def test_spam_in_a_renumbered_folder_is_scored_but_not_moved(
+    settings, make_account, dovecot, db_engine
+):
+    account = make_account()
+    imap = imap_login(dovecot, account.address)
+    imap.create("Archive")
+    for number in range(2):
+        imap.append("Archive", None, None, spam(number))
+    imap.logout()
+    sync(settings, account, "Archive")
+    seen = [m.id for m in rows(db_engine, account.account_id, "Archive")]
+    time.sleep(1.1)  # a new UIDVALIDITY
+    recreate_folder(dovecot, account.address, "Archive", ["new one", "new two"])
+
+    tenant, user = uuid.UUID(account.tenant_id), uuid.UUID(account.user_id)
+    value = classify(settings, tenant, user, seen, token="renumbered-spam")
+    assert (value["classified"], value["spam"], value["moved_to_junk"]) == (2, 2, 0)
+    assert value["not_moved"] == {str(i): "renumbered" for i in seen}
+    assert subjects(dovecot, account.address, "Archive") == ["new one", "new two"]
+    assert dovecot.mailbox(account.address, "Junk") == []
+    after = rows(db_engine, account.account_id, "Archive")
+    assert [(m.is_spam, m.state, m.action_state) for m in after] == [(True, "present", None)] * 2
+
+
 def test_ids_of_another_account_or_folder_are_untouched_and_reported(
     client, settings, make_account, dovecot, db_engine
 ):
