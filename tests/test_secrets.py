@@ -50,11 +50,13 @@ def test_passwords_stay_out_of_logs_results_and_rows(
     assert client.send_task(SEND, args=[*alice.ids, message]).get(timeout=30)["status"] == "sent"
     assert client.send_task(SYNC, args=bob.ids).get(timeout=30)["stored"] == 1
     with Session(fleet.db_engine) as session:
-        query = select(Message.id, Message.uid).where(Message.account_id == bob.account_id)
-        (message_id, uid), *_ = session.execute(query).all()
+        query = select(Message.id).where(Message.account_id == bob.account_id)
+        message_id, *_ = session.scalars(query).all()
     classify = [bob.tenant_id, bob.user_id, [str(message_id)]]
     assert client.send_task(CLASSIFY, args=classify).get(timeout=30)["classified"] == 1
-    assert client.send_task(DELETE, args=[*bob.ids, [uid]]).get(timeout=30)["marked"] == 1
+    assert (
+        client.send_task(DELETE, args=[*bob.ids, [str(message_id)]]).get(timeout=30)["marked"] == 1
+    )
     failed = client.send_task(SYNC, args=locked_out.ids)
     assert type(failed.get(timeout=30, propagate=False)).__name__ == "AuthenticationFailed"
 

@@ -93,8 +93,9 @@ def test_send_arrives_sync_classify_delete(client, make_account, mail, db_engine
     assert [m.message_id for m in mail.dovecot.mailbox(bob.address)] == [ham_id]
 
     # delete: the ham goes to Trash and its row says so
-    value = run_ok(client, DELETE, *bob.ids, [ham_row.uid])
+    value = run_ok(client, DELETE, *bob.ids, [str(ham_row.id)])
     assert (value["action"], value["marked"]) == ("trashed", 1)
+    assert (value["done"], value["not_touched"]) == ([str(ham_row.id)], {})
     assert mail.dovecot.mailbox(bob.address) == []
     assert [m.message_id for m in mail.dovecot.mailbox(bob.address, "Trash")] == [ham_id]
     (ham_row,) = messages(db_engine, bob.account_id, uid=ham_row.uid)
@@ -136,8 +137,8 @@ def test_permanent_delete_expunges(client, make_account, dovecot, db_engine):
         dovecot.deliver(carol.address, raw.encode())
     result, value = run(client, SYNC, *carol.ids)
     assert result.successful(), value
-    uids = [m.uid for m in messages(db_engine, carol.account_id)]
-    result, value = run(client, DELETE, *carol.ids, uids[:2], permanent=True)
+    ids = [str(m.id) for m in messages(db_engine, carol.account_id)]
+    result, value = run(client, DELETE, *carol.ids, ids[:2], permanent=True)
     assert result.successful(), value
     assert (value["action"], value["marked"]) == ("expunged", 2)
     assert [m.raw.count(b"Subject: n2") for m in dovecot.mailbox(carol.address)] == [1]

@@ -99,7 +99,7 @@ def test_foreign_account_is_rejected_for_every_task(
 
     message = rejections.check(SYNC, foreign)
     assert f"account {victim.account_id} does not belong to user {intruder.user_id}" in message
-    rejections.check(DELETE, [*foreign, [1, 2]])
+    rejections.check(DELETE, [*foreign, [str(uuid.uuid4())]])
     rejections.check(SEND, [*foreign, {"to": ["x@example.org"], "body": "x"}])
     # The victim's ids under the intruder's tenant, and the intruder's user with the victim's.
     rejections.check(SYNC, [intruder.tenant_id, victim.user_id, victim.account_id])
@@ -136,12 +136,12 @@ VALID_MESSAGE = {"to": ["bob@example.org"], "subject": "s", "body": "b"}
         (SYNC, [NIL, 42, NIL], {}, "user_id must be a UUID string"),
         (SYNC, [NIL, NIL], {}, "missing a required argument: 'account_id'"),
         (SYNC, [NIL, NIL, NIL, NIL], {}, "too many positional arguments"),
-        (DELETE, [NIL, NIL, NIL, []], {}, "uids must be a non-empty list"),
-        (DELETE, [NIL, NIL, NIL, ["1"]], {}, "uids must hold UIDs"),
-        (DELETE, [NIL, NIL, NIL, [True]], {}, "uids must hold UIDs"),
-        (DELETE, [NIL, NIL, NIL, [0]], {}, "uids must hold UIDs"),
-        (DELETE, [NIL, NIL, NIL, [1]], {"permanent": "yes"}, "permanent must be true or false"),
-        (DELETE, [NIL, NIL, NIL, [1]], {"folder": "a\r\nb"}, "control characters"),
+        (DELETE, [NIL, NIL, NIL, []], {}, "message_ids must be a non-empty list"),
+        # Bare UIDs (the old signature) are refused: they do not say which messages were seen.
+        (DELETE, [NIL, NIL, NIL, [1]], {}, "message_ids[] must be a UUID string"),
+        (DELETE, [NIL, NIL, NIL, ["1"]], {}, "message_ids[] is not a UUID"),
+        (DELETE, [NIL, NIL, NIL, [NIL]], {"permanent": "yes"}, "permanent must be true or false"),
+        (DELETE, [NIL, NIL, NIL, [NIL]], {"folder": "a\r\nb"}, "control characters"),
         (CLASSIFY, [NIL, NIL, "x"], {}, "message_ids must be a non-empty list"),
         (CLASSIFY, [NIL, NIL, ["nope"]], {}, "message_ids[] is not a UUID"),
         (SEND, [NIL, NIL, NIL, "hello"], {}, "message must be an object"),

@@ -367,6 +367,12 @@ class Settings:
     sent_folder: str = _setting(Text(), "Folder a sent message is copied to.", "Sent")
     trash_folder: str = _setting(Text(), "Folder `delete_messages` moves to.", "Trash")
     junk_folder: str = _setting(Text(), "Folder `classify_spam` moves spam to.", "Junk")
+    action_retry_window: int = _setting(
+        Integer(minimum=60),
+        "Seconds a delete or spam move keeps being retried and resubmitted before it is marked "
+        "failed: a day outlasts an overnight IMAP outage, later the user's intent is stale.",
+        "86400",
+    )
     # Periodic work
     sync_interval: int = _setting(
         Integer(minimum=1), "Seconds between `sync_all_accounts` runs.", "300"

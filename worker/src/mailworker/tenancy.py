@@ -12,14 +12,25 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from mailworker.db.models import MailAccount, Message, Tenant, User
 from mailworker.errors import InvalidTaskArguments, TenantMismatch
 
-MAX_UIDS: Final = 10_000
 MAX_MESSAGE_IDS: Final = 1_000
-MAX_UID: Final = 2**32 - 1  # IMAP UIDs are 32-bit (RFC 3501 2.3.1.1)
+# What user_messages loads of a message: where it is and what is claimed on it.
+_WHERE_COLUMNS: Final = (
+    Message.id,
+    Message.tenant_id,
+    Message.account_id,
+    Message.folder,
+    Message.uidvalidity,
+    Message.uid,
+    Message.state,
+    Message.action,
+    Message.action_state,
+    Message.action_task_id,
+)
 
 
 def _shown(value: Any) -> str:
@@ -37,19 +48,6 @@ def parse_uuid(name: str, value: Any) -> uuid.UUID:
         return uuid.UUID(value)
     except ValueError:
         raise InvalidTaskArguments(f"{name} is not a UUID: {_shown(value)}") from None
-
-
-def parse_uids(value: Any) -> list[int]:
-    """A non-empty list of IMAP UIDs, deduplicated, ascending."""
-    if not isinstance(value, list | tuple) or not value:
-        raise InvalidTaskArguments("uids must be a non-empty list of integers")
-    if len(value) > MAX_UIDS:
-        raise InvalidTaskArguments(f"uids lists {len(value)} UIDs; at most {MAX_UIDS} per task")
-    for uid in value:
-        # bool is an int subclass; True is not UID 1.
-        if isinstance(uid, bool) or not isinstance(uid, int) or not 0 < uid <= MAX_UID:
-            raise InvalidTaskArguments(f"uids must hold UIDs 1..{MAX_UID}, got {_shown(uid)}")
-    return sorted(set(value))
 
 
 def parse_message_ids(value: Any) -> list[uuid.UUID]:
@@ -111,13 +109,18 @@ def owned_account(
     return account
 
 
-def owned_messages(
+def user_messages(
     session: Session,
     tenant_id: uuid.UUID,
     user_id: uuid.UUID,
     message_ids: Sequence[uuid.UUID],
 ) -> list[tuple[Message, MailAccount]]:
-    """Every requested message with its account, all owned by the user; else TenantMismatch."""
+    """Those of the requested messages the user owns, with their accounts; others are absent.
+
+    Only the columns that say where a message is and what is claimed on it are loaded, not its
+    raw bytes, headers or text: a caller that needs those reads one message at a time, so memory
+    does not grow with the number of ids.
+    """
     require_tenant_and_user(session, tenant_id, user_id)
     rows = session.execute(
         select(Message, MailAccount)
@@ -128,8 +131,23 @@ def owned_messages(
             MailAccount.tenant_id == tenant_id,
             MailAccount.user_id == user_id,
         )
+        .options(load_only(*_WHERE_COLUMNS))
         .order_by(Message.account_id, Message.folder, Message.uid)
     ).all()
+    return [(message, account) for message, account in rows]
+
+
+def owned_messages(
+    session: Session,
+    tenant_id: uuid.UUID,
+    user_id: uuid.UUID,
+    message_ids: Sequence[uuid.UUID],
+) -> list[tuple[Message, MailAccount]]:
+    """Every requested message with its account, all owned by the user; else TenantMismatch.
+
+    As `user_messages`: the message's raw bytes, headers and text are not loaded.
+    """
+    rows = user_messages(session, tenant_id, user_id, message_ids)
     found = {message.id for message, _ in rows}
     missing = [str(message_id) for message_id in message_ids if message_id not in found]
     if missing:
@@ -138,4 +156,4 @@ def owned_messages(
     inactive = sorted({str(account.id) for _, account in rows if not account.active})
     if inactive:
         raise TenantMismatch(f"account {inactive[0]} is not active")
-    return [(message, account) for message, account in rows]
+    return rows

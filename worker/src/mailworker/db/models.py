@@ -140,6 +140,16 @@ class Message(Base):
     moved_to: Mapped[str | None] = mapped_column(String(255))
     state_changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     synced_at: Mapped[datetime] = _created()
+    # The claim of a delete or spam move (services/message_actions.py): taken before IMAP is
+    # touched, so two actions never both act on one message. action: trash | expunge | junk;
+    # action_state: pending (claimed, not finished) | failed (given up; see action_error) |
+    # NULL (none pending). action_task_id is the task holding the claim.
+    action: Mapped[str | None] = mapped_column(String(16))
+    action_state: Mapped[str | None] = mapped_column(String(16), index=True)
+    action_task_id: Mapped[str | None] = mapped_column(String(64))
+    action_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    action_attempted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    action_error: Mapped[str | None] = mapped_column(Text)
 
 
 class SentMessage(Base):

@@ -12,6 +12,7 @@ from sqlalchemy import delete, func, or_, select, update
 from mailworker.db.engine import session_scope
 from mailworker.db.models import MailAccount, SentMessage, TaskAttempt, Tenant, User
 from mailworker.redis_client import redis_from_url
+from mailworker.services.message_actions import sweep_message_actions
 from mailworker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def cleanup(settings: Settings) -> dict[str, int]:
         "attempts_purged": purged,
         "results_given_expiry": results,
     }
+    summary.update(sweep_message_actions(settings))
     logger.info("cleanup: %s", summary)
     return summary
 

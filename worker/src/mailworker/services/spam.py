@@ -1,7 +1,10 @@
 """Classifying synced messages with the transparent rule set, storing the verdict, moving spam.
 
-Scores are stored first (deterministic, so a rerun stores the same), then spam still `present`
-is moved to Junk per (account, folder) and its rows marked `junk`. A rerun skips what is marked.
+Scores are stored first (deterministic, so a rerun stores the same), reading one raw message at
+a time so memory does not grow with the number of ids. Then the spam is moved to Junk per
+(account, folder) under the same rules as a delete (message_actions.py): only rows still
+`present` and claimed by this task are moved, a folder renumbered since the sync is left alone,
+and every spam message not moved is reported with the reason.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, update
+from sqlalchemy import func, select, update
 
 from mailworker.db.engine import session_scope
 from mailworker.db.models import Message
+from mailworker.errors import PermanentError
 from mailworker.mail.imap import ImapSession
+from mailworker.services import message_actions as actions
 from mailworker.services.access import AccountAccess
 from mailworker.settings import Settings
 from mailworker.spam.rules import score_message
@@ -26,15 +31,15 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Scored:
+class Owned:
+    """What classify needs of a row, without its raw message."""
+
     message_id: uuid.UUID
     account_id: uuid.UUID
+    recipient: str
     folder: str
-    uidvalidity: int
-    uid: int
-    score: float
-    is_spam: bool
-    movable: bool  # spam still in its folder
+    state: str
+    moved_before: bool  # an earlier attempt of this task moved it to Junk
 
 
 def classify(
@@ -42,71 +47,116 @@ def classify(
     tenant_id: uuid.UUID,
     user_id: uuid.UUID,
     message_ids: Sequence[uuid.UUID],
+    *,
+    token: str,
 ) -> dict:
-    scored: list[Scored] = []
+    """Score the messages, store the verdicts, move spam; `token` identifies this task's claims."""
+    owned: list[Owned] = []
     accesses: dict[uuid.UUID, AccountAccess] = {}
     with session_scope(settings) as session:
         for message, account in owned_messages(session, tenant_id, user_id, message_ids):
-            verdict = score_message(message.raw, recipient=account.email)
-            message.spam_score = verdict.score
-            message.is_spam = verdict.is_spam
-            message.spam_reasons = list(verdict.reasons)
-            message.classified_at = func.now()
-            scored.append(
-                Scored(
+            owned.append(
+                Owned(
                     message.id,
                     account.id,
+                    account.email,
                     message.folder,
-                    message.uidvalidity,
-                    message.uid,
-                    verdict.score,
-                    verdict.is_spam,
-                    verdict.is_spam
-                    and message.state == "present"
-                    and message.folder != settings.junk_folder,
+                    message.state,
+                    actions.done_before(message, "junk", token),
                 )
             )
-            if verdict.is_spam and account.id not in accesses:
+            if account.id not in accesses:
                 accesses[account.id] = AccountAccess.of(account, settings)
-    moved = _move_spam(settings, accesses, [item for item in scored if item.movable])
+    scores = _score(settings, owned)
+    spam = [item for item in owned if scores[item.message_id][1]]
+    moved = {item.message_id for item in spam if item.moved_before}
+    not_moved: dict[uuid.UUID, str] = {}
+    groups: dict[tuple[uuid.UUID, str], list[uuid.UUID]] = defaultdict(list)
+    for item in spam:
+        if item.moved_before or item.folder == settings.junk_folder:
+            continue
+        if item.state != "present":
+            not_moved[item.message_id] = actions.NOT_PRESENT
+        else:
+            groups[(item.account_id, item.folder)].append(item.message_id)
+    ham = [item.message_id for item in owned if not scores[item.message_id][1]]
+    # A resubmitted classification whose verdict changed (new rules) gives its claim up.
+    actions.release(settings, ham, token, "no longer classified as spam", failed=False)
+    for (account_id, folder), ids in groups.items():
+        moved |= _move_group(
+            settings, accesses[account_id], folder, ids, token=token, not_moved=not_moved
+        )
     return {
-        "classified": len(scored),
-        "spam": sum(1 for item in scored if item.is_spam),
-        "moved_to_junk": moved,
-        "scores": {str(item.message_id): item.score for item in scored},
+        "classified": len(owned),
+        "spam": len(spam),
+        "moved_to_junk": len(moved),
+        "not_moved": {str(message_id): reason for message_id, reason in not_moved.items()},
+        "scores": {str(message_id): score for message_id, (score, _) in scores.items()},
     }
 
 
-def _move_spam(
-    settings: Settings, accesses: dict[uuid.UUID, AccountAccess], spam: list[Scored]
-) -> int:
-    groups: dict[tuple[uuid.UUID, str, int], list[Scored]] = defaultdict(list)
-    for item in spam:
-        groups[(item.account_id, item.folder, item.uidvalidity)].append(item)
-    moved = 0
-    for (account_id, folder, uidvalidity), items in groups.items():
-        access = accesses[account_id]
+def _score(settings: Settings, owned: list[Owned]) -> dict[uuid.UUID, tuple[float, bool]]:
+    """Score and store each message, holding one raw message in memory at a time."""
+    scores: dict[uuid.UUID, tuple[float, bool]] = {}
+    with session_scope(settings) as session:
+        for item in owned:
+            raw = session.scalar(select(Message.raw).where(Message.id == item.message_id))
+            verdict = score_message(raw or b"", recipient=item.recipient)
+            del raw
+            session.execute(
+                update(Message)
+                .where(Message.id == item.message_id)
+                .values(
+                    spam_score=verdict.score,
+                    is_spam=verdict.is_spam,
+                    spam_reasons=list(verdict.reasons),
+                    classified_at=func.now(),
+                )
+            )
+            scores[item.message_id] = (verdict.score, verdict.is_spam)
+    return scores
+
+
+def _move_group(
+    settings: Settings,
+    access: AccountAccess,
+    folder: str,
+    ids: list[uuid.UUID],
+    *,
+    token: str,
+    not_moved: dict[uuid.UUID, str],
+) -> set[uuid.UUID]:
+    """Claim, move and finalize one folder's spam; what is not moved goes into `not_moved`.
+
+    A transient error propagates (the task retries; the claims stay for the retry or the
+    sweep); a renumbered folder or a refusal leaves this folder's spam in place.
+    """
+    claimed = actions.claim(settings, ids, "junk", token)
+    claimed_ids = {item.id for item in claimed}
+    not_moved.update(actions.why_not_claimed(settings, set(ids) - claimed_ids))
+    if not claimed:
+        return set()
+    try:
         with ImapSession(access.imap) as imap:
             server = imap.select(folder)
-            if server.uidvalidity != uidvalidity:
+            if {item.uidvalidity for item in claimed} != {server.uidvalidity}:
                 logger.warning(
                     "account %s folder %r was renumbered; %d spam message(s) left in place",
-                    account_id,
+                    access.account_id,
                     folder,
-                    len(items),
+                    len(claimed),
                 )
-                continue
-            imap.move([item.uid for item in items], settings.junk_folder)
-        with session_scope(settings) as session:
-            moved += session.execute(
-                update(Message)
-                .where(Message.id.in_([item.message_id for item in items]))
-                .where(Message.account_id == account_id)
-                .where(Message.state == "present")
-                .values(
-                    state="junk",
-                    moved_to=settings.junk_folder,
-                    state_changed_at=func.now(),
+                actions.release(
+                    settings, claimed_ids, token, "folder renumbered since sync", failed=False
                 )
-            ).rowcount
-    return moved
+                not_moved.update(dict.fromkeys(claimed_ids, actions.RENUMBERED))
+                return set()
+            imap.move([item.uid for item in claimed], settings.junk_folder)
+    except PermanentError as error:
+        logger.error("account %s folder %r: spam not moved: %s", access.account_id, folder, error)
+        actions.release(settings, claimed_ids, token, str(error), failed=True)
+        not_moved.update(dict.fromkeys(claimed_ids, actions.FAILED))
+        return set()
+    finalized = actions.finalize(settings, claimed_ids, "junk", token, settings.junk_folder)
+    not_moved.update(actions.why_not_claimed(settings, claimed_ids - finalized))
+    return finalized

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from mailworker.celery_app import app
@@ -10,10 +11,16 @@ from mailworker.tasks.base import MailTask
 from mailworker.tenancy import parse_message_ids, parse_uuid
 
 
-@app.task(base=MailTask, bind=True, name="mailworker.tasks.spam.classify_spam")
+@app.task(
+    base=MailTask,
+    bind=True,
+    name="mailworker.tasks.spam.classify_spam",
+    retry_window_setting="action_retry_window",
+)
 def classify_spam(self: MailTask, tenant_id: Any, user_id: Any, message_ids: Any) -> dict:
     """Classify the messages (row ids from the messages table) of the user's accounts."""
     tenant = parse_uuid("tenant_id", tenant_id)
     user = parse_uuid("user_id", user_id)
     ids = parse_message_ids(message_ids)
-    return classify(self.settings, tenant, user, ids)
+    token = self.request.id or str(uuid.uuid4())
+    return classify(self.settings, tenant, user, ids, token=token)
