@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from mailworker.db.engine import session_scope
@@ -74,6 +76,36 @@ def finish(
             )
     except SQLAlchemyError as error_:
         logger.warning("task ledger not updated: %s", _first_line(error_))
+
+
+@dataclass(frozen=True)
+class History:
+    """What the ledger knows of a redelivered task's earlier attempts."""
+
+    first_started_at: datetime | None
+    # Attempts of this very message (same task id and retry number) that never finished: each
+    # one is a worker lost in the middle of it (killed, out of memory, powered off).
+    unfinished: int
+
+
+def history(
+    settings: Settings, *, task_id: str, retries: int, current: uuid.UUID | None
+) -> History | None:
+    """The earlier attempts of `task_id` (not `current`), or None if the ledger is unreachable."""
+    unfinished = [TaskAttempt.retries == retries, TaskAttempt.state.in_(("started", "lost"))]
+    if current is not None:
+        unfinished.append(TaskAttempt.id != current)
+    query = select(
+        func.min(TaskAttempt.started_at),
+        func.count().filter(and_(*unfinished)),
+    ).where(TaskAttempt.task_id == task_id)
+    try:
+        with session_scope(settings) as session:
+            first_started_at, count = session.execute(query).one()
+    except SQLAlchemyError as error:
+        logger.warning("task ledger not read: %s", _first_line(error))
+        return None
+    return History(first_started_at, count)
 
 
 def _first_line(error: SQLAlchemyError) -> str:
