@@ -72,7 +72,7 @@ def finished(db_engine, task_id: str, count: int, timeout: float = 30) -> list[T
 def default_retries(fleet):
     """The fleet with the application's default retry settings."""
     for name in SHORTENED_RETRY_SETTINGS:
-        fleet.env.pop(name)
+        fleet.env.pop(name, None)
     return fleet
 
 
@@ -157,11 +157,14 @@ class SilentServer:
             sock.close()
 
 
-def test_retry_refused_by_a_full_redis_is_not_dropped(fleet, make_account, dovecot, redis_server):
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_retry_refused_by_a_full_redis_is_not_dropped(
+    pool, fleet, make_account, dovecot, redis_server
+):
     silent = SilentServer()
     account = make_account(imap_port=silent.port)
     dovecot.deliver(account.address, b"Subject: kept through a full Redis\r\n\r\nhello\r\n")
-    fleet.configure(**FAST_REDELIVERY)
+    fleet.configure(**FAST_REDELIVERY, MAILWORKER_POOL=pool)
     worker = fleet.start_worker()
     broker = redis_server.client(int(fleet.env["MAILWORKER_BROKER_URL"].rpartition("/")[2]))
     admin = redis_server.client()

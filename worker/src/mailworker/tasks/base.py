@@ -108,7 +108,9 @@ class MailRequest(Request):
     Redis that refuses writes (full under noeviction) aborts that transaction, which leaves the
     message where it was, safe, but the error is not a connection error, so kombu lets it out of
     the worker's event loop and the whole worker stops. Counted with the connection errors, it is
-    logged instead, and Redis delivers the message again after the visibility timeout.
+    logged instead, and Redis delivers the message again after the visibility timeout. As after
+    a connection error, the worker keeps counting the message against its prefetch until the
+    message comes back to it or the worker restarts.
     """
 
     def reject(self, requeue: bool = False) -> None:
