@@ -203,10 +203,10 @@ class MailTask(Task):
             raise InvalidTaskArguments(f"{self.name}: {error}") from None
 
     def _fail_redelivered(self, settings: Settings, attempt: Any, lost: int) -> NoReturn:
+        times = f"{lost} time{'s' if lost > 1 else ''}"
         error = PermanentError(
-            f"{self.name} not run again: its worker was lost {lost} times while running it "
-            f"(killed, e.g. out of memory); MAILWORKER_MAX_REDELIVERIES is "
-            f"{settings.max_redeliveries}"
+            f"{self.name} not run again: its worker was lost {times} while running it (killed, "
+            f"e.g. out of memory); MAILWORKER_MAX_REDELIVERIES is {settings.max_redeliveries}"
         )
         logger.error("task %s failed: %s", self.request.id, error)
         ledger.finish(settings, attempt, "failed", str(error))

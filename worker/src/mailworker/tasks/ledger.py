@@ -1,7 +1,9 @@
 """The task_attempts table: one row per execution, written around every task.
 
 Best effort by design: the ledger is for operators and cleanup, so a database hiccup here is
-logged and the task goes on (the task's own database work reports the outage properly).
+logged and the task goes on (the task's own database work reports the outage properly). A
+redelivered task reads its earlier rows back (`history`): attempts that never finished bound its
+redeliveries, and the oldest row stands in for its first attempt's time.
 """
 
 from __future__ import annotations
