@@ -340,10 +340,20 @@ class Settings:
     )
     # Retries
     retry_backoff_base: int = _setting(
-        Integer(minimum=1), "First retry delay (s); doubles each retry.", "2"
+        Integer(minimum=1),
+        "First retry delay (s); doubles each retry: a dropped connection is retried at once.",
+        "2",
     )
-    retry_backoff_max: int = _setting(Integer(minimum=1), "Longest retry delay (s).", "600")
-    retry_jitter: bool = _setting(Boolean(), "Randomise retry delays (full jitter).", "true")
+    retry_backoff_max: int = _setting(
+        Integer(minimum=1),
+        "Longest retry delay (s): a long outage is probed every 5 min on average.",
+        "600",
+    )
+    retry_jitter: bool = _setting(
+        Boolean(),
+        "Randomise retry delays (full jitter), so tasks hit by one outage do not retry together.",
+        "true",
+    )
     retry_window: int = _setting(
         Integer(minimum=1),
         "Seconds from a task's first attempt during which a transient failure is retried (sync "
