@@ -83,7 +83,7 @@ def test_imap_outage_is_retried_with_backoff_then_succeeds(fleet, make_account, 
     expected = [min(3, 2**n) for n in range(len(gaps))]
     assert all(gap >= 0.9 * want for gap, want in zip(gaps, expected, strict=True)), gaps
     assert [a.retries for a in rows] == list(range(len(rows)))
-    assert "retry 1 of 8 in 1 s" in worker.log
+    assert "retry 1 in 1 s (" in worker.log
 
 
 def test_smtp_4xx_is_retried_and_sent_once(client, make_account, smtp_server, db_engine):

@@ -1,7 +1,10 @@
 """The settings table: parsing, cross-checks, masking, and the README generated from it."""
 
+import os
 import re
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,3 +174,33 @@ def test_each_task_is_routed_to_its_own_queue():
     assert {entry["options"]["queue"] for entry in schedule.values()} == {"periodic"}
     assert schedule["sync-all-accounts"]["schedule"].run_every.total_seconds() == 300
     assert schedule["cleanup-stale-tasks"]["schedule"].run_every.total_seconds() == 3600
+
+
+RETRY_WINDOWS = """
+from mailworker.celery_app import app
+from mailworker.settings import load_settings
+from mailworker.tasks.base import MailTask
+
+app.loader.import_default_modules()
+settings = load_settings()
+for task in app.tasks.values():
+    if isinstance(task, MailTask):
+        print(task.name, task.retry_window(settings))
+"""
+
+
+def test_every_task_retry_window_names_a_setting():
+    # In a child process: finalizing the app here would configure it for the whole test session.
+    done = subprocess.run(
+        [sys.executable, "-c", RETRY_WINDOWS],
+        env={**os.environ, **base_env()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    windows = dict(line.split() for line in done.stdout.splitlines())
+    assert "mailworker.tasks.sync.sync_mailbox" in windows
+    assert len(windows) >= 6
+    assert all(int(seconds) > 0 for seconds in windows.values()), windows

@@ -340,11 +340,39 @@ class Settings:
     )
     # Retries
     retry_backoff_base: int = _setting(
-        Integer(minimum=1), "First retry delay (s); doubles each retry.", "2"
+        Integer(minimum=1),
+        "First retry delay (s); doubles each retry: a dropped connection is retried at once.",
+        "2",
     )
-    retry_backoff_max: int = _setting(Integer(minimum=1), "Longest retry delay (s).", "600")
-    retry_jitter: bool = _setting(Boolean(), "Randomise retry delays (full jitter).", "true")
-    max_retries: int = _setting(Integer(), "Retries of a transient failure.", "5")
+    retry_backoff_max: int = _setting(
+        Integer(minimum=1),
+        "Longest retry delay (s): a long outage is probed every 5 min on average.",
+        "600",
+    )
+    retry_jitter: bool = _setting(
+        Boolean(),
+        "Randomise retry delays (full jitter), so tasks hit by one outage do not retry together.",
+        "true",
+    )
+    retry_window: int = _setting(
+        Integer(minimum=1),
+        "Seconds from a task's first attempt during which a transient failure is retried (sync "
+        "and periodic tasks): rides out an IMAP or PostgreSQL restart; after that the next "
+        "scheduled sync (every 5 min) does the work anyway.",
+        "900",
+    )
+    max_retries: int = _setting(
+        Integer(),
+        "Backstop on retries of one task whatever its window (the windows are the budget): "
+        "1000 delays of 300 s on average at the backoff cap last about 3.5 days.",
+        "1000",
+    )
+    max_redeliveries: int = _setting(
+        Integer(),
+        "Times one task may take its worker down (killed mid-task, e.g. out of memory) and be "
+        "redelivered; then it fails without running. A deploy or crash costs one.",
+        "3",
+    )
     # Logging
     log_level: str = _setting(Choice(LOG_LEVELS, case_insensitive=True), "Log level.", "INFO")
     log_file: str = _setting(

@@ -1,16 +1,20 @@
 """The task_attempts table: one row per execution, written around every task.
 
 Best effort by design: the ledger is for operators and cleanup, so a database hiccup here is
-logged and the task goes on (the task's own database work reports the outage properly).
+logged and the task goes on (the task's own database work reports the outage properly). A
+redelivered task reads its earlier rows back (`history`): attempts that never finished bound its
+redeliveries, and the oldest row stands in for its first attempt's time.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from mailworker.db.engine import session_scope
@@ -74,6 +78,36 @@ def finish(
             )
     except SQLAlchemyError as error_:
         logger.warning("task ledger not updated: %s", _first_line(error_))
+
+
+@dataclass(frozen=True)
+class History:
+    """What the ledger knows of a redelivered task's earlier attempts."""
+
+    first_started_at: datetime | None
+    # Attempts of this very message (same task id and retry number) that never finished: each
+    # one is a worker lost in the middle of it (killed, out of memory, powered off).
+    unfinished: int
+
+
+def history(
+    settings: Settings, *, task_id: str, retries: int, current: uuid.UUID | None
+) -> History | None:
+    """The earlier attempts of `task_id` (not `current`), or None if the ledger is unreachable."""
+    unfinished = [TaskAttempt.retries == retries, TaskAttempt.state.in_(("started", "lost"))]
+    if current is not None:
+        unfinished.append(TaskAttempt.id != current)
+    query = select(
+        func.min(TaskAttempt.started_at),
+        func.count().filter(and_(*unfinished)),
+    ).where(TaskAttempt.task_id == task_id)
+    try:
+        with session_scope(settings) as session:
+            first_started_at, count = session.execute(query).one()
+    except SQLAlchemyError as error:
+        logger.warning("task ledger not read: %s", _first_line(error))
+        return None
+    return History(first_started_at, count)
 
 
 def _first_line(error: SQLAlchemyError) -> str:
