@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kombu.transport import TRANSPORT_ALIASES, _transport_cache
+from kombu.transport import TRANSPORT_ALIASES, get_transport_cls
 from kombu.transport import redis as kombu_redis
 
 SCHEMES = ("redis", "rediss")
@@ -38,9 +38,20 @@ class Transport(kombu_redis.Transport):
 def install() -> None:
     """Make redis:// and rediss:// URLs in this process use this transport.
 
-    Through kombu's alias table rather than Celery's `broker_transport`, so URLs keep their
-    scheme: `Connection.as_uri()` and Flower's broker page still see redis://.
+    Through kombu's public alias table rather than Celery's `broker_transport`, so URLs keep their
+    scheme: `Connection.as_uri()` and Flower's broker page still see redis://. kombu remembers a
+    scheme's class the first time a connection resolves it, and the alias table is only read then;
+    every process imports the app (which calls this) before it connects, so nothing is cached yet.
+    If something did connect first, or a kombu release stops reading the table, say so at import
+    rather than run with kombu's own transport unnoticed.
     """
     for scheme in SCHEMES:
         TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
-        _transport_cache.pop(scheme, None)
+    for scheme in SCHEMES:
+        resolved = get_transport_cls(scheme)
+        if resolved is not Transport:
+            raise RuntimeError(
+                f"kombu resolves {scheme}:// to {resolved!r}, not {__name__}.Transport: a broker "
+                "connection was made before mailworker.redis_transport.install(), or kombu no "
+                "longer reads kombu.transport.TRANSPORT_ALIASES"
+            )
