@@ -79,16 +79,28 @@ def test_a_new_process_that_imports_the_app_first_connects_through_the_transport
     assert result.returncode == 0, result.stderr
 
 
-def test_install_fails_loudly_when_kombu_already_resolved_redis():
-    # kombu reads its public alias table only the first time a scheme is resolved. If that
-    # happened before install() (or a kombu release stops reading the table), the process must
-    # not run on kombu's own transport unnoticed.
+def test_install_fails_loudly_when_kombu_stops_reading_its_alias_table():
+    # Stands for a kombu release that resolves aliases from somewhere else than the table
+    # mailworker writes to: the process must not run on kombu's own transport unnoticed.
     result = _fresh_python(
-        "import kombu\n"
-        "kombu.Connection('redis://127.0.0.1:1/0').get_transport_cls()\n"
+        "import kombu.transport, mailworker.redis_transport\n"
+        "kombu.transport.TRANSPORT_ALIASES = dict(kombu.transport.TRANSPORT_ALIASES)\n"
         "import mailworker.celery_app\n"
     )
     assert result.returncode != 0
     assert "RuntimeError: kombu resolves redis:// to <class 'kombu.transport.redis.Transport'>" in (
         result.stderr
     ), result.stderr
+
+
+def test_a_process_that_connected_before_importing_the_app_keeps_working():
+    # kombu keeps the class it resolved first; such a process (the CLI's broker-only commands
+    # followed by a task command) stays on kombu's own transport and must not fail.
+    result = _fresh_python(
+        "import kombu\n"
+        "kombu.Connection('redis://127.0.0.1:1/0').get_transport_cls()\n"
+        "import mailworker.celery_app\n"
+        "print(kombu.Connection('redis://127.0.0.1:1/0').get_transport_cls().__module__)\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "kombu.transport.redis"
