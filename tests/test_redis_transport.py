@@ -2,6 +2,9 @@
 delivers, acknowledges and restores messages on a real Redis (the redelivery tests cover a killed
 worker end to end)."""
 
+import subprocess
+import sys
+
 import kombu
 from kombu.transport import redis as kombu_redis
 from mailworker import celery_app  # noqa: F401 - importing the app installs the transport
@@ -57,3 +60,47 @@ def test_messages_are_delivered_acknowledged_and_restored(redis_server):
         again.ack()
         queue.close()
     assert client.hlen(kombu_redis.Channel.unacked_key) == 0
+
+
+def _fresh_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_a_new_process_that_imports_the_app_first_connects_through_the_transport():
+    # What `celery -A mailworker.celery_app ...` and the CLI do: the app (and so install()) first.
+    result = _fresh_python(
+        "import kombu, mailworker.celery_app\n"
+        "from mailworker.redis_transport import Transport\n"
+        "for url in ('redis://127.0.0.1:1/0', 'rediss://127.0.0.1:1/0'):\n"
+        "    assert kombu.Connection(url).get_transport_cls() is Transport, url\n"
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_install_fails_loudly_when_kombu_stops_reading_its_alias_table():
+    # Stands for a kombu release that resolves aliases from somewhere else than the table
+    # mailworker writes to: the process must not run on kombu's own transport unnoticed.
+    result = _fresh_python(
+        "import kombu.transport, mailworker.redis_transport\n"
+        "kombu.transport.TRANSPORT_ALIASES = dict(kombu.transport.TRANSPORT_ALIASES)\n"
+        "import mailworker.celery_app\n"
+    )
+    assert result.returncode != 0
+    assert "RuntimeError: kombu resolves redis:// to <class 'kombu.transport.redis.Transport'>" in (
+        result.stderr
+    ), result.stderr
+
+
+def test_a_process_that_connected_before_importing_the_app_keeps_working():
+    # kombu keeps the class it resolved first; such a process (the CLI's broker-only commands
+    # followed by a task command) stays on kombu's own transport and must not fail.
+    result = _fresh_python(
+        "import kombu\n"
+        "kombu.Connection('redis://127.0.0.1:1/0').get_transport_cls()\n"
+        "import mailworker.celery_app\n"
+        "print(kombu.Connection('redis://127.0.0.1:1/0').get_transport_cls().__module__)\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "kombu.transport.redis"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 pytestmark = pytest.mark.units("celery-worker")
@@ -58,6 +60,23 @@ def test_venv_and_wheelhouse_are_links_to_the_current_release(host):
 def test_release_holds_exactly_the_recorded_wheels(host):
     check = host.run("cd /opt/mailworker/wheelhouse && sha256sum --check --quiet ../WHEELS")
     assert check.rc == 0, check.stdout + check.stderr
+
+
+def _pins(lines: str) -> dict[str, str]:
+    """name -> version of every `name==version` line, names normalised as pip compares them."""
+    return {
+        re.sub(r"[-_.]+", "-", name).lower(): version
+        for name, version in re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", lines, re.M)
+    }
+
+
+def test_release_venv_holds_exactly_the_locked_versions(host):
+    lock = host.file("/opt/mailworker/wheelhouse/requirements.lock").content_string
+    freeze = host.run("/opt/mailworker/venv/bin/pip freeze --disable-pip-version-check")
+    assert freeze.rc == 0, freeze.stderr
+    installed, locked = _pins(freeze.stdout), _pins(lock)
+    assert locked["kombu"].startswith("5.7.")
+    assert installed == locked
 
 
 def test_code_is_not_writable_by_the_service_user(host):

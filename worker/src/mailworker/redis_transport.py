@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kombu.transport import TRANSPORT_ALIASES, _transport_cache
+from kombu.transport import TRANSPORT_ALIASES, resolve_transport
 from kombu.transport import redis as kombu_redis
 
 SCHEMES = ("redis", "rediss")
@@ -38,9 +38,19 @@ class Transport(kombu_redis.Transport):
 def install() -> None:
     """Make redis:// and rediss:// URLs in this process use this transport.
 
-    Through kombu's alias table rather than Celery's `broker_transport`, so URLs keep their
-    scheme: `Connection.as_uri()` and Flower's broker page still see redis://.
+    Through kombu's public alias table rather than Celery's `broker_transport`, so URLs keep their
+    scheme: `Connection.as_uri()` and Flower's broker page still see redis://. kombu reads the
+    table the first time a scheme is resolved and keeps that class for the process; the worker,
+    beat, Flower and the CLI's task commands import the app (which calls this) before they
+    connect. A process that connected first (the CLI's broker-only commands, if a later command
+    in the same process imports the app) keeps kombu's own transport, which only builds more
+    clients. A kombu that stops resolving the table's entries fails here, at import.
     """
     for scheme in SCHEMES:
         TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
-        _transport_cache.pop(scheme, None)
+        resolved = resolve_transport(scheme)
+        if resolved is not Transport:
+            raise RuntimeError(
+                f"kombu resolves {scheme}:// to {resolved!r}, not {__name__}.Transport: it no "
+                "longer reads kombu.transport.TRANSPORT_ALIASES; see mailworker.redis_transport"
+            )
