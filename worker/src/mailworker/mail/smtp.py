@@ -167,10 +167,14 @@ def _final_reply(smtp: smtplib.SMTP, endpoint: MailEndpoint, timeout: float) -> 
             smtp.sock.settimeout(timeout)
         code, reply = smtp.getreply()
     except Exception as exc:  # a timeout, a reset, a time limit: anything but a reply
+        # smtplib turns a socket timeout into SMTPServerDisconnected("... timed out").
+        if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
+            what = f"no reply within {timeout:g} s"
+        else:
+            what = f"no reply ({type(exc).__name__}: {endpoint.redact(str(exc))})"
         raise DeliveryUnknown(
-            f"SMTP server {endpoint.address}: no reply to the end of the message data "
-            f"({type(exc).__name__}: {endpoint.redact(str(exc))}); the server may have "
-            "accepted it"
+            f"SMTP server {endpoint.address}: {what} to the end of the message data; "
+            "the server may have accepted it"
         ) from exc
     with contextlib.suppress(OSError):
         if smtp.sock is not None:
