@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 import time
 import uuid
 from datetime import timedelta
@@ -32,7 +33,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from tests.fixtures.outbox import SEND, submit
-from tests.fixtures.servers import celery_client, free_port, wait_until
+from tests.fixtures.servers import MAILWORKER, celery_client, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -307,3 +308,39 @@ def test_send_past_its_retry_window_fails_saying_so(defaults, make_account, smtp
     )
     assert (again.outbox_id, again.status, again.queued) == (entry.outbox_id, "queued", True)
     assert attempt(defaults, alice, entry.outbox_id)["status"] == "sent"
+
+
+def send_email_cli(env: dict[str, str], account, message: dict, *options: str):
+    return subprocess.run(
+        [MAILWORKER, "task", "send-email", *account.ids, "--json", *options],
+        input=json.dumps(message),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.usefixtures("shared_worker")
+def test_cli_send_email_stores_queues_and_refuses_bad_input(app_env, make_account, db_engine):
+    alice, bob = make_account(), make_account()
+    ran = send_email_cli(app_env, alice, {"to": [bob.address], "body": "hi"}, "--wait", "30")
+    assert ran.returncode == 0, ran.stderr
+    shown = json.loads(ran.stdout)
+    assert (shown["state"], shown["result"]["status"]) == ("SUCCESS", "sent")
+    assert row_of(db_engine, uuid.UUID(shown["outbox_id"])).status == "sent"
+
+    ran = send_email_cli(
+        app_env, alice, {"to": [bob.address], "body": "x", "message_id": "<\u00e9@x>"}
+    )
+    assert ran.returncode == 2, ran.stdout + ran.stderr
+    assert "message_id" in ran.stderr
+    assert "ASCII" in ran.stderr
+
+    down = {**app_env, "MAILWORKER_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    ran = send_email_cli(down, alice, {"to": [bob.address], "body": "while Redis is down"})
+    assert ran.returncode == 0, ran.stderr
+    shown = json.loads(ran.stdout)
+    assert shown["task"] is None
+    assert row_of(db_engine, uuid.UUID(shown["outbox_id"])).status == "queued"

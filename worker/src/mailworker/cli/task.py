@@ -234,6 +234,7 @@ def _wait_and_emit(ops: Ops, result: Any, sent: dict[str, Any], wait: float) -> 
     help='File with the message as JSON ({"to", "subject", "body", ...}); - reads stdin, '
     "so no address or text shows in the process list.",
 )
+@click.option("--queue", help="Queue to send to. Default: the task's route (send).")
 @click.option(
     "--wait",
     type=click.FloatRange(min=0),
@@ -242,16 +243,26 @@ def _wait_and_emit(ops: Ops, result: Any, sent: dict[str, Any], wait: float) -> 
 )
 @ops_command
 def send_email(
-    ops: Ops, *, tenant_id: str, user_id: str, account_id: str, message_file: Any, wait: float
+    ops: Ops,
+    *,
+    tenant_id: str,
+    user_id: str,
+    account_id: str,
+    message_file: Any,
+    queue: str | None,
+    wait: float,
 ) -> None:
     """Store a message in the outbox and queue send_email for it (ids only in the task)."""
     spec = _json_option(message_file.read(), "--message", dict)
+    if queue is not None and queue not in configured_queues(ops.app):
+        raise BadInput(f"unknown queue {queue!r} (known: {', '.join(configured_queues(ops.app))})")
     published: list[Any] = []
 
     def publish(args: list[str]) -> None:
         with ops.broker():  # one bounded PING first: publishing would otherwise retry
             pass
-        published.append(ops.app.send_task(SEND_EMAIL, args=args, retry=False))
+        options = {"queue": queue} if queue else {}
+        published.append(ops.app.send_task(SEND_EMAIL, args=args, retry=False, **options))
 
     try:
         submission = outbox.submit_send(
