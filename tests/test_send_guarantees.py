@@ -12,9 +12,12 @@ final-reply timeout 600 s, retry window 24 h), against the real aiosmtpd and Dov
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import socket
 import subprocess
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -344,3 +347,56 @@ def test_cli_send_email_stores_queues_and_refuses_bad_input(app_env, make_accoun
     shown = json.loads(ran.stdout)
     assert shown["task"] is None
     assert row_of(db_engine, uuid.UUID(shown["outbox_id"])).status == "queued"
+
+
+class DropAtData:
+    """A minimal SMTP server that takes any login, MAIL and RCPT, then closes the connection on
+    DATA, before the client sent a byte of the message."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.commands: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = self.listener.accept()
+                with connection, connection.makefile("rwb") as stream:
+                    self._session(stream)
+
+    def _session(self, stream) -> None:
+        stream.write(b"220 drop.test ESMTP\r\n")
+        stream.flush()
+        for line in stream:
+            verb = line.split(b" ", 1)[0].strip().upper().decode()
+            self.commands.append(verb)
+            if verb == "DATA":
+                return  # closes the connection
+            replies = {
+                "EHLO": b"250-drop.test\r\n250 AUTH PLAIN LOGIN\r\n",
+                "AUTH": b"235 2.7.0 ok\r\n",
+                "QUIT": b"221 bye\r\n",
+            }
+            stream.write(replies.get(verb, b"250 ok\r\n"))
+            stream.flush()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_connection_dropped_before_the_data_is_deferred_not_unknown(
+    defaults, make_account, db_engine
+):
+    server = DropAtData()
+    try:
+        alice = make_account(smtp_port=server.port, smtp_security="plain")
+        entry = store(defaults, alice, {"to": ["bob@example.org"], "body": "x"})
+        with pytest.raises(TransientError, match="closed the connection"):
+            attempt(defaults, alice, entry.outbox_id)
+    finally:
+        server.close()
+    assert server.commands[-3:] == ["MAIL", "RCPT", "DATA"]
+    row = row_of(db_engine, entry.outbox_id)
+    assert (row.status, row.attempts) == ("deferred", 1)

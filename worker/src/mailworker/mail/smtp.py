@@ -81,8 +81,9 @@ def send_message(
                 recipients=recipients,
                 final_reply_timeout=final_reply_timeout,
             )
-            # The server has the message: a failing QUIT must not turn this into a resend.
-            with contextlib.suppress(smtplib.SMTPException, OSError):
+            # The server has the message: nothing after this may turn it into a resend (a
+            # failing QUIT, a time limit): only errors raised before the final "." escape.
+            with contextlib.suppress(Exception):
                 smtp.quit()
         finally:
             smtp.close()

@@ -148,6 +148,11 @@ def _send_now(
     except MailworkerError as error:
         _set_status(settings, access, outbox_id, "failed", error=str(error))
         raise
+    except Exception as error:
+        # send_message lets nothing but its own errors out once the data went out, so this
+        # (a soft time limit, say) came before the final ".": nothing was delivered.
+        _set_status(settings, access, outbox_id, "deferred", error=type(error).__name__)
+        raise
     copied = _copy_to_sent(settings, access, content)
     with session_scope(settings) as session:
         row = _row(session, access, outbox_id)
