@@ -131,9 +131,13 @@ def store(
                 "sent again: check with the recipients, then submit under a new Message-ID"
             )
         queued = inserted is not None
-        if row.status == "failed":  # resubmitted unchanged: the user asks to try again
+        # Resubmitted unchanged after a failure: the user asks to try again. A pending row from
+        # before the outbox (no content) takes the message now, so the sweeper can send it.
+        if row.status == "failed" or (row.status in PENDING and row.content is None):
             row.status = "queued"
+            row.user_id = user_id
             row.content = content
+            row.content_hash = digest
             row.size = len(content)
             row.error = None
             row.queued_at = func.now()

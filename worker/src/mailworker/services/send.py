@@ -106,7 +106,7 @@ def _claim(settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, task
             raise PermanentError(f"{row.message_id} has unexpected send status {row.status!r}")
         if _window_ended(session, row, settings):
             fail_expired(row, settings)
-            error = row.error
+            gave_up = PermanentError(f"send of {row.message_id} failed: {row.error}")
         elif row.content is None:
             raise PermanentError(f"outbox entry {outbox_id} has no stored message to send")
         else:
@@ -116,7 +116,7 @@ def _claim(settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, task
             row.error = None
             row.next_attempt_at = None
             return Claim("send", {}, row.content)
-    raise PermanentError(f"send of {row.message_id} failed: {error}")
+    raise gave_up  # after the commit that recorded it
 
 
 def _window_ended(session: Any, row: SentMessage, settings: Settings) -> bool:
@@ -173,7 +173,7 @@ def _copy_to_sent(settings: Settings, access: AccountAccess, content: bytes) -> 
     try:
         with ImapSession(access.imap) as imap:
             imap.append(settings.sent_folder, content, flags=("\\Seen",))
-    except MailworkerError as error:
+    except Exception as error:  # a soft time limit too: the row must still say `sent`
         logger.warning("sent, but the copy to %r failed: %s", settings.sent_folder, error)
         return False
     return True
