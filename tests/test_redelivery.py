@@ -20,15 +20,16 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 from mailworker.db.models import FolderSyncState, MailAccount, Message, SentMessage, TaskAttempt
 from mailworker.mail.imap import ImapSession
+from mailworker.settings import load_settings
 from sqlalchemy import func, update
 from sqlalchemy import select as sql_select
 from sqlalchemy.orm import Session
 
+from tests.fixtures.outbox import submit
 from tests.fixtures.servers import free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
-SEND = "mailworker.tasks.send.send_email"
 SYNC = "mailworker.tasks.sync.sync_mailbox"
 # Redis redelivers after VISIBILITY_TIMEOUT; the limits must stay below it.
 FAST_REDELIVERY = {
@@ -199,7 +200,8 @@ def test_send_killed_inside_smtp_is_not_sent_twice(fleet, make_account, dovecot,
     client = fleet.client()
 
     message = {"to": [bob.address], "subject": "quarterly report", "body": "attached"}
-    result = client.send_task(SEND, args=[*alice.ids, message])
+    _, result = submit(load_settings(fleet.env), client, alice, message)
+    assert result is not None
     assert relay.in_data.wait(30), first.log[-2000:]
     first.kill_hard()  # the message is delivered; its 250 goes to a dead connection
     assert len(dovecot.mailbox(bob.address)) == 1

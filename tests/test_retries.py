@@ -11,6 +11,7 @@ from mailworker.mail.imap import ImapSession
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from tests.fixtures.outbox import submit
 from tests.fixtures.servers import celery_client, wait_until
 
 pytestmark = pytest.mark.slow
@@ -86,11 +87,13 @@ def test_imap_outage_is_retried_with_backoff_then_succeeds(fleet, make_account, 
     assert "retry 1 in 1 s (" in worker.log
 
 
-def test_smtp_4xx_is_retried_and_sent_once(client, make_account, smtp_server, db_engine):
+def test_smtp_4xx_is_retried_and_sent_once(
+    client, app_settings, make_account, smtp_server, db_engine
+):
     alice = make_account()
     message = {"to": ["someone@example.org"], "body": "hello", "message_id": f"<{uuid.uuid4()}@t>"}
     with smtp_server.failing(count=2, reply="451 4.3.0 Try again later"):
-        result = client.send_task(SEND, args=[*alice.ids, message])
+        _, result = submit(app_settings, client, alice, message)
         value = result.get(timeout=60)
     assert value["status"] == "sent"
     assert len(smtp_server.delivered(message["message_id"])) == 1
@@ -100,11 +103,13 @@ def test_smtp_4xx_is_retried_and_sent_once(client, make_account, smtp_server, db
     assert (row.status, row.attempts) == ("sent", 3)
 
 
-def test_smtp_5xx_fails_at_once_and_may_be_sent_again(client, make_account, smtp_server, db_engine):
+def test_smtp_5xx_fails_at_once_and_may_be_sent_again(
+    client, app_settings, make_account, smtp_server, db_engine
+):
     alice = make_account()
     message = {"to": ["someone@example.org"], "body": "hello", "message_id": f"<{uuid.uuid4()}@t>"}
     with smtp_server.failing(count=1, reply="554 5.7.1 Message rejected"):
-        result = client.send_task(SEND, args=[*alice.ids, message])
+        _, result = submit(app_settings, client, alice, message)
         error = result.get(timeout=30, propagate=False)
     assert type(error).__name__ == "PermanentError"
     assert "554 5.7.1 Message rejected" in str(error)
@@ -112,8 +117,10 @@ def test_smtp_5xx_fails_at_once_and_may_be_sent_again(client, make_account, smtp
     assert sent_row(db_engine, alice.account_id, message["message_id"]).status == "failed"
     assert smtp_server.delivered(message["message_id"]) == []
 
-    # The server never took it, so a new task with the same Message-ID sends it.
-    assert client.send_task(SEND, args=[*alice.ids, message]).get(timeout=30)["status"] == "sent"
+    # The server never took it, so submitting the same message again sends it.
+    entry, again = submit(app_settings, client, alice, message)
+    assert entry.queued
+    assert again.get(timeout=30)["status"] == "sent"
     assert len(smtp_server.delivered(message["message_id"])) == 1
 
 
@@ -137,10 +144,13 @@ def test_interrupted_send_found_in_sent_is_recorded_not_resent(
     copy.set_content("already sent")
     with ImapSession(dovecot.endpoint(alice.address)) as imap:
         imap.append("Sent", copy.as_bytes())
+    outbox_id = uuid.uuid4()
     with Session(db_engine) as session, session.begin():
         session.add(
             SentMessage(
+                id=outbox_id,
                 tenant_id=alice.tenant_id,
+                user_id=alice.user_id,
                 account_id=alice.account_id,
                 message_id=message_id,
                 status="sending",
@@ -150,8 +160,7 @@ def test_interrupted_send_found_in_sent_is_recorded_not_resent(
                 copied_to_sent=False,
             )
         )
-    spec = {"to": ["x@example.org"], "body": "already sent", "message_id": message_id}
-    value = client.send_task(SEND, args=[*alice.ids, spec]).get(timeout=30)
+    value = client.send_task(SEND, args=[*alice.ids, str(outbox_id)]).get(timeout=30)
     assert (value["status"], value["recovered"]) == ("sent", True)
     assert smtp_server.delivered(message_id) == []
     assert sent_row(db_engine, alice.account_id, message_id).status == "sent"

@@ -5,14 +5,15 @@ import subprocess
 
 import pytest
 from mailworker.db.models import Message
+from mailworker.settings import load_settings
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from tests.fixtures.outbox import submit
 from tests.fixtures.servers import PG_BIN
 
 pytestmark = pytest.mark.slow
 
-SEND = "mailworker.tasks.send.send_email"
 SYNC = "mailworker.tasks.sync.sync_mailbox"
 CLASSIFY = "mailworker.tasks.spam.classify_spam"
 DELETE = "mailworker.tasks.delete.delete_messages"
@@ -47,7 +48,9 @@ def test_passwords_stay_out_of_logs_results_and_rows(
     client = fleet.client()
 
     message = {"to": [bob.address], "subject": "hello", "body": "a message with no secret"}
-    assert client.send_task(SEND, args=[*alice.ids, message]).get(timeout=30)["status"] == "sent"
+    _, sent = submit(load_settings(fleet.env), client, alice, message)
+    assert sent is not None
+    assert sent.get(timeout=30)["status"] == "sent"
     assert client.send_task(SYNC, args=bob.ids).get(timeout=30)["stored"] == 1
     with Session(fleet.db_engine) as session:
         query = select(Message.id).where(Message.account_id == bob.account_id)

@@ -11,6 +11,7 @@ from mailworker.db.models import FolderSyncState, Message, SentMessage
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from tests.fixtures.outbox import submit
 from tests.fixtures.servers import celery_client
 
 pytestmark = pytest.mark.slow
@@ -64,12 +65,12 @@ def messages(db_engine, account_id: str, **where: Any) -> list[Message]:
         return list(session.scalars(query.order_by(Message.uid)))
 
 
-def test_send_arrives_sync_classify_delete(client, make_account, mail, db_engine):
+def test_send_arrives_sync_classify_delete(client, app_settings, make_account, mail, db_engine):
     alice = make_account()
     bob = make_account()
 
-    ham_id = send_and_check_delivery(client, alice, bob, mail)
-    spam_id = send(client, alice, {**SPAM, "to": [bob.address]})
+    ham_id = send_and_check_delivery(client, app_settings, alice, bob, mail)
+    spam_id = send(client, app_settings, alice, {**SPAM, "to": [bob.address]})
 
     # arrives over IMAP, synced into PostgreSQL; a re-run stores no duplicates
     assert run_ok(client, SYNC, *bob.ids)["stored"] == 2
@@ -101,9 +102,14 @@ def test_send_arrives_sync_classify_delete(client, make_account, mail, db_engine
     (ham_row,) = messages(db_engine, bob.account_id, uid=ham_row.uid)
     assert (ham_row.state, ham_row.moved_to) == ("trashed", "Trash")
 
-    # sending the same message id again does not send twice
-    value = run_ok(client, SEND, *alice.ids, {**HAM, "to": [bob.address], "message_id": ham_id})
-    assert value["duplicate"] is True
+    # submitting the same message again does not queue it twice; running its task again
+    # returns the stored outcome without SMTP
+    entry, result = submit(
+        app_settings, client, alice, {**HAM, "to": [bob.address], "message_id": ham_id}
+    )
+    assert (entry.status, entry.queued, result) == ("sent", False, None)
+    value = run_ok(client, SEND, *alice.ids, str(entry.outbox_id))
+    assert (value["status"], value["duplicate"]) == ("sent", True)
     assert len(mail.smtp.delivered(ham_id)) == 1
     with Session(db_engine) as session:
         count = session.scalar(
@@ -112,19 +118,26 @@ def test_send_arrives_sync_classify_delete(client, make_account, mail, db_engine
     assert count == 1
 
 
-def send(client, sender, message: dict) -> str:
-    return run_ok(client, SEND, *sender.ids, message)["message_id"]
+def send(client, settings, sender, message: dict) -> str:
+    _, result = submit(settings, client, sender, message)
+    value = result.get(timeout=30, propagate=False)
+    assert result.successful(), f"send failed: {value!r}"
+    return value["message_id"]
 
 
-def send_and_check_delivery(client, sender, recipient, mail) -> str:
+def send_and_check_delivery(client, settings, sender, recipient, mail) -> str:
     """Send the ham over SMTP and check what the server, the ledger and Sent saw."""
-    result, value = run(client, SEND, *sender.ids, {**HAM, "to": [recipient.address]})
+    entry, result = submit(settings, client, sender, {**HAM, "to": [recipient.address]})
+    assert entry.published
+    value = result.get(timeout=30, propagate=False)
     assert result.successful(), value
-    assert (value["status"], value["accepted"]) == ("sent", [recipient.address])
+    assert (value["status"], value["accepted"], value["refused"]) == ("sent", 1, 0)
     assert value["copied_to_sent"] is True
     message_id = value["message_id"]
-    # No message_id given: derived from the task id, so redeliveries share it.
-    assert message_id == f"<{result.id}@{sender.address.rpartition('@')[2]}>"
+    # No message_id given: one is made at submit, in the sender's domain, and stored.
+    assert message_id == entry.message_id
+    assert message_id.endswith(f"@{sender.address.rpartition('@')[2]}>")
+    assert value["outbox_id"] == str(entry.outbox_id)
     assert len(mail.smtp.delivered(message_id)) == 1
     assert [m.message_id for m in mail.dovecot.mailbox(sender.address, "Sent")] == [message_id]
     return message_id

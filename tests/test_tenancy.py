@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 from mailworker.db.models import FolderSyncState, Message, TaskAttempt, Tenant
+from mailworker.errors import TenantMismatch
+from mailworker.services import outbox
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -100,7 +102,7 @@ def test_foreign_account_is_rejected_for_every_task(
     message = rejections.check(SYNC, foreign)
     assert f"account {victim.account_id} does not belong to user {intruder.user_id}" in message
     rejections.check(DELETE, [*foreign, [str(uuid.uuid4())]])
-    rejections.check(SEND, [*foreign, {"to": ["x@example.org"], "body": "x"}])
+    rejections.check(SEND, [*foreign, str(uuid.uuid4())])
     # The victim's ids under the intruder's tenant, and the intruder's user with the victim's.
     rejections.check(SYNC, [intruder.tenant_id, victim.user_id, victim.account_id])
     rejections.check(SYNC, [victim.tenant_id, intruder.user_id, victim.account_id])
@@ -113,6 +115,17 @@ def test_foreign_account_is_rejected_for_every_task(
     assert untouched(db_engine, victim) == before
     assert len(dovecot.mailbox(victim.address)) == 2
     assert dovecot.mailbox(victim.address, "Trash") == []
+
+
+def test_another_accounts_outbox_entry_is_rejected(rejections, app_settings, victim, intruder):
+    victim_ids = (uuid.UUID(i) for i in victim.ids)
+    draft = outbox.store(app_settings, *victim_ids, {"to": ["x@example.org"], "body": "x"})
+    message = rejections.check(SEND, [*intruder.ids, str(draft.outbox_id)])
+    assert f"outbox entry {draft.outbox_id} is not a message of this account" in message
+    # Nor can the intruder store a message under the victim's account.
+    foreign = (uuid.UUID(i) for i in (intruder.tenant_id, intruder.user_id, victim.account_id))
+    with pytest.raises(TenantMismatch):
+        outbox.store(app_settings, *foreign, {"to": ["x@example.org"], "body": "x"})
 
 
 def test_inactive_tenant_is_rejected(rejections, db_engine, make_account):
@@ -144,10 +157,9 @@ VALID_MESSAGE = {"to": ["bob@example.org"], "subject": "s", "body": "b"}
         (DELETE, [NIL, NIL, NIL, [NIL]], {"folder": "a\r\nb"}, "control characters"),
         (CLASSIFY, [NIL, NIL, "x"], {}, "message_ids must be a non-empty list"),
         (CLASSIFY, [NIL, NIL, ["nope"]], {}, "message_ids[] is not a UUID"),
-        (SEND, [NIL, NIL, NIL, "hello"], {}, "message must be an object"),
-        (SEND, [NIL, NIL, NIL, {**VALID_MESSAGE, "x": 1}], {}, "unknown field(s): x"),
-        (SEND, [NIL, NIL, NIL, {"subject": "s", "body": "b"}], {}, "at least one recipient"),
-        (SEND, [NIL, NIL, NIL, VALID_MESSAGE], {}, f"tenant {NIL} does not exist"),
+        (SEND, [NIL, NIL, NIL, "hello"], {}, "outbox_id is not a UUID"),
+        (SEND, [NIL, NIL, NIL, VALID_MESSAGE], {}, "outbox_id must be a UUID string, got dict"),
+        (SEND, [NIL, NIL, NIL, NIL], {}, f"tenant {NIL} does not exist"),
     ],
 )
 def test_malformed_arguments_are_rejected_without_retry(

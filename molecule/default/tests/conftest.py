@@ -108,6 +108,16 @@ def send_task(host: Any, name: str, args: list[Any], wait: float = 0) -> dict[st
     return mailworker_json(host, "task", "send", name, "--args", json.dumps(args), *options)
 
 
+def send_email(
+    host: Any, account: Account, message: dict[str, Any], *options: str
+) -> dict[str, Any]:
+    """`mailworker task send-email` with the message on stdin (stored in the outbox, then sent)."""
+    args = ("task", "send-email", *account.args(), *options, "--json")
+    result = mailworker(host, *args, stdin=json.dumps(message))
+    assert result.stdout.strip(), f"mailworker {' '.join(args)}: no output\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
 def controller_env() -> dict[str, str]:
     """The environment of the checks' ansible-playbook runs: the project's roles, and no colours
     (Molecule forces them on, and ANSIBLE_FORCE_COLOR wins over ANSIBLE_NOCOLOR)."""

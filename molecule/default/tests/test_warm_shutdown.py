@@ -13,7 +13,7 @@ import time
 import uuid
 
 import pytest
-from conftest import mailworker_json
+from conftest import mailworker_json, send_email
 
 SLOW_SECONDS = 20
 STARTED_WITHIN = 60
@@ -48,11 +48,7 @@ def test_stopping_the_worker_lets_the_running_task_finish(host, account):
     queue = main_worker_only_queue(host)
     subject = f"warm {uuid.uuid4().hex}"
     message = {"to": ["slow@example.test"], "subject": subject, "body": "held by the sink"}
-    sent = mailworker_json(
-        host,
-        *("task", "send", "mailworker.tasks.send.send_email", "--queue", queue),
-        *("--args", json.dumps([*account.args(), message])),
-    )
+    sent = send_email(host, account, message, "--queue", queue)
     try:
         wait_for_smtp_session(host)
 

@@ -26,6 +26,7 @@ TASK_QUEUES: dict[str, str] = {
 TASK_MODULES: tuple[str, ...] = tuple(pattern.removesuffix(".*") for pattern in TASK_QUEUES)
 SYNC_ALL_ACCOUNTS = "mailworker.tasks.periodic.sync_all_accounts"
 CLEANUP_STALE_TASKS = "mailworker.tasks.periodic.cleanup_stale_tasks"
+RESUBMIT_DUE_SENDS = "mailworker.tasks.periodic.resubmit_due_sends"
 
 
 class Entry(NamedTuple):
@@ -204,6 +205,12 @@ def beat_schedule(s: Settings) -> dict[str, dict[str, Any]]:
             "task": CLEANUP_STALE_TASKS,
             "schedule": schedule(timedelta(seconds=s.cleanup_interval)),
             "options": {"queue": "periodic", "expires": s.cleanup_interval},
+        },
+        # Its own entry, not part of cleanup: a send whose publish was lost waits one interval.
+        "resubmit-due-sends": {
+            "task": RESUBMIT_DUE_SENDS,
+            "schedule": schedule(timedelta(seconds=s.send_sweep_interval)),
+            "options": {"queue": "periodic", "expires": s.send_sweep_interval},
         },
     }
 

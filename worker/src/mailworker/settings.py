@@ -384,9 +384,29 @@ class Settings:
     )
     # Mail
     sync_batch_size: int = _setting(Integer(minimum=1), "Messages fetched per IMAP batch.", "100")
+    max_message_size: int = _setting(
+        Integer(minimum=1024),
+        "Largest message synced or sent (bytes); larger ones are skipped by sync, refused by send.",
+        "26214400",
+    )
     sync_folders: tuple[str, ...] = _setting(TextList(), "Folders `sync_mailbox` reads.", "INBOX")
     imap_timeout: float = _setting(Number(minimum=1), "IMAP socket timeout (s).", "30")
     smtp_timeout: float = _setting(Number(minimum=1), "SMTP socket timeout (s).", "30")
+    smtp_final_reply_timeout: float = _setting(
+        Number(minimum=1),
+        "Wait for the reply to a message's final '.' (s); RFC 5321 4.5.3.2.6 gives it 10 min.",
+        "600",
+    )
+    send_retry_window: int = _setting(
+        Integer(minimum=60),
+        "Seconds a send keeps being retried before it fails; a day outlasts an overnight outage.",
+        "86400",
+    )
+    send_sweep_interval: int = _setting(
+        Integer(minimum=1),
+        "Seconds between sweeps that resubmit due sends; a minute, so a lost publish waits little.",
+        "60",
+    )
     imap_tls_verify: bool = _setting(Boolean(), "Verify IMAP server certificates.", "true")
     smtp_tls_verify: bool = _setting(Boolean(), "Verify SMTP server certificates.", "true")
     mail_ca_file: str = _setting(

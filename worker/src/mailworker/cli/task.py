@@ -1,4 +1,5 @@
-"""`mailworker task status|revoke|send`: one task by id, or a new one by name."""
+"""`mailworker task status|revoke|send|send-email`: one task by id, a new one by name, or a
+message stored in the outbox and sent."""
 
 import importlib
 import json
@@ -11,12 +12,16 @@ from celery.exceptions import TimeoutError as ResultTimeout
 from mailworker.celery_config import TASK_MODULES
 from mailworker.cli.ops_context import Ops, ops_command
 from mailworker.cli.output import render_table, to_json
+from mailworker.errors import InvalidTaskArguments, MailworkerError, TenantMismatch
 from mailworker.ops import workers
 from mailworker.ops.errors import BadInput, NotFound, Refused, Unhealthy
 from mailworker.ops.queues import all_queues, configured_queues, find_queued, find_unacked
 from mailworker.ops.results import require_task_id, stored_result
 from mailworker.ops.workers import Target
+from mailworker.services import outbox
+from mailworker.tenancy import parse_uuid
 
+SEND_EMAIL = "mailworker.tasks.send.send_email"
 # How many messages per queue `task status` reads looking for a queued task (bounded work).
 QUEUE_SCAN_LIMIT = 20_000
 
@@ -200,6 +205,10 @@ def send(
     if not wait:
         ops.emit(sent, f"sent {name} as {result.id} to queue {target_queue}")
         return
+    _wait_and_emit(ops, result, sent, wait)
+
+
+def _wait_and_emit(ops: Ops, result: Any, sent: dict[str, Any], wait: float) -> None:
     try:
         value = result.get(timeout=wait, propagate=False)
     except ResultTimeout:
@@ -210,3 +219,83 @@ def send(
         ops.emit({**outcome, "result": str(error)}, f"task {result.id} {result.state}: {error}")
         raise Unhealthy(f"task {result.id} ended in {result.state}")
     ops.emit(outcome, f"task {result.id} SUCCESS: {to_json(value)}")
+
+
+@task.command("send-email")
+@click.argument("tenant_id")
+@click.argument("user_id")
+@click.argument("account_id")
+@click.option(
+    "--message",
+    "message_file",
+    type=click.File("r"),
+    default="-",
+    show_default=True,
+    help='File with the message as JSON ({"to", "subject", "body", ...}); - reads stdin, '
+    "so no address or text shows in the process list.",
+)
+@click.option("--queue", help="Queue to send to. Default: the task's route (send).")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=0,
+    help="Seconds to wait for the result; exit 1 if it fails or does not finish in time.",
+)
+@ops_command
+def send_email(
+    ops: Ops,
+    *,
+    tenant_id: str,
+    user_id: str,
+    account_id: str,
+    message_file: Any,
+    queue: str | None,
+    wait: float,
+) -> None:
+    """Store a message in the outbox and queue send_email for it (ids only in the task)."""
+    spec = _json_option(message_file.read(), "--message", dict)
+    if queue is not None and queue not in configured_queues(ops.app):
+        raise BadInput(f"unknown queue {queue!r} (known: {', '.join(configured_queues(ops.app))})")
+    published: list[Any] = []
+
+    def publish(args: list[str]) -> None:
+        with ops.broker():  # one bounded PING first: publishing would otherwise retry
+            pass
+        options = {"queue": queue} if queue else {}
+        published.append(ops.app.send_task(SEND_EMAIL, args=args, retry=False, **options))
+
+    try:
+        submission = outbox.submit_send(
+            ops.settings(),
+            parse_uuid("tenant_id", tenant_id),
+            parse_uuid("user_id", user_id),
+            parse_uuid("account_id", account_id),
+            spec,
+            publish=publish,
+        )
+    except (InvalidTaskArguments, TenantMismatch) as exc:
+        raise BadInput(str(exc)) from None
+    except MailworkerError as exc:
+        raise Refused(str(exc)) from None
+    stored = {
+        "outbox_id": str(submission.outbox_id),
+        "message_id": submission.message_id,
+        "status": submission.status,
+    }
+    if not published:
+        why = (
+            "publishing failed; the send sweeper queues it within "
+            f"{ops.settings().send_sweep_interval} s"
+            if submission.queued
+            else "already in the outbox; not queued again"
+        )
+        ops.emit(
+            {**stored, "task": None}, f"outbox {submission.outbox_id} ({submission.status}): {why}"
+        )
+        return
+    result = published[0]
+    sent = {**stored, "id": result.id, "task": SEND_EMAIL}
+    if not wait:
+        ops.emit(sent, f"stored outbox {submission.outbox_id}; queued {SEND_EMAIL} as {result.id}")
+        return
+    _wait_and_emit(ops, result, sent, wait)

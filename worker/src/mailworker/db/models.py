@@ -15,6 +15,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -153,20 +155,42 @@ class Message(Base):
 
 
 class SentMessage(Base):
-    """The send ledger: one row per (account, Message-ID), written before SMTP is touched.
+    """The outbox and send ledger: one row per (account, Message-ID), stored before any task.
 
-    status: sending (intent recorded, SMTP may be in progress) | sent | failed |
-    unknown (a worker died inside the SMTP exchange; not resent, see send.py).
+    status: queued (stored, waiting for a worker) | sending (an attempt is in the SMTP
+    exchange) | deferred (the server did not take it yet; retried until the retry window ends)
+    | sent | failed | unknown (the exchange broke after the data went out; not resent, see
+    services/send.py).
     """
 
     __tablename__ = "sent_messages"
-    __table_args__ = (UniqueConstraint("account_id", "message_id", name="uq_sent_messages_msgid"),)
+    __table_args__ = (
+        UniqueConstraint("account_id", "message_id", name="uq_sent_messages_msgid"),
+        # The sweeper's query: queued or deferred rows that are due.
+        Index(
+            "ix_sent_messages_due",
+            "next_attempt_at",
+            postgresql_where=text("status IN ('queued', 'deferred')"),
+        ),
+    )
 
     id: Mapped[uuid.UUID] = _id()
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), index=True)
+    # Rows from before the outbox (migration 0002) have no user and no content.
+    user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
     account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("mail_accounts.id"), index=True)
     message_id: Mapped[str] = mapped_column(String(998))
     status: Mapped[str] = mapped_column(String(16))
+    # The message as it will be sent (Bcc included; stripped on the wire); dropped once sent.
+    content: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # sha256 of the message's fields (mail/compose.py content_hash): same Message-ID, other
+    # content is refused.
+    content_hash: Mapped[str | None] = mapped_column(String(64))
+    size: Mapped[int | None] = mapped_column(Integer)
+    # The retry window runs from here; a failed send resubmitted unchanged starts a new one.
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the sweeper may publish this queued or deferred row again.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     recipients: Mapped[list[str]] = mapped_column(ARRAY(Text), default=list)
     subject: Mapped[str] = mapped_column(Text, default="")
     task_id: Mapped[str | None] = mapped_column(String(64))

@@ -1,15 +1,16 @@
 """Turning a send_email task's message spec into a checked EmailMessage.
 
-The spec is what a client puts in the task (JSON-able):
+The spec is what a client submits to the outbox (services/outbox.py; JSON-able):
 
     {"to": ["bob@example.org"], "cc": [], "bcc": [], "subject": "Hi", "body": "text",
      "html": "<p>optional</p>", "message_id": "<optional@id>", "reply_to": "optional"}
 
-Every problem raises InvalidTaskArguments naming the field, so the task fails at once.
+Every problem raises InvalidTaskArguments naming the field, so nothing is stored or sent.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from email.errors import HeaderParseError
@@ -26,7 +27,14 @@ KNOWN_FIELDS = frozenset(ADDRESS_FIELDS + TEXT_FIELDS)
 # RFC 5321 4.5.3.1.8: servers must accept 100 recipients per message, not necessarily more.
 MAX_RECIPIENTS = 100
 MAX_SUBJECT_LENGTH = 900
-_MESSAGE_ID = re.compile(r"<([^<>@\s\"]+@[^<>@\s\"]+)>|([^<>@\s\"]+@[^<>@\s\"]+)")
+# RFC 5322 3.6.4 msg-id, ASCII only: dot-atom-text "@" (dot-atom-text / no-fold-literal).
+_ATOM = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
+_DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
+_ID = rf"{_DOT_ATOM}@(?:{_DOT_ATOM}|\[[\x21-\x5a\x5e-\x7e]*\])"
+_MESSAGE_ID = re.compile(rf"<({_ID})>|({_ID})")
+MAX_MESSAGE_ID_LENGTH = 250
+# What content_hash() covers: who it is from and to, the subject and every part's content.
+HASHED_HEADERS = ("From", "To", "Cc", "Bcc", "Reply-To", "Subject")
 _DOMAIN = re.compile(r"[^@\s]+\.[^@\s.]+|localhost")
 
 
@@ -109,9 +117,31 @@ def _text(field: str, value: object, *, required: bool) -> str:
     return value
 
 
+def content_hash(message: EmailMessage) -> str:
+    """sha256 of what makes two messages the same message: HASHED_HEADERS and each part's type
+    and decoded content. Not Date, Message-ID or MIME boundaries, which differ between two
+    builds of one spec."""
+    digest = hashlib.sha256()
+    for name in HASHED_HEADERS:
+        for value in message.get_all(name, []):
+            digest.update(f"{name}: {value}\n".encode())
+    for part in message.walk():
+        if not part.is_multipart():
+            digest.update(f"\0{part.get_content_type()}\0".encode())
+            digest.update(part.get_payload(decode=True) or b"")
+    return digest.hexdigest()
+
+
 def _message_id(value: object, domain: str) -> str:
     if value is None:
         return make_msgid(domain=domain)
-    if not isinstance(value, str) or not (match := _MESSAGE_ID.fullmatch(value.strip())):
-        raise InvalidTaskArguments(f"message_id: {value!r} is not like <unique@domain>")
+    if not isinstance(value, str) or len(value) > MAX_MESSAGE_ID_LENGTH:
+        raise InvalidTaskArguments(
+            f"message_id: must be a string of at most {MAX_MESSAGE_ID_LENGTH} characters"
+        )
+    if not (match := _MESSAGE_ID.fullmatch(value.strip())):
+        # ascii() so a control character or non-ASCII letter is visible in the message.
+        raise InvalidTaskArguments(
+            f"message_id: {value!a} is not like <unique@domain> in ASCII (RFC 5322 3.6.4)"
+        )
     return f"<{match.group(1) or match.group(2)}>"

@@ -3,27 +3,47 @@
 Reply codes decide the error: 4xx and dropped connections are TransientError, 5xx and missing
 extensions are PermanentError, a rejected login is AuthenticationFailed (454 stays transient).
 
-One case no client can settle: the connection dies after the message data went out but before
-the server's final reply. The message may or may not have been accepted; the error is transient,
-so idempotency by Message-ID belongs to the caller (the send task records what it sent).
+The phases are driven one by one (MAIL, RCPT, DATA, the data, the final ".") so that a failure
+is known to be before or after the message data went out. Before: the server cannot have taken
+the message, so the errors above apply. After the final "." was written, a timeout, a dropped
+connection or anything else but a reply is DeliveryUnknown (RFC 5321 4.1.1.4: the server may
+have accepted it): the caller must not resend blindly. The reply to the final "." gets its own
+timeout (RFC 5321 4.5.3.2.6: 10 minutes), the other phases the endpoint's.
+
+Error texts name no address (servers echo them in replies): they end up in task results.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import re
 import smtplib
 from dataclasses import dataclass
+from email.generator import BytesGenerator
 from email.message import EmailMessage
 from email.utils import getaddresses
+from io import BytesIO
 
 from mailworker.errors import AuthenticationFailed, PermanentError, TransientError
 from mailworker.mail.compose import build_message
 from mailworker.mail.endpoints import MailEndpoint
 from mailworker.mail.failures import network_error
 
-__all__ = ["SendResult", "build_message", "send_message"]
+__all__ = ["DeliveryUnknown", "SendResult", "build_message", "send_message"]
 
 _TEMPORARY = range(400, 500)
+OK = 250
+WILL_FORWARD = 251
+START_DATA = 354
+CLOSING = 421
+_ADDRESS = re.compile(r"[^\s<>\"'(),;:]+@[^\s<>\"'(),;:]+")
+# RFC 5321 4.5.3.2.6: "DATA Termination: 10 minutes."
+RFC_FINAL_REPLY_TIMEOUT = 600.0
+
+
+class DeliveryUnknown(PermanentError):
+    """The exchange broke after the message data went out: the server may have taken it."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +55,12 @@ class SendResult:
     refused: dict[str, str]
 
 
-def send_message(endpoint: MailEndpoint, message: EmailMessage) -> SendResult:
+def send_message(
+    endpoint: MailEndpoint,
+    message: EmailMessage,
+    *,
+    final_reply_timeout: float = RFC_FINAL_REPLY_TIMEOUT,
+) -> SendResult:
     """Submit `message` to the envelope recipients from its To, Cc and Bcc (Bcc is not sent)."""
     message_id = str(message.get("Message-ID", "")).strip()
     sender = _single_address(message, "From")
@@ -48,9 +73,17 @@ def send_message(endpoint: MailEndpoint, message: EmailMessage) -> SendResult:
         try:
             if endpoint.username:
                 smtp.login(endpoint.username, endpoint.password)
-            refused = smtp.send_message(message, from_addr=sender, to_addrs=recipients)
-            # The server has the message: a failing QUIT must not turn this into a resend.
-            with contextlib.suppress(smtplib.SMTPException, OSError):
+            refused = _transfer(
+                smtp,
+                endpoint,
+                message,
+                sender=sender,
+                recipients=recipients,
+                final_reply_timeout=final_reply_timeout,
+            )
+            # The server has the message: nothing after this may turn it into a resend (a
+            # failing QUIT, a time limit): only errors raised before the final "." escape.
+            with contextlib.suppress(Exception):
                 smtp.quit()
         finally:
             smtp.close()
@@ -63,10 +96,10 @@ def send_message(endpoint: MailEndpoint, message: EmailMessage) -> SendResult:
         ) from None
     except smtplib.SMTPRecipientsRefused as exc:
         replies = _replies(endpoint, exc.recipients)
-        listed = "; ".join(f"{rcpt}: {reply}" for rcpt, reply in replies.items())
+        codes = ", ".join(sorted({reply.partition(" ")[0] for reply in replies.values()}))
         temporary = all(code in _TEMPORARY for code, _ in exc.recipients.values())
         error = TransientError if temporary else PermanentError
-        raise error(f"{where} refused every recipient: {listed}") from None
+        raise error(f"{where} refused all {len(replies)} recipient(s) (replies {codes})") from None
     except smtplib.SMTPResponseException as exc:
         text = _reply_text(endpoint, exc.smtp_code, exc.smtp_error)
         error = TransientError if exc.smtp_code in _TEMPORARY else PermanentError
@@ -81,6 +114,95 @@ def send_message(endpoint: MailEndpoint, message: EmailMessage) -> SendResult:
         raise network_error(exc, endpoint, "SMTP") from exc
     accepted = tuple(rcpt for rcpt in recipients if rcpt not in refused)
     return SendResult(message_id, accepted, _replies(endpoint, refused))
+
+
+def _transfer(
+    smtp: smtplib.SMTP,
+    endpoint: MailEndpoint,
+    message: EmailMessage,
+    *,
+    sender: str,
+    recipients: list[str],
+    final_reply_timeout: float,
+) -> dict[str, tuple[int, bytes]]:
+    """MAIL, RCPT, DATA and the data; the refused recipients. What smtplib's sendmail does,
+    phase by phase, so that only a failure after the final "." is DeliveryUnknown."""
+    smtp.ehlo_or_helo_if_needed()
+    international = not all(address.isascii() for address in (sender, *recipients))
+    options: list[str] = []
+    if international:
+        if not smtp.has_extn("smtputf8"):
+            raise smtplib.SMTPNotSupportedError(
+                "an address is not ASCII and the server does not support SMTPUTF8"
+            )
+        options = ["SMTPUTF8", "BODY=8BITMIME"]
+    code, reply = smtp.mail(sender, options)
+    if code != OK:
+        _reset(smtp, code)
+        raise smtplib.SMTPSenderRefused(code, reply, sender)
+    refused: dict[str, tuple[int, bytes]] = {}
+    for rcpt in recipients:
+        code, reply = smtp.rcpt(rcpt)
+        if code not in (OK, WILL_FORWARD):
+            refused[rcpt] = (code, reply)
+            if code == CLOSING:
+                smtp.close()
+                raise smtplib.SMTPRecipientsRefused(refused)
+    if len(refused) == len(recipients):
+        _reset(smtp, 0)
+        raise smtplib.SMTPRecipientsRefused(refused)
+    code, reply = smtp.docmd("DATA")
+    if code != START_DATA:
+        raise smtplib.SMTPDataError(code, reply)
+    smtp.send(_wire_data(message, utf8=international))
+    # The final "." is out: from here on the server may have the message.
+    code, reply = _final_reply(smtp, endpoint, final_reply_timeout)
+    if code != OK:
+        raise smtplib.SMTPDataError(code, reply)
+    return refused
+
+
+def _final_reply(smtp: smtplib.SMTP, endpoint: MailEndpoint, timeout: float) -> tuple[int, bytes]:
+    try:
+        if smtp.sock is not None:
+            smtp.sock.settimeout(timeout)
+        code, reply = smtp.getreply()
+    except Exception as exc:  # a timeout, a reset, a time limit: anything but a reply
+        # smtplib turns a socket timeout into SMTPServerDisconnected("... timed out").
+        if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
+            what = f"no reply within {timeout:g} s"
+        else:
+            what = f"no reply ({type(exc).__name__}: {endpoint.redact(str(exc))})"
+        raise DeliveryUnknown(
+            f"SMTP server {endpoint.address}: {what} to the end of the message data; "
+            "the server may have accepted it"
+        ) from exc
+    with contextlib.suppress(OSError):
+        if smtp.sock is not None:
+            smtp.sock.settimeout(endpoint.timeout)
+    return code, reply
+
+
+def _wire_data(message: EmailMessage, *, utf8: bool) -> bytes:
+    """The message as DATA carries it: without Bcc, CRLF lines, dots stuffed, "." at the end."""
+    outgoing = copy.copy(message)  # as smtplib does: `del` rebinds the copy's header list
+    del outgoing["Bcc"]
+    del outgoing["Resent-Bcc"]
+    buffer = BytesIO()
+    policy = message.policy.clone(linesep="\r\n", utf8=utf8)
+    BytesGenerator(buffer, policy=policy).flatten(outgoing)
+    data = re.sub(rb"(?m)^\.", b"..", buffer.getvalue())
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data + b".\r\n"
+
+
+def _reset(smtp: smtplib.SMTP, code: int) -> None:
+    if code == CLOSING:
+        smtp.close()
+    else:
+        with contextlib.suppress(smtplib.SMTPServerDisconnected):
+            smtp.rset()
 
 
 def _open(endpoint: MailEndpoint) -> smtplib.SMTP:
@@ -127,4 +249,4 @@ def _replies(endpoint: MailEndpoint, replies: dict[str, tuple[int, bytes]]) -> d
 
 def _reply_text(endpoint: MailEndpoint, code: int, reply: bytes | str) -> str:
     text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
-    return endpoint.redact(f"{code} {' '.join(text.split())}")
+    return endpoint.redact(f"{code} {_ADDRESS.sub('<address>', ' '.join(text.split()))}")

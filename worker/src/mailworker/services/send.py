@@ -1,54 +1,56 @@
-"""Sending one message at most once per (account, Message-ID).
+"""Sending one stored message (services/outbox.py) at most once per (account, Message-ID).
 
 The guarantee, and why it is not "exactly once":
-SMTP has no way to ask a server "did you take this message?", so a worker that dies after the
-message data went out but before it recorded the server's reply cannot know whether the message
-was delivered. Resending risks a duplicate; not resending risks a loss. We never resend blindly:
+SMTP has no way to ask a server "did you take this message?", so an attempt that loses the
+connection after the message data went out, or a worker that dies before it recorded the
+server's reply, cannot know whether the message was delivered. Resending risks a duplicate; not
+resending risks a loss. We never resend blindly:
 
 1. While an attempt runs it holds a PostgreSQL advisory lock for the Message-ID (released by the
    server the moment a killed worker's connection drops). A second attempt that cannot take the
    lock knows the first is alive and retries later (TransientError).
 2. Before touching SMTP the attempt commits status `sending` (the intent).
-3. After the server accepted the message, it appends a copy to the Sent folder over IMAP, then
-   commits status `sent`.
-4. An attempt that finds `sent` returns the stored outcome (no SMTP). One that finds `sending`
-   and gets the lock knows the previous attempt died between 2 and 3's commit: it looks for the
-   Message-ID in the Sent folder. Found: the send had completed, the row becomes `sent`. Not found:
-   the row becomes `unknown` and the task fails with a message saying it was *not* resent;
-   an operator checks the recipient side and, if needed, sends again under a new Message-ID.
+3. A failure before the final "." of the data (connection refused, 4xx, a drop during MAIL,
+   RCPT, DATA or while the data is written) cannot have delivered anything: status `deferred`,
+   retried (by the task, then by the outbox sweeper) until MAILWORKER_SEND_RETRY_WINDOW ends.
+   A 5xx is `failed`.
+4. A failure after the final "." (no reply within MAILWORKER_SMTP_FINAL_REPLY_TIMEOUT, the
+   connection dropped, a time limit) is `unknown` at once: not resent, the task fails saying so.
+5. After the server accepted the message, the attempt appends a copy to the Sent folder over
+   IMAP, then commits status `sent` (and drops the stored content; its hash stays).
+6. An attempt that finds `sent` returns the stored outcome (no SMTP). One that finds `sending`
+   and gets the lock knows the previous attempt died between 2 and 5's commit: it looks for the
+   Message-ID in the Sent folder. Found: the send had completed, the row becomes `sent`. Not
+   found: the row becomes `unknown` and the task fails with a message saying it was *not* resent.
 
-So: a redelivered or retried task never sends a message twice; the only case that needs a human
-is a worker killed inside the SMTP exchange itself (a window of one SMTP round trip), and that
-case is recorded, not guessed. One residual case belongs to SMTP itself (RFC 5321 4.1.1.4):
-a connection that breaks after the final "." but before the server's reply surfaces as a
-TransientError like any other, and the retry may deliver a second copy.
-
-A message without an explicit message_id gets one derived from the task id (see the task), so
-redeliveries of the same task always share their Message-ID.
+For `unknown`, an operator checks the recipient side and, if needed, submits the message again
+under a new Message-ID (docs/operations.md). Results and logs carry ids and counts, never
+addresses, subjects or bodies.
 """
 
 from __future__ import annotations
 
+import email
+import email.policy
 import logging
+import uuid
 from dataclasses import dataclass
 from email.message import EmailMessage
-from email.utils import getaddresses
 from typing import Any
 
 from sqlalchemy import func, select
 
 from mailworker.db.engine import session_scope
-from mailworker.db.locks import advisory_lock, lock_key
+from mailworker.db.locks import advisory_lock
 from mailworker.db.models import SentMessage
-from mailworker.errors import MailworkerError, PermanentError, TransientError
+from mailworker.errors import MailworkerError, PermanentError, TenantMismatch, TransientError
 from mailworker.mail.imap import ImapSession
-from mailworker.mail.smtp import SendResult, send_message
+from mailworker.mail.smtp import DeliveryUnknown, SendResult, send_message
 from mailworker.services.access import AccountAccess
+from mailworker.services.outbox import PENDING, fail_expired, lock_of, retry_delay
 from mailworker.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-RESENDABLE = frozenset({"deferred", "failed"})  # the server never took the message
 
 
 @dataclass(frozen=True)
@@ -57,121 +59,143 @@ class Claim:
 
     action: str  # send | done | resolve
     row: dict[str, Any]
+    content: bytes = b""
 
 
-def send(settings: Settings, access: AccountAccess, message: EmailMessage, task_id: str) -> dict:
-    message_id = str(message["Message-ID"])
-    with advisory_lock(settings, lock_key("send", access.account_id, message_id)) as held:
+def send(settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, task_id: str) -> dict:
+    """Send the stored message `outbox_id` of this account (see the module docstring)."""
+    message_id = _message_id_of(settings, access, outbox_id)
+    with advisory_lock(settings, lock_of(access.account_id, message_id)) as held:
         if not held:
             raise TransientError(f"another attempt is sending {message_id} right now")
-        claim = _claim(settings, access, message, message_id, task_id)
+        claim = _claim(settings, access, outbox_id, task_id)
         if claim.action == "done":
             logger.info("%s was already sent; not sending again", message_id)
             return {**claim.row, "duplicate": True}
         if claim.action == "resolve":
-            return _resolve_interrupted(settings, access, message_id)
-        return _send_now(settings, access, message, message_id)
+            return _resolve_interrupted(settings, access, outbox_id, message_id)
+        return _send_now(settings, access, outbox_id, message_id, claim.content)
 
 
-def _claim(
-    settings: Settings,
-    access: AccountAccess,
-    message: EmailMessage,
-    message_id: str,
-    task_id: str,
-) -> Claim:
+def _message_id_of(settings: Settings, access: AccountAccess, outbox_id: uuid.UUID) -> str:
     with session_scope(settings) as session:
-        row = session.scalar(
-            select(SentMessage)
+        message_id = session.scalar(
+            select(SentMessage.message_id)
+            .where(SentMessage.id == outbox_id)
             .where(SentMessage.account_id == access.account_id)
-            .where(SentMessage.message_id == message_id)
-            .with_for_update()
+            .where(SentMessage.tenant_id == access.tenant_id)
         )
-        if row is None:
-            session.add(
-                SentMessage(
-                    tenant_id=access.tenant_id,
-                    account_id=access.account_id,
-                    message_id=message_id,
-                    status="sending",
-                    recipients=_recipients(message),
-                    subject=str(message.get("Subject", "")),
-                    task_id=task_id,
-                    attempts=1,
-                    copied_to_sent=False,
-                )
-            )
-            return Claim("send", {})
+    if message_id is None:
+        # Like the other ownership checks: not saying whether it exists elsewhere.
+        raise TenantMismatch(f"outbox entry {outbox_id} is not a message of this account")
+    return message_id
+
+
+def _claim(settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, task_id: str) -> Claim:
+    with session_scope(settings) as session:
+        row = _row(session, access, outbox_id)
         if row.status == "sent":
             return Claim("done", _outcome(row))
         if row.status == "unknown":
-            raise PermanentError(_unknown_message(message_id))
+            raise PermanentError(_unknown_message(row.message_id, row.error or ""))
+        if row.status == "failed":
+            raise PermanentError(f"send of {row.message_id} failed: {row.error}")
         if row.status == "sending":
             return Claim("resolve", {})
-        if row.status not in RESENDABLE:
-            raise PermanentError(f"{message_id} has unexpected send status {row.status!r}")
-        row.status = "sending"
-        row.attempts += 1
-        row.task_id = task_id
-        row.error = None
-        return Claim("send", {})
+        if row.status not in PENDING:
+            raise PermanentError(f"{row.message_id} has unexpected send status {row.status!r}")
+        if _window_ended(session, row, settings):
+            fail_expired(row, settings)
+            gave_up = PermanentError(f"send of {row.message_id} failed: {row.error}")
+        elif row.content is None:
+            raise PermanentError(f"outbox entry {outbox_id} has no stored message to send")
+        else:
+            row.status = "sending"
+            row.attempts += 1
+            row.task_id = task_id
+            row.error = None
+            row.next_attempt_at = None
+            return Claim("send", {}, row.content)
+    raise gave_up  # after the commit that recorded it
+
+
+def _window_ended(session: Any, row: SentMessage, settings: Settings) -> bool:
+    if row.queued_at is None:
+        return False
+    now = session.scalar(select(func.now()))
+    return (now - row.queued_at).total_seconds() > settings.send_retry_window
 
 
 def _send_now(
-    settings: Settings, access: AccountAccess, message: EmailMessage, message_id: str
+    settings: Settings,
+    access: AccountAccess,
+    outbox_id: uuid.UUID,
+    message_id: str,
+    content: bytes,
 ) -> dict:
+    message = email.message_from_bytes(content, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)  # the default policy builds EmailMessage
     try:
-        result = send_message(access.smtp, message)
+        result = send_message(
+            access.smtp, message, final_reply_timeout=settings.smtp_final_reply_timeout
+        )
+    except DeliveryUnknown as error:
+        _set_status(settings, access, outbox_id, "unknown", error=f"{error}; not resent")
+        raise PermanentError(_unknown_message(message_id, str(error))) from None
     except TransientError as error:
-        _set_status(settings, access, message_id, "deferred", error=str(error))
+        _set_status(settings, access, outbox_id, "deferred", error=str(error))
         raise
     except MailworkerError as error:
-        _set_status(settings, access, message_id, "failed", error=str(error))
+        _set_status(settings, access, outbox_id, "failed", error=str(error))
         raise
-    copied = _copy_to_sent(settings, access, message)
+    except Exception as error:
+        # send_message lets nothing but its own errors out once the data went out, so this
+        # (a soft time limit, say) came before the final ".": nothing was delivered.
+        _set_status(settings, access, outbox_id, "deferred", error=type(error).__name__)
+        raise
+    copied = _copy_to_sent(settings, access, content)
     with session_scope(settings) as session:
-        row = _row(session, access, message_id)
+        row = _row(session, access, outbox_id)
         row.status = "sent"
         row.accepted = list(result.accepted)
         row.refused = dict(result.refused)
         row.copied_to_sent = copied
         row.sent_at = func.now()
         row.error = None
+        row.content = None  # sent: the Sent folder has it; the hash keeps the Message-ID's claim
     accepted, refused = len(result.accepted), len(result.refused)
     logger.info("sent %s to %d recipient(s), %d refused", message_id, accepted, refused)
-    return _result(message_id, result, copied)
+    return _result(outbox_id, message_id, result, copied)
 
 
-def _copy_to_sent(settings: Settings, access: AccountAccess, message: EmailMessage) -> bool:
+def _copy_to_sent(settings: Settings, access: AccountAccess, content: bytes) -> bool:
     """Append the sent message to the Sent folder; the send stands even if this fails."""
     try:
         with ImapSession(access.imap) as imap:
-            imap.append(settings.sent_folder, message.as_bytes(), flags=("\\Seen",))
-    except MailworkerError as error:
+            imap.append(settings.sent_folder, content, flags=("\\Seen",))
+    except Exception as error:  # a soft time limit too: the row must still say `sent`
         logger.warning("sent, but the copy to %r failed: %s", settings.sent_folder, error)
         return False
     return True
 
 
-def _resolve_interrupted(settings: Settings, access: AccountAccess, message_id: str) -> dict:
+def _resolve_interrupted(
+    settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, message_id: str
+) -> dict:
     """The previous attempt died after committing `sending`: find out, never resend."""
     if _in_sent_folder(settings, access, message_id):
         with session_scope(settings) as session:
-            row = _row(session, access, message_id)
+            row = _row(session, access, outbox_id)
             row.status = "sent"
             row.copied_to_sent = True
             row.sent_at = func.coalesce(SentMessage.sent_at, func.now())
+            row.content = None
             outcome = {**_outcome(row), "status": "sent"}
         logger.warning("%s: interrupted attempt had completed (found in Sent)", message_id)
         return {**outcome, "recovered": True}
-    _set_status(
-        settings,
-        access,
-        message_id,
-        "unknown",
-        error="a worker died during the SMTP exchange; not resent to avoid a duplicate",
-    )
-    raise PermanentError(_unknown_message(message_id))
+    error = "a worker died during the SMTP exchange; not resent to avoid a duplicate"
+    _set_status(settings, access, outbox_id, "unknown", error=error)
+    raise PermanentError(_unknown_message(message_id, error))
 
 
 def _in_sent_folder(settings: Settings, access: AccountAccess, message_id: str) -> bool:
@@ -183,55 +207,57 @@ def _in_sent_folder(settings: Settings, access: AccountAccess, message_id: str) 
         return bool(imap.search_header("Message-ID", message_id))
 
 
-def _unknown_message(message_id: str) -> str:
+def _unknown_message(message_id: str, reason: str) -> str:
     return (
-        f"send outcome of {message_id} is unknown: a worker died during the SMTP exchange; "
-        "it was NOT resent (check the recipients, resend under a new message id if needed)"
+        f"send outcome of {message_id} is unknown ({reason}); it was NOT resent: check with "
+        "the recipients, and submit it again under a new Message-ID if it did not arrive"
     )
 
 
-def _row(session: Any, access: AccountAccess, message_id: str) -> SentMessage:
+def _row(session: Any, access: AccountAccess, outbox_id: uuid.UUID) -> SentMessage:
     row = session.scalar(
         select(SentMessage)
+        .where(SentMessage.id == outbox_id)
         .where(SentMessage.account_id == access.account_id)
-        .where(SentMessage.message_id == message_id)
         .with_for_update()
     )
     if row is None:  # only a manual DELETE between claim and now gets here
-        raise PermanentError(f"send ledger row of {message_id} disappeared")
+        raise PermanentError(f"outbox entry {outbox_id} disappeared")
     return row
 
 
 def _set_status(
-    settings: Settings, access: AccountAccess, message_id: str, status: str, *, error: str
+    settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, status: str, *, error: str
 ) -> None:
     with session_scope(settings) as session:
-        row = _row(session, access, message_id)
+        row = _row(session, access, outbox_id)
         row.status = status
         row.error = error
-
-
-def _recipients(message: EmailMessage) -> list[str]:
-    headers = [str(value) for name in ("To", "Cc", "Bcc") for value in message.get_all(name, [])]
-    return list(dict.fromkeys(address for _, address in getaddresses(headers) if address))
+        if status == "deferred":
+            row.next_attempt_at = func.now() + retry_delay(settings)
 
 
 def _outcome(row: SentMessage) -> dict[str, Any]:
+    """A send's result: ids and counts only (results are visible in Redis and Flower)."""
     return {
+        "outbox_id": str(row.id),
         "message_id": row.message_id,
         "status": row.status,
-        "accepted": list(row.accepted or []),
-        "refused": dict(row.refused or {}),
+        "accepted": len(row.accepted or []),
+        "refused": len(row.refused or {}),
         "copied_to_sent": row.copied_to_sent,
     }
 
 
-def _result(message_id: str, result: SendResult, copied: bool) -> dict[str, Any]:
+def _result(
+    outbox_id: uuid.UUID, message_id: str, result: SendResult, copied: bool
+) -> dict[str, Any]:
     return {
+        "outbox_id": str(outbox_id),
         "message_id": message_id,
         "status": "sent",
-        "accepted": list(result.accepted),
-        "refused": dict(result.refused),
+        "accepted": len(result.accepted),
+        "refused": len(result.refused),
         "copied_to_sent": copied,
         "duplicate": False,
     }

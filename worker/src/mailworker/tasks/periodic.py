@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from mailworker.celery_app import app
+from mailworker.services import outbox
 from mailworker.services.periodic import active_accounts, cleanup
 from mailworker.tasks.base import MailTask
+from mailworker.tasks.send import publish_send
 from mailworker.tasks.sync import sync_mailbox
 
 
@@ -25,3 +27,10 @@ def sync_all_accounts(self: MailTask) -> dict:
 def cleanup_stale_tasks(self: MailTask) -> dict:
     """Mark lost attempts and stuck sends, purge old attempts, give stray results an expiry."""
     return cleanup(self.settings)
+
+
+@app.task(base=MailTask, bind=True, name="mailworker.tasks.periodic.resubmit_due_sends")
+def resubmit_due_sends(self: MailTask) -> dict:
+    """Give up on sends past their retry window, queue send_email again for due ones."""
+    gave_up = outbox.give_up_expired(self.settings)
+    return {"gave_up": gave_up, "resubmitted": outbox.resubmit_due(self.settings, publish_send)}

@@ -1,34 +1,55 @@
-"""Queue `send`: send one message over SMTP, at most once per Message-ID (see services/send.py)."""
+"""Queue `send`: send one stored message over SMTP, at most once per Message-ID.
+
+The message itself is in the outbox (services/outbox.py): a client submits it with
+`submit_send` (or `mailworker task send-email`), which stores it and then publishes this task
+with ids only, so no address, subject or body travels through Redis or shows in Flower.
+"""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from mailworker.celery_app import app
-from mailworker.errors import InvalidTaskArguments
-from mailworker.mail.smtp import build_message
+from mailworker.services import outbox
 from mailworker.services.access import owned_access
 from mailworker.services.send import send
+from mailworker.settings import Settings
 from mailworker.tasks.base import MailTask
 from mailworker.tenancy import parse_uuid
 
-# Only to validate the message's shape before any I/O; the real sender is the account's address.
-_PLACEHOLDER_SENDER = "sender@example.org"
 
-
-@app.task(base=MailTask, bind=True, name="mailworker.tasks.send.send_email")
-def send_email(self: MailTask, tenant_id: Any, user_id: Any, account_id: Any, message: Any) -> dict:
-    """Send `message` ({"to", "cc", "bcc", "subject", "body", "html", "message_id", ...})."""
+@app.task(
+    base=MailTask,
+    bind=True,
+    name="mailworker.tasks.send.send_email",
+    retry_window_setting="send_retry_window",
+)
+def send_email(
+    self: MailTask, tenant_id: Any, user_id: Any, account_id: Any, outbox_id: Any
+) -> dict:
+    """Send the outbox entry `outbox_id` of this account; returns ids and counts only."""
     tenant = parse_uuid("tenant_id", tenant_id)
     user = parse_uuid("user_id", user_id)
     account = parse_uuid("account_id", account_id)
-    if not isinstance(message, dict):
-        raise InvalidTaskArguments("message must be an object of message fields")
-    build_message(message, sender=_PLACEHOLDER_SENDER)
+    entry = parse_uuid("outbox_id", outbox_id)
     access = owned_access(self.settings, tenant, user, account)
-    spec = dict(message)
-    if not spec.get("message_id"):
-        # Stable across redeliveries and retries of this task: the idempotency key.
-        domain = access.email.rpartition("@")[2]
-        spec["message_id"] = f"<{self.request.id}@{domain}>"
-    return send(self.settings, access, build_message(spec, sender=access.email), self.request.id)
+    return send(self.settings, access, entry, self.request.id)
+
+
+def submit_send(
+    settings: Settings,
+    tenant_id: uuid.UUID,
+    user_id: uuid.UUID,
+    account_id: uuid.UUID,
+    spec: Mapping[str, Any],
+) -> outbox.Submission:
+    """Store `spec` ({"to", "cc", "bcc", "subject", "body", "html", "reply_to", "message_id"})
+    in the outbox, then queue send_email for it (see services/outbox.py)."""
+    return outbox.submit_send(settings, tenant_id, user_id, account_id, spec, publish=publish_send)
+
+
+def publish_send(args: list[str]) -> None:
+    """Queue send_email(tenant_id, user_id, account_id, outbox_id); raises if the broker fails."""
+    send_email.apply_async(args=args, retry=False)
