@@ -120,8 +120,8 @@ def test_run_print_shows_the_command_lines(tmp_path):
         "--concurrency=3",
         "--pool=threads",
         "--hostname=celery-worker@%h",
-        "--time-limit=300",
-        "--soft-time-limit=280",
+        "--time-limit=1260",
+        "--soft-time-limit=1200",
         f"--logfile={tmp_path}/worker.log",
         "--task-events",
     ):

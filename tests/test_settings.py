@@ -195,5 +195,5 @@ def test_mail_deadlines_end_before_the_soft_time_limit_of_the_queues_consumed():
     assert s.soft_time_limit > s.imap_deadline
     with pytest.raises(ConfigurationError, match=r"above MAILWORKER_IMAP_DEADLINE \(240\)"):
         load_settings(
-            base_env(**short, MAILWORKER_QUEUES="delete", MAILWORKER_SOFT_TIME_LIMIT="200")
+            base_env(**{**short, "MAILWORKER_SOFT_TIME_LIMIT": "200"}, MAILWORKER_QUEUES="delete")
         )
