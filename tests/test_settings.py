@@ -142,7 +142,7 @@ def test_celery_config_routes_each_task_to_its_queue_and_is_explicit():
     assert conf["task_reject_on_worker_lost"] is True
     assert conf["broker_connection_max_retries"] is None
     assert conf["broker_connection_retry_on_startup"] is True
-    assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is True
+    assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is False
     assert conf["broker_transport_options"]["visibility_timeout"] > conf["task_time_limit"]
     assert conf["result_backend_transport_options"]["visibility_timeout"] > 120
     assert [q.name for q in conf["task_queues"]] == ["sync", "send", "delete", "spam", "periodic"]

@@ -146,8 +146,12 @@ def explain_config(s: Settings) -> list[Entry]:
         ),
         Entry(
             "worker_cancel_long_running_tasks_on_connection_loss",
-            True,
-            "After losing Redis the tasks are redelivered anyway; cancel the copies still running.",
+            False,
+            "A running task outlives a Redis blip: its unacked entry lives in Redis, and the ack "
+            "after the reconnect still removes it. Cancelling (prefork only; threads ignore it) "
+            "killed sends mid-SMTP and, when Redis was down at that moment, left the task to wait "
+            "out the visibility timeout. A copy requeued while the original runs is absorbed by "
+            "the tasks' locks and ledgers, as on threads.",
         ),
         Entry(
             "worker_soft_shutdown_timeout",
