@@ -100,7 +100,7 @@ class Deadline:
             result = call(*args, **kwargs)
         except DeadlineExceeded:
             raise
-        except Exception as exc:
+        except OSError as exc:  # what a shut-down socket raises (smtplib's errors are OSErrors)
             self.check(exc)
             raise
         # A whole reply is kept even if the deadline passed while it was read: an accepted
@@ -149,7 +149,8 @@ class _DeadlineIMAP:
             super().__init__(host, port, *args, **kwargs)  # type: ignore[call-arg]
         except BaseException as exc:
             self.deadline.cancel()
-            self.deadline.check(exc)  # e.g. a TLS handshake the shutdown cut short
+            if isinstance(exc, OSError):  # e.g. a TLS handshake the shutdown cut short
+                self.deadline.check(exc)
             raise
 
     def starttls(self, *args: Any, **kwargs: Any) -> Any:
@@ -203,7 +204,8 @@ class _DeadlineSMTP:
             super().__init__(host, port, *args, **kwargs)  # type: ignore[call-arg]
         except BaseException as exc:
             self.deadline.cancel()
-            self.deadline.check(exc)  # e.g. a TLS handshake the shutdown cut short
+            if isinstance(exc, OSError):  # e.g. a TLS handshake the shutdown cut short
+                self.deadline.check(exc)
             raise
 
     def starttls(self, *args: Any, **kwargs: Any) -> Any:
