@@ -59,6 +59,7 @@ class Deadline:
         self._lock = threading.Lock()
         self._watched: socket.socket | None = None
         self._fired = False
+        self._cancelled = False
         self._timer = threading.Timer(seconds, self._fire)
         self._timer.daemon = True
         self._timer.name = f"deadline {seconds:g} s: {what}"
@@ -79,7 +80,10 @@ class Deadline:
         """Shut `sock` (and every TLS wrap of it) down when the deadline passes."""
         duplicate = sock.dup()
         with self._lock:
-            previous, self._watched = self._watched, duplicate
+            if self._cancelled:
+                previous = duplicate  # the connection is already closed: nothing to watch
+            else:
+                previous, self._watched = self._watched, duplicate
             fired = self._fired
         if previous is not None:
             previous.close()
@@ -112,6 +116,7 @@ class Deadline:
     def cancel(self) -> None:
         self._timer.cancel()
         with self._lock:
+            self._cancelled = True
             watched, self._watched = self._watched, None
         if watched is not None:
             watched.close()
