@@ -45,7 +45,7 @@ def mailworker(*args: str, env: dict[str, str], stdin: str | None = None, timeou
 
 BAD_CONFIGURATIONS = [
     ({"MAILWORKER_CONCURRENCY": "lots"}, "MAILWORKER_CONCURRENCY: expected a whole number"),
-    ({"MAILWORKER_SOFT_TIME_LIMIT": "300"}, "MAILWORKER_SOFT_TIME_LIMIT (300) must be below"),
+    ({"MAILWORKER_SOFT_TIME_LIMIT": "1300"}, "MAILWORKER_SOFT_TIME_LIMIT (1300) must be below"),
     ({"MAILWORKER_BROKER_URL": ""}, "MAILWORKER_BROKER_URL is required but not set"),
     ({"MAILWORKER_ENCRYPTION_KEYS": "c2hvcnQ="}, "MAILWORKER_ENCRYPTION_KEYS: key 1 of 1 is not"),
     ({"MAILWORKER_QUEUES": "sync,urgent"}, "MAILWORKER_QUEUES: unknown urgent"),
@@ -120,8 +120,8 @@ def test_run_print_shows_the_command_lines(tmp_path):
         "--concurrency=3",
         "--pool=threads",
         "--hostname=celery-worker@%h",
-        "--time-limit=300",
-        "--soft-time-limit=280",
+        "--time-limit=1260",
+        "--soft-time-limit=1200",
         f"--logfile={tmp_path}/worker.log",
         "--task-events",
     ):

@@ -39,6 +39,9 @@ FAST_REDELIVERY = {
     "MAILWORKER_STALE_AFTER": "30",
     "MAILWORKER_IMAP_TIMEOUT": "30",
     "MAILWORKER_SMTP_TIMEOUT": "30",
+    "MAILWORKER_IMAP_DEADLINE": "5.5",  # below the soft limit (a settings cross-check)
+    "MAILWORKER_SMTP_DEADLINE": "5",
+    "MAILWORKER_SMTP_FINAL_REPLY_TIMEOUT": "4",
 }
 
 

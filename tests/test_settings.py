@@ -31,7 +31,8 @@ def base_env(**overrides: str) -> dict[str, str]:
 def test_defaults_follow_the_contract():
     s = load_settings(base_env())
     assert s.result_backend == "redis://:brokerpw@127.0.0.1:6379/1"
-    assert (s.concurrency, s.time_limit, s.soft_time_limit) == (4, 300, 280)
+    assert (s.concurrency, s.time_limit, s.soft_time_limit) == (4, 1260, 1200)
+    assert (s.imap_deadline, s.smtp_deadline) == (240, 900)
     assert (s.result_expires, s.prefetch_multiplier, s.log_level) == (3600, 1, "INFO")
     assert s.queues == ("sync", "send", "delete", "spam", "periodic")
     assert s.node_name == "celery-worker@%h"
@@ -85,7 +86,7 @@ def test_every_contract_variable_is_declared():
     [
         ({"MAILWORKER_CONCURRENCY": "four"}, r"^MAILWORKER_CONCURRENCY: expected a whole number"),
         ({"MAILWORKER_CONCURRENCY": "0"}, r"^MAILWORKER_CONCURRENCY: must be at least 1"),
-        ({"MAILWORKER_SOFT_TIME_LIMIT": "300"}, r"^MAILWORKER_SOFT_TIME_LIMIT \(300\) must"),
+        ({"MAILWORKER_SOFT_TIME_LIMIT": "1300"}, r"^MAILWORKER_SOFT_TIME_LIMIT \(1300\) must"),
         ({"MAILWORKER_BROKER_URL": ""}, r"^MAILWORKER_BROKER_URL is required"),
         ({"MAILWORKER_BROKER_URL": "amqp://h//"}, r"^MAILWORKER_BROKER_URL: expected redis://"),
         ({"MAILWORKER_ENCRYPTION_KEYS": "not-a-key"}, r"^MAILWORKER_ENCRYPTION_KEYS: key 1 of 1"),
@@ -131,13 +132,21 @@ def test_readme_settings_table_is_generated():
 
 def test_celery_config_routes_each_task_to_its_queue_and_is_explicit():
     conf = build_config(
-        load_settings(base_env(MAILWORKER_TIME_LIMIT="120", MAILWORKER_SOFT_TIME_LIMIT="100"))
+        load_settings(
+            base_env(
+                MAILWORKER_TIME_LIMIT="120",
+                MAILWORKER_SOFT_TIME_LIMIT="100",
+                MAILWORKER_IMAP_DEADLINE="60",
+                MAILWORKER_SMTP_DEADLINE="90",
+                MAILWORKER_SMTP_FINAL_REPLY_TIMEOUT="60",
+            )
+        )
     )
     assert conf["task_acks_late"] is True
     assert conf["task_reject_on_worker_lost"] is True
     assert conf["broker_connection_max_retries"] is None
     assert conf["broker_connection_retry_on_startup"] is True
-    assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is True
+    assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is False
     assert conf["broker_transport_options"]["visibility_timeout"] > conf["task_time_limit"]
     assert conf["result_backend_transport_options"]["visibility_timeout"] > 120
     assert [q.name for q in conf["task_queues"]] == ["sync", "send", "delete", "spam", "periodic"]
@@ -204,3 +213,21 @@ def test_every_task_retry_window_names_a_setting():
     assert "mailworker.tasks.sync.sync_mailbox" in windows
     assert len(windows) >= 6
     assert all(int(seconds) > 0 for seconds in windows.values()), windows
+
+
+def test_mail_deadlines_end_before_the_soft_time_limit_of_the_queues_consumed():
+    # A send worker needs the SMTP deadline (RFC 5321's 10 min final reply) below its soft limit.
+    short = {"MAILWORKER_TIME_LIMIT": "300", "MAILWORKER_SOFT_TIME_LIMIT": "280"}
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings(base_env(**short))
+    assert str(raised.value) == (
+        "MAILWORKER_SOFT_TIME_LIMIT (280) must be above MAILWORKER_SMTP_DEADLINE (900) on a "
+        "worker consuming sync,send,delete,spam,periodic"
+    )
+    # The main prefork worker of the roles (no send) keeps short limits above the IMAP deadline.
+    s = load_settings(base_env(**short, MAILWORKER_QUEUES="delete,spam,periodic"))
+    assert s.soft_time_limit > s.imap_deadline
+    with pytest.raises(ConfigurationError, match=r"above MAILWORKER_IMAP_DEADLINE \(240\)"):
+        load_settings(
+            base_env(**{**short, "MAILWORKER_SOFT_TIME_LIMIT": "200"}, MAILWORKER_QUEUES="delete")
+        )

@@ -24,6 +24,10 @@ BAD_VALUES = {
     ),
     "unknown-queue": ({"celery_worker_queues": ["sync", "mail"]}, "celery_worker_queues"),
     "bad-log-level": ({"mailworker_app_log_level": "LOUD"}, "mailworker_app_log_level"),
+    "old-recovery-grace": (
+        {"celery_health_stop_grace_sec": 30},
+        "celery_health_stop_grace_sec is no longer used",
+    ),
 }
 
 

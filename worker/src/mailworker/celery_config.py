@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 from celery.schedules import schedule
 from kombu import Exchange, Queue
 
+from mailworker import keepalive
 from mailworker.settings import QUEUES, Settings
 
 # Task name prefix -> queue. Each task module holds the tasks of one queue.
@@ -35,13 +36,32 @@ class Entry(NamedTuple):
     reason: str
 
 
+# How the broker connections fail instead of hanging (kombu's Redis transport honours each key).
+_BROKER_CONNECTION: dict[str, Any] = {
+    "socket_connect_timeout": 10,
+    "socket_timeout": 30,
+    "socket_keepalive": True,
+    "socket_keepalive_options": keepalive.socket_options(),
+    "health_check_interval": 25,
+    "retry_on_timeout": False,
+}
+_BROKER_CONNECTION_REASON = (
+    "a publish, ack or restore on a half-open connection fails after socket_timeout (30 s, far "
+    "above BRPOP's 1 s server-side wait) instead of hanging the worker, and is retried by "
+    "Celery's reconnect; keepalives close a silent connection after "
+    f"{keepalive.DEAD_AFTER} s; kombu's health checks drop a stale BRPOP or pub/sub connection "
+    "within BRPOP timeout + 2 x health_check_interval; retry_on_timeout stays off because a "
+    "timed-out publish may have reached Redis and a replay would queue the task twice."
+)
+
+
 def explain_config(s: Settings) -> list[Entry]:
     """(setting, value, reason) for every Celery setting the app sets."""
     transport = {
         "visibility_timeout": s.visibility_timeout,
         "unacked_restore_interval": s.broker_restore_interval,
         "unacked_restore_throttle": 1,
-        "socket_connect_timeout": 10,
+        **_BROKER_CONNECTION,
     }
     entries = [
         Entry("broker_url", s.broker_url, "Redis database 0 carries the queues."),
@@ -50,12 +70,37 @@ def explain_config(s: Settings) -> list[Entry]:
             "broker_transport_options",
             transport,
             "Redelivery of a lost worker's tasks after visibility_timeout (> hard limit and "
-            "retry countdowns, or running tasks run twice); sweep every restore interval.",
+            "retry countdowns, or running tasks run twice); sweep every restore interval. "
+            "Timeouts and keepalives: " + _BROKER_CONNECTION_REASON,
         ),
         Entry(
             "result_backend_transport_options",
             {"visibility_timeout": s.visibility_timeout},
             "The result backend's Redis client must agree with the broker's visibility timeout.",
+        ),
+        # The result backend takes its connection options from redis_* settings, not from
+        # result_backend_transport_options; it has no keepalive options, so the timeout bounds it.
+        Entry(
+            "redis_socket_timeout",
+            _BROKER_CONNECTION["socket_timeout"],
+            "A result read or write on a half-open connection fails after this, not after 120 s.",
+        ),
+        Entry(
+            "redis_socket_connect_timeout",
+            _BROKER_CONNECTION["socket_connect_timeout"],
+            "An unreachable result backend fails fast (Celery waits forever by default).",
+        ),
+        Entry("redis_socket_keepalive", True, "Idle result connections notice a dead host."),
+        Entry(
+            "redis_backend_health_check_interval",
+            _BROKER_CONNECTION["health_check_interval"],
+            "PING a result connection idle this long before reusing it.",
+        ),
+        Entry(
+            "redis_retry_on_timeout",
+            False,
+            "A timed-out write may have reached Redis: fail (and let the result retry decide), "
+            "never replay blindly.",
         ),
         Entry(
             "broker_connection_retry_on_startup",
@@ -102,8 +147,12 @@ def explain_config(s: Settings) -> list[Entry]:
         ),
         Entry(
             "worker_cancel_long_running_tasks_on_connection_loss",
-            True,
-            "After losing Redis the tasks are redelivered anyway; cancel the copies still running.",
+            False,
+            "A running task outlives a Redis blip: its unacked entry lives in Redis, and the ack "
+            "after the reconnect still removes it. Cancelling (prefork only; threads ignore it) "
+            "killed sends mid-SMTP and, when Redis was down at that moment, left the task to wait "
+            "out the visibility timeout. A copy requeued while the original runs is absorbed by "
+            "the tasks' locks and ledgers, as on threads.",
         ),
         Entry(
             "worker_soft_shutdown_timeout",

@@ -310,9 +310,16 @@ class Settings:
         "Worker node name (%h = host name).",
         "celery-worker@%h",
     )
-    time_limit: int = _setting(Integer(minimum=1), "Hard time limit per task (s).", "300")
+    time_limit: int = _setting(
+        Integer(minimum=1),
+        "Hard time limit per task (s), enforced on prefork; units stop within it (+ grace).",
+        "1260",
+    )
     soft_time_limit: int = _setting(
-        Integer(minimum=1), "Soft time limit per task (s); below the hard one.", "280"
+        Integer(minimum=1),
+        "Soft time limit per task (s); below the hard one, above the longest task (a send: "
+        "SMTP plus IMAP deadline).",
+        "1200",
     )
     soft_shutdown_timeout: float = _setting(
         Number(),
@@ -406,6 +413,18 @@ class Settings:
         Integer(minimum=1),
         "Seconds between sweeps that resubmit due sends; a minute, so a lost publish waits little.",
         "60",
+    )
+    imap_deadline: float = _setting(
+        Number(minimum=1),
+        "Wall-clock limit of one whole IMAP session (s), on any pool; below the soft time "
+        "limit (a cut-short sync resumes after its last stored batch).",
+        "240",
+    )
+    smtp_deadline: float = _setting(
+        Number(minimum=1),
+        "Wall-clock limit of one whole SMTP exchange (s), on any pool: RFC 5321's 10 min for "
+        "the reply to the final `.` plus 5 min for the rest.",
+        "900",
     )
     imap_tls_verify: bool = _setting(Boolean(), "Verify IMAP server certificates.", "true")
     smtp_tls_verify: bool = _setting(Boolean(), "Verify SMTP server certificates.", "true")
@@ -524,6 +543,31 @@ def _visibility_above_limits(s: Settings) -> None:
         )
 
 
+def _time_limits_above_mail_deadlines(s: Settings) -> None:
+    # A mail session must end by its own deadline (a clean TransientError) before the soft time
+    # limit interrupts it, and the units' stop timeout (hard limit + grace) must outlast it.
+    deadlines = []
+    if "send" in s.queues:
+        deadlines.append(("SMTP_DEADLINE", s.smtp_deadline))
+    if set(s.queues) & {"sync", "send", "delete", "spam"}:
+        deadlines.append(("IMAP_DEADLINE", s.imap_deadline))
+    for name, seconds in deadlines:
+        if s.soft_time_limit <= seconds:
+            raise ConfigurationError(
+                f"{PREFIX}SOFT_TIME_LIMIT ({s.soft_time_limit}) must be above {PREFIX}{name} "
+                f"({seconds:g}) on a worker consuming {','.join(s.queues)}"
+            )
+
+
+def _smtp_deadline_above_final_reply(s: Settings) -> None:
+    # The deadline bounds the whole exchange, so it must leave the final reply its full wait.
+    if s.smtp_deadline <= s.smtp_final_reply_timeout:
+        raise ConfigurationError(
+            f"{PREFIX}SMTP_DEADLINE ({s.smtp_deadline:g}) must be above "
+            f"{PREFIX}SMTP_FINAL_REPLY_TIMEOUT ({s.smtp_final_reply_timeout:g})"
+        )
+
+
 def _stale_above_visibility(s: Settings) -> None:
     if s.stale_after <= s.visibility_timeout + s.time_limit:
         raise ConfigurationError(
@@ -559,6 +603,8 @@ def _heartbeat_above_loop(s: Settings) -> None:
 
 _RELATIONS: Final[tuple[Callable[[Settings], None], ...]] = (
     _soft_below_hard,
+    _time_limits_above_mail_deadlines,
+    _smtp_deadline_above_final_reply,
     _visibility_above_limits,
     _stale_above_visibility,
     _retention_above_stale,

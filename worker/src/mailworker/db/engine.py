@@ -13,6 +13,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from mailworker import keepalive
 from mailworker.errors import TransientError
 from mailworker.settings import Settings, mask_url
 
@@ -31,7 +32,13 @@ def get_engine(settings: Settings) -> Engine:
             hide_parameters=True,  # SQL errors never echo message bodies or password tokens
             pool_size=2 * tasks,
             max_overflow=2,
-            connect_args={"connect_timeout": 10, "application_name": "mailworker"},
+            # Keepalives: a PostgreSQL host that vanished fails the query within DEAD_AFTER
+            # seconds instead of hanging the task for hours (mailworker/keepalive.py).
+            connect_args={
+                "connect_timeout": 10,
+                "application_name": "mailworker",
+                **keepalive.libpq_options(),
+            },
         )
         _engines[settings.database_url] = engine
     return engine

@@ -19,6 +19,7 @@ _MIN_REDACTED_LENGTH = 3
 class MailEndpoint:
     """One account on one IMAP or SMTP server.
 
+    `timeout` bounds each network wait, `deadline` the whole session (seconds).
     `security` is "ssl" (implicit TLS), "starttls" (upgrade before authenticating, refused if the
     server does not offer it) or "plain" (no TLS at all, for loopback and labs only).
     The password never appears in repr() or in any error the mail modules raise.
@@ -30,6 +31,8 @@ class MailEndpoint:
     username: str
     password: str = field(repr=False)
     timeout: float = 30.0
+    # Wall-clock limit of one whole session (mail/deadline.py); services pass the setting.
+    deadline: float = 900.0
     verify_tls: bool = True
     ca_file: str | None = None
 
@@ -43,6 +46,8 @@ class MailEndpoint:
             raise PermanentError(f"mail endpoint {self.host}: port {self.port} is not 1-65535")
         if self.timeout <= 0:
             raise PermanentError(f"mail endpoint {self.host}: timeout must be positive")
+        if self.deadline <= 0:
+            raise PermanentError(f"mail endpoint {self.host}: deadline must be positive")
 
     @property
     def address(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ssl
 
 from mailworker.errors import PermanentError, TransientError
+from mailworker.mail.deadline import DeadlineExceeded
 from mailworker.mail.endpoints import MailEndpoint
 
 # A dropped connection during the handshake is the network's fault; any other TLS failure (an
@@ -22,6 +23,8 @@ def network_error(
         return PermanentError(f"TLS certificate verification failed for {where}: {reason}")
     if isinstance(exc, ssl.SSLError) and not isinstance(exc, _TRANSIENT_TLS_ERRORS):
         return PermanentError(f"TLS handshake with {where} failed: {exc.reason or exc}")
+    if isinstance(exc, DeadlineExceeded):
+        return TransientError(str(exc))
     if isinstance(exc, TimeoutError):
         return TransientError(f"{where} did not answer within {endpoint.timeout:g} s")
     if isinstance(exc, ConnectionRefusedError):

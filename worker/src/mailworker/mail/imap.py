@@ -27,6 +27,7 @@ from mailworker.errors import (
     TransientError,
 )
 from mailworker.mail import imap_syntax as syntax
+from mailworker.mail.deadline import DeadlineIMAP4, DeadlineIMAP4SSL
 from mailworker.mail.endpoints import MailEndpoint
 from mailworker.mail.failures import network_error
 
@@ -185,13 +186,16 @@ class ImapSession:
         endpoint = self.endpoint
         try:
             if endpoint.security == "ssl":
-                return imaplib.IMAP4_SSL(
+                return DeadlineIMAP4SSL(
                     endpoint.host,
                     endpoint.port,
                     ssl_context=endpoint.tls_context(),
                     timeout=endpoint.timeout,
+                    deadline=endpoint.deadline,
                 )
-            conn = imaplib.IMAP4(endpoint.host, endpoint.port, timeout=endpoint.timeout)
+            conn = DeadlineIMAP4(
+                endpoint.host, endpoint.port, timeout=endpoint.timeout, deadline=endpoint.deadline
+            )
         except imaplib.IMAP4.error as exc:  # greeted with BYE (overloaded, shutting down)
             raise TransientError(
                 f"IMAP server {endpoint.address} refused the session: {syntax.as_text(exc)}"

@@ -27,6 +27,7 @@ from io import BytesIO
 
 from mailworker.errors import AuthenticationFailed, PermanentError, TransientError
 from mailworker.mail.compose import build_message
+from mailworker.mail.deadline import DeadlineSMTP, DeadlineSMTPSSL
 from mailworker.mail.endpoints import MailEndpoint
 from mailworker.mail.failures import network_error
 
@@ -208,10 +209,16 @@ def _reset(smtp: smtplib.SMTP, code: int) -> None:
 def _open(endpoint: MailEndpoint) -> smtplib.SMTP:
     """A connected client, upgraded to TLS when the endpoint asks for it."""
     if endpoint.security == "ssl":
-        return smtplib.SMTP_SSL(
-            endpoint.host, endpoint.port, timeout=endpoint.timeout, context=endpoint.tls_context()
+        return DeadlineSMTPSSL(
+            endpoint.host,
+            endpoint.port,
+            timeout=endpoint.timeout,
+            context=endpoint.tls_context(),
+            deadline=endpoint.deadline,
         )
-    smtp = smtplib.SMTP(endpoint.host, endpoint.port, timeout=endpoint.timeout)
+    smtp = DeadlineSMTP(
+        endpoint.host, endpoint.port, timeout=endpoint.timeout, deadline=endpoint.deadline
+    )
     if endpoint.security == "starttls":
         try:
             smtp.ehlo()

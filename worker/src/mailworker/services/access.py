@@ -42,6 +42,7 @@ class AccountAccess:
             username=account.username,
             password=password,
             timeout=settings.imap_timeout,
+            deadline=settings.imap_deadline,
             verify_tls=settings.imap_tls_verify,
             ca_file=ca_file,
         )
@@ -52,6 +53,7 @@ class AccountAccess:
             username=account.smtp_username or account.username,
             password=smtp_password,
             timeout=settings.smtp_timeout,
+            deadline=settings.smtp_deadline,
             verify_tls=settings.smtp_tls_verify,
             ca_file=ca_file,
         )

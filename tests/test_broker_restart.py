@@ -1,0 +1,123 @@
+"""A Redis restart while a prefork task runs: the task is not cancelled and not run twice.
+
+The broker is a redis-server of this test's own that keeps its data on disk (appendonly), as the
+production one does, so the unacknowledged task survives the restart. The task is a real sync
+whose IMAP traffic the test holds back while Redis restarts, so the restart lands mid-task.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from mailworker.db.models import Message, TaskAttempt
+from mailworker.mail.imap import ImapSession
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from tests.fixtures.servers import free_port, wait_until
+from tests.fixtures.trickle import TricklingProxy
+
+pytestmark = pytest.mark.slow
+
+SYNC = "mailworker.tasks.sync.sync_mailbox"
+TOTAL = 40
+
+
+class PersistentRedis:
+    """redis-server that writes every change to its append-only file and can be restarted."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.process: subprocess.Popen | None = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--bind", "127.0.0.1",
+                "--port", str(self.port),
+                "--dir", str(self.directory),
+                "--save", "",
+                "--appendonly", "yes",
+                "--appendfsync", "always",
+                "--maxmemory-policy", "noeviction",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_until(lambda: self.client().ping(), 10, f"redis-server on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()  # SIGTERM: redis-server flushes its AOF and exits
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture
+def persistent_redis(tmp_path: Path) -> Iterator[PersistentRedis]:
+    server = PersistentRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def runs(db_engine, task_id: str) -> list[tuple[str, bool]]:
+    with Session(db_engine) as session:
+        query = select(TaskAttempt).where(TaskAttempt.task_id == task_id)
+        return [(a.state, a.redelivered) for a in session.scalars(query.order_by("started_at"))]
+
+
+def stored(db_engine, account_id: str) -> int:
+    with Session(db_engine) as session:
+        query = select(func.count()).select_from(Message)
+        return session.scalar(query.where(Message.account_id == account_id))
+
+
+def test_redis_restart_during_a_prefork_task_neither_cancels_nor_repeats_it(
+    fleet, make_account, dovecot, persistent_redis
+):
+    with TricklingProxy(dovecot.port, interval=0) as proxy:
+        account = make_account(imap_port=proxy.port)
+        with ImapSession(dovecot.endpoint(account.address)) as imap:
+            for number in range(TOTAL):
+                imap.append("INBOX", f"Subject: m{number}\r\n\r\nbody {number}\r\n".encode())
+        broker = f"redis://127.0.0.1:{persistent_redis.port}"
+        fleet.configure(
+            MAILWORKER_BROKER_URL=f"{broker}/0",
+            MAILWORKER_RESULT_BACKEND=f"{broker}/1",
+            MAILWORKER_POOL="prefork",
+            MAILWORKER_CONCURRENCY="1",
+            MAILWORKER_QUEUES="sync",
+            MAILWORKER_SYNC_BATCH_SIZE="1",
+            MAILWORKER_IMAP_TIMEOUT="10",  # the IMAP stall below must not end the task
+        )
+        worker = fleet.start_worker()
+        result = fleet.client().send_task(SYNC, args=account.ids)
+        wait_until(lambda: stored(fleet.db_engine, account.account_id) >= 3, 30, "a few batches")
+
+        proxy.pause()  # the task now waits on IMAP, its message unacknowledged in Redis
+        assert persistent_redis.client().hlen("unacked") == 1
+        persistent_redis.stop()
+        wait_until(lambda: "Connection to broker lost" in worker.log, 10, "the worker to notice")
+        persistent_redis.start()
+        proxy.resume()
+
+        value = result.get(timeout=60)
+    log = worker.log
+    assert value["stored"] == TOTAL, log[-3000:]
+    assert "Terminating" not in log, log[-3000:]
+    assert runs(fleet.db_engine, result.id) == [("succeeded", False)], log[-3000:]
+    assert stored(fleet.db_engine, account.account_id) == TOTAL
+    # The ack after the reconnect reached Redis: nothing is left to redeliver.
+    client = persistent_redis.client()
+    wait_until(lambda: client.hlen("unacked") == 0, 10, "the ack to reach Redis")
+    assert client.llen("sync") == 0
