@@ -34,6 +34,7 @@ class FolderResult:
     folder: str
     uidvalidity: int
     stored: int
+    skipped: int
     last_uid: int
     reset: bool
 
@@ -48,6 +49,7 @@ def sync_account(settings: Settings, access: AccountAccess, folders: Sequence[st
     return {
         "account_id": str(access.account_id),
         "stored": sum(result.stored for result in results),
+        "skipped": sum(result.skipped for result in results),
         "folders": [asdict(result) for result in results],
     }
 
@@ -57,11 +59,20 @@ def _sync_folder(
 ) -> FolderResult:
     server = imap.select(folder)
     after_uid, reset = _cursor(settings, access, folder, server.uidvalidity)
-    stored = 0
+    stored = skipped = 0
     last_uid = after_uid
-    for batch in imap.fetch_batches(after_uid=after_uid, batch_size=settings.sync_batch_size):
-        stored += _store_batch(settings, access, folder, server.uidvalidity, batch)
+    batches = imap.fetch_batches(
+        after_uid=after_uid,
+        batch_size=settings.sync_batch_size,
+        batch_bytes=settings.sync_batch_bytes,
+        max_size=settings.max_message_size,
+    )
+    for batch in batches:
+        new, new_skipped = _store_batch(settings, access, folder, server.uidvalidity, batch)
+        stored += new
+        skipped += new_skipped
         last_uid = max(last_uid, batch[-1].uid)
+        del batch  # hold no batch while the next one is fetched
     if stored == 0:
         with session_scope(settings) as session:
             session.execute(
@@ -71,14 +82,15 @@ def _sync_folder(
                 .values(synced_at=func.now())
             )
     logger.info(
-        "account %s folder %r: stored %d new message(s), last uid %d%s",
+        "account %s folder %r: stored %d new message(s), %d too large and skipped, last uid %d%s",
         access.account_id,
         folder,
         stored,
+        skipped,
         last_uid,
         " (uidvalidity changed, folder re-read)" if reset else "",
     )
-    return FolderResult(folder, server.uidvalidity, stored, last_uid, reset)
+    return FolderResult(folder, server.uidvalidity, stored, skipped, last_uid, reset)
 
 
 def _cursor(
@@ -123,14 +135,18 @@ def _store_batch(
     folder: str,
     uidvalidity: int,
     batch: list[FetchedMessage],
-) -> int:
+) -> tuple[int, int]:
+    """Insert one batch and move the cursor to its last UID, in one transaction.
+
+    Returns how many rows were new, and how many of those are skipped (too large) messages.
+    """
     rows = [_row(access, folder, uidvalidity, fetched) for fetched in batch]
     with session_scope(settings) as session:
         inserted = session.scalars(
             insert(Message)
             .values(rows)
             .on_conflict_do_nothing(constraint="uq_messages_uid")
-            .returning(Message.id)
+            .returning(Message.state)
         ).all()
         session.execute(
             update(FolderSyncState)
@@ -142,18 +158,37 @@ def _store_batch(
                 synced_at=func.now(),
             )
         )
-    return len(inserted)
+    return len(inserted), sum(1 for state in inserted if state == "skipped")
 
 
 def _row(access: AccountAccess, folder: str, uidvalidity: int, fetched: FetchedMessage) -> dict:
-    parsed = parse_message(fetched.raw)
-    return {
+    row = {
         "id": uuid.uuid4(),
         "tenant_id": access.tenant_id,
         "account_id": access.account_id,
         "folder": folder,
         "uidvalidity": uidvalidity,
         "uid": fetched.uid,
+        "size": fetched.size,
+        "flags": list(fetched.flags),
+    }
+    if fetched.raw is None:
+        # Larger than MAILWORKER_MAX_MESSAGE_SIZE: recorded with its size, never fetched.
+        return {
+            **row,
+            "message_id": None,
+            "subject": "",
+            "sender": "",
+            "recipients": "",
+            "date": None,
+            "headers": "",
+            "body_text": "",
+            "raw": None,
+            "state": "skipped",
+        }
+    parsed = parse_message(fetched.raw)
+    return {
+        **row,
         "message_id": parsed.message_id,
         "subject": parsed.subject,
         "sender": parsed.sender,
@@ -162,7 +197,5 @@ def _row(access: AccountAccess, folder: str, uidvalidity: int, fetched: FetchedM
         "headers": parsed.headers,
         "body_text": parsed.body_text,
         "raw": fetched.raw,
-        "size": len(fetched.raw),
-        "flags": list(fetched.flags),
         "state": "present",
     }
