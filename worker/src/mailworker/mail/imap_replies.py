@@ -146,8 +146,8 @@ def _flags(value: _Atom) -> tuple[str, ...]:
         raise UnreadableReply(f"FLAGS {value!r:.80} is not a list")
     names = []
     for flag in value:
-        # The parser turns an all-digit keyword into an int; a keyword is still text.
-        name = str(flag) if isinstance(flag, int) else flag
+        # The parser reads an all-digit keyword as an int and the keyword NIL as None.
+        name = "NIL" if flag is None else str(flag) if isinstance(flag, int) else flag
         if not isinstance(name, bytes | str):
             raise UnreadableReply(f"flag {flag!r:.40} is not an atom")
         text = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
