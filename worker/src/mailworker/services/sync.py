@@ -138,7 +138,7 @@ def _store_batch(
 ) -> tuple[int, int]:
     """Insert one batch and move the cursor to its last UID, in one transaction.
 
-    Returns how many rows were new, and how many of those are skipped (too large) messages.
+    Returns how many new messages were stored, and how many new ones were skipped (too large).
     """
     rows = [_row(access, folder, uidvalidity, fetched) for fetched in batch]
     with session_scope(settings) as session:
@@ -158,7 +158,8 @@ def _store_batch(
                 synced_at=func.now(),
             )
         )
-    return len(inserted), sum(1 for state in inserted if state == "skipped")
+    skipped = sum(1 for state in inserted if state == "skipped")
+    return len(inserted) - skipped, skipped
 
 
 def _row(access: AccountAccess, folder: str, uidvalidity: int, fetched: FetchedMessage) -> dict:
