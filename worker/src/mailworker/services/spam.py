@@ -47,6 +47,8 @@ def classify(
     accesses: dict[uuid.UUID, AccountAccess] = {}
     with session_scope(settings) as session:
         for message, account in owned_messages(session, tenant_id, user_id, message_ids):
+            if message.raw is None:  # skipped by sync as too large: nothing to score
+                continue
             verdict = score_message(message.raw, recipient=account.email)
             message.spam_score = verdict.score
             message.is_spam = verdict.is_spam

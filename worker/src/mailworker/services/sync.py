@@ -1,13 +1,19 @@
 """Incremental IMAP sync of one account into PostgreSQL.
 
-Per folder the cursor is (uidvalidity, last_uid). Each batch is stored and the cursor advanced in
-one transaction, so a crash loses at most the batch in flight and a re-run resumes after the
-last stored UID. The unique key (account, folder, uidvalidity, uid) makes a repeated batch store
-nothing twice. A changed UIDVALIDITY voids every UID of the folder: its rows and cursor reset.
-One sync per account at a time: a PostgreSQL advisory lock, released by the server if the
-worker dies.
-"""
+Per folder the cursor is (uidvalidity, last_uid). ImapSession.fetch_batches lists sizes first,
+then yields messages in ascending UID order, at most MAILWORKER_SYNC_BATCH_SIZE messages and
+MAILWORKER_SYNC_BATCH_BYTES bytes at a time. Each batch is stored and the cursor advanced in one
+transaction, so a crash loses at most the batch in flight and a re-run resumes after the last
+stored UID; only one batch is held in memory. The unique key (account, folder, uidvalidity, uid)
+makes a repeated batch store nothing twice.
 
+Under faults: a message the server still lists but did not send (or sent without a body) raises
+TransientError after the batch before it is stored, so the cursor never passes a message that
+was not stored. A message above MAILWORKER_MAX_MESSAGE_SIZE is never fetched: it is stored as a
+`skipped` row (size and flags, no raw) and the cursor moves past it. A changed UIDVALIDITY voids
+every UID of the folder: its rows and cursor reset. One sync per account at a time: a
+PostgreSQL advisory lock, released by the server if the worker dies.
+"""
 from __future__ import annotations
 
 import logging
