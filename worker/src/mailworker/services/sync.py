@@ -14,6 +14,7 @@ was not stored. A message above MAILWORKER_MAX_MESSAGE_SIZE is never fetched: it
 every UID of the folder: its rows and cursor reset. One sync per account at a time: a
 PostgreSQL advisory lock, released by the server if the worker dies.
 """
+
 from __future__ import annotations
 
 import logging
