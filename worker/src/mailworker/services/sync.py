@@ -147,14 +147,19 @@ def _store_batch(
 
     Returns how many new messages were stored, and how many new ones were skipped (too large).
     """
-    rows = [_row(access, folder, uidvalidity, fetched) for fetched in batch]
+    inserted: list[str] = []
     with session_scope(settings) as session:
-        inserted = session.scalars(
-            insert(Message)
-            .values(rows)
-            .on_conflict_do_nothing(constraint="uq_messages_uid")
-            .returning(Message.state)
-        ).all()
+        # One INSERT per message: psycopg2 builds each statement in memory with the raw bytes
+        # hex-escaped (about 4x their size), so one message's worth, not the whole batch's.
+        for fetched in batch:
+            state = session.scalar(
+                insert(Message)
+                .values(_row(access, folder, uidvalidity, fetched))
+                .on_conflict_do_nothing(constraint="uq_messages_uid")
+                .returning(Message.state)
+            )
+            if state is not None:  # None: stored by an earlier run
+                inserted.append(state)
         session.execute(
             update(FolderSyncState)
             .where(FolderSyncState.account_id == access.account_id)
