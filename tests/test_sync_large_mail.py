@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -130,6 +131,18 @@ def test_a_message_above_the_limit_is_recorded_as_skipped_never_fetched(
     assert (again["result"]["stored"], again["result"]["skipped"]) == (0, 0)
     assert len(rows(db_engine, account.account_id)) == 3
 
+    # docs/operations.md: after raising the limit, rewind to the skipped ones and sync again.
+    runbook = (Path(__file__).parents[1] / "docs" / "operations.md").read_text()
+    sql = runbook.split("```sql\n")[1].split("```")[0]
+    sql = sql.replace("ACCOUNT", account.account_id).replace("FOLDER", "INBOX")
+    with db_engine.connect() as connection:
+        connection.exec_driver_sql(sql.replace("BEGIN;", "").replace("COMMIT;", ""))
+        connection.commit()
+    raised = run_sync({**default_env, "MAILWORKER_MAX_MESSAGE_SIZE": str(30 * MIB)}, account)
+    assert (raised["result"]["stored"], raised["result"]["skipped"]) == (1, 0)
+    assert [m.state for m in rows(db_engine, account.account_id)] == ["present"] * 3
+    assert rows(db_engine, account.account_id)[1].raw == skipped_raw_on_server(dovecot, account)
+
 
 def test_many_medium_messages_are_split_by_bytes(
     default_env, defaults, make_account, dovecot, db_engine
@@ -186,6 +199,11 @@ def test_a_message_the_server_does_not_send_stops_the_sync_before_it(
     assert result["stored"] == 3
     assert [m.uid for m in rows(db_engine, account.account_id)] == [1, 2, 3, 4, 5]
     assert cursor(db_engine, account.account_id) == 5
+
+
+def skipped_raw_on_server(dovecot: Any, account: Any) -> bytes:
+    stored = dovecot.mailbox(account.address)[1].raw
+    return stored.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 def point_imap_at(db_engine, account: Any, *, port: int, security: str) -> None:
