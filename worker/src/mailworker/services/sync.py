@@ -28,12 +28,15 @@ from sqlalchemy.dialects.postgresql import insert
 from mailworker.db.engine import session_scope
 from mailworker.db.locks import advisory_lock, lock_key
 from mailworker.db.models import FolderSyncState, Message
+from mailworker.db.raw_copy import copy_raw
 from mailworker.mail.imap import FetchedMessage, ImapSession
 from mailworker.services.access import AccountAccess
 from mailworker.services.parsing import parse_message
 from mailworker.settings import Settings
 
 logger = logging.getLogger(__name__)
+# Above this a message's raw bytes are streamed into its row rather than sent in its INSERT.
+STREAMED_RAW_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -150,16 +153,24 @@ def _store_batch(
     inserted: list[str] = []
     with session_scope(settings) as session:
         # One INSERT per message: psycopg2 builds each statement in memory with the raw bytes
-        # hex-escaped (about 4x their size), so one message's worth, not the whole batch's.
+        # hex-escaped (about 4x their size), so one message's worth, not the whole batch's;
+        # a large message's bytes are streamed into its row afterwards (db/raw_copy.py).
         for fetched in batch:
+            row = _row(access, folder, uidvalidity, fetched)
+            streamed = fetched.raw is not None and len(fetched.raw) > STREAMED_RAW_BYTES
+            if streamed:
+                row["raw"] = b""
             state = session.scalar(
                 insert(Message)
-                .values(_row(access, folder, uidvalidity, fetched))
+                .values(row)
                 .on_conflict_do_nothing(constraint="uq_messages_uid")
                 .returning(Message.state)
             )
-            if state is not None:  # None: stored by an earlier run
-                inserted.append(state)
+            if state is None:  # stored by an earlier run
+                continue
+            inserted.append(state)
+            if streamed and fetched.raw is not None:
+                copy_raw(session, row["id"], fetched.raw)
         session.execute(
             update(FolderSyncState)
             .where(FolderSyncState.account_id == access.account_id)
