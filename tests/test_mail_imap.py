@@ -17,6 +17,7 @@ from mailworker.errors import (
 from mailworker.mail.endpoints import MailEndpoint, Security
 from mailworker.mail.imap import FetchedMessage, ImapSession
 
+from tests.fixtures.imap_wire import BodyDroppingProxy
 from tests.fixtures.mailservers import HOST, LEGACY_USER, DovecotServer, MailUser, free_port
 
 
@@ -284,3 +285,99 @@ def test_endpoint_rejects_bad_connection_data():
 
 def _endpoint(port: int, security: Security, **overrides: Any) -> MailEndpoint:
     return MailEndpoint(HOST, port, security, "nobody@tenant-a.test", "pw-123456", **overrides)
+
+
+# --- the reader against Dovecot's real replies ------------------------------------------------
+
+
+def test_keywords_spelled_like_fetch_items_are_flags(dovecot, user):
+    # The old reader took the first "UID n" anywhere: here the keywords "UID" and "7".
+    with ImapSession(dovecot.endpoint(user.address)) as imap:
+        imap.append("INBOX", message(1), ["\\Seen"])
+        imap.append("INBOX", message(2), ["UID", "7", "$Label1"])
+        imap.select("INBOX")
+        assert "ESEARCH" in imap.capabilities  # so the search below reads ESEARCH replies
+        (batch,) = imap.fetch_batches(0, 10)
+    assert [(m.uid, set(m.flags)) for m in batch] == [(1, {"\\Seen"}), (2, {"UID", "7", "$Label1"})]
+    assert b"<msg-2@example.org>" in (batch[1].raw or b"")
+
+
+def test_plain_search_without_esearch(dovecot):
+    user = MailUser(LEGACY_USER, dovecot.users[LEGACY_USER])
+    fill(dovecot, user, 2)
+    with ImapSession(dovecot.endpoint(LEGACY_USER)) as imap:
+        assert "ESEARCH" not in imap.capabilities
+        state = imap.select("INBOX")
+        found = [m.uid for batch in imap.fetch_batches(state.uidnext - 3, 10) for m in batch]
+    assert found == [state.uidnext - 2, state.uidnext - 1]
+
+
+def test_flag_changes_and_expunges_by_another_session_during_the_fetch(dovecot, user):
+    # Dovecot interleaves `* n FETCH (FLAGS ...)` and `* n EXPUNGE` into the UID FETCH replies.
+    fill(dovecot, user, 4)
+    endpoint = dovecot.endpoint(user.address)
+    with ImapSession(endpoint) as reader, ImapSession(endpoint) as other:
+        reader.select("INBOX")
+        batches = reader.fetch_batches(0, 1)
+        first = next(batches)
+        other.select("INBOX")
+        other.expunge([3])
+        other.append("INBOX", message(5), ["\\Flagged"])
+        rest = list(batches)
+    assert [m.uid for m in first] == [1]
+    # UID 3 was expunged after the search: left out, no error; UID 5 came after the search.
+    assert [[m.uid for m in batch] for batch in rest] == [[2], [4]]
+
+
+def test_sizes_first_then_batches_bounded_in_bytes_and_large_ones_not_fetched(dovecot, user):
+    sizes = [3_000, 40_000, 40_000, 10_000, 90_000, 2_000]
+    for number, size in enumerate(sizes, start=1):
+        padding = b"x" * 76 + b"\r\n"
+        dovecot.deliver(user.address, message(number) + padding * (size // 78))
+    with ImapSession(dovecot.endpoint(user.address)) as imap:
+        imap.select("INBOX")
+        batches = list(imap.fetch_batches(0, 100, batch_bytes=60_000, max_size=80_000))
+    on_server = dovecot_sizes(dovecot, user)
+    assert [[m.uid for m in batch] for batch in batches] == [[1, 2], [3, 4, 5, 6]]
+    large = batches[1][2]
+    assert (large.uid, large.raw, large.skipped) == (5, None, True)
+    assert large.size == on_server[5] > 80_000
+    fetched = [m for batch in batches for m in batch if not m.skipped]
+    assert all(m.size == len(m.raw or b"") == on_server[m.uid] for m in fetched)
+    assert all(sum(m.size for m in b if not m.skipped) <= 60_000 for b in batches)
+
+
+def test_a_message_bigger_than_the_batch_comes_alone(dovecot, user):
+    for number in (1, 2, 3):
+        body = message(number) + (b"y" * 998 + b"\r\n") * (30 if number == 2 else 1)
+        dovecot.deliver(user.address, body)
+    with ImapSession(dovecot.endpoint(user.address)) as imap:
+        imap.select("INBOX")
+        batches = uids(imap.fetch_batches(0, 100, batch_bytes=5_000))
+    assert batches == [[1], [2], [3]]
+
+
+def test_a_message_returned_without_its_body_stops_before_it(dovecot, user):
+    fill(dovecot, user, 5)
+    proxy = BodyDroppingProxy(dovecot.port, drop_uid=3)
+    endpoint = dovecot.endpoint(user.address, "plain", port=proxy.port)
+    try:
+        with ImapSession(endpoint) as imap:
+            imap.select("INBOX")
+            batches = imap.fetch_batches(0, 10)
+            got = [[m.uid for m in next(batches)]]
+            with pytest.raises(TransientError, match="UID 3") as e:
+                next(batches)
+    finally:
+        proxy.close()
+    assert proxy.dropped == 1
+    assert got == [[1, 2]]  # what came before it, and nothing after it
+    assert "still lists" in str(e.value)
+
+
+def dovecot_sizes(dovecot: DovecotServer, user: MailUser) -> dict[int | None, int]:
+    """UID -> size of the messages as IMAP sends them (the maildir keeps LF line ends)."""
+    return {
+        m.uid: len(m.raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+        for m in dovecot.mailbox(user.address)
+    }

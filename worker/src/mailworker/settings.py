@@ -396,6 +396,12 @@ class Settings:
         "Largest message synced or sent (bytes); larger ones are skipped by sync, refused by send.",
         "26214400",
     )
+    sync_batch_bytes: int = _setting(
+        Integer(minimum=65536),
+        "Message bytes fetched per IMAP batch (a larger message comes alone); 8 MiB holds 100 "
+        "ordinary mails, so it splits only batches of large mail and bounds a sync's memory.",
+        "8388608",
+    )
     sync_folders: tuple[str, ...] = _setting(TextList(), "Folders `sync_mailbox` reads.", "INBOX")
     imap_timeout: float = _setting(Number(minimum=1), "IMAP socket timeout (s).", "30")
     smtp_timeout: float = _setting(Number(minimum=1), "SMTP socket timeout (s).", "30")

@@ -130,7 +130,8 @@ class Message(Base):
     date: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     headers: Mapped[str] = mapped_column(Text, default="")
     body_text: Mapped[str] = mapped_column(Text, default="")
-    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    # NULL for a message sync skipped as larger than MAILWORKER_MAX_MESSAGE_SIZE (state skipped).
+    raw: Mapped[bytes | None] = mapped_column(LargeBinary)
     size: Mapped[int] = mapped_column(Integer)
     flags: Mapped[list[str]] = mapped_column(ARRAY(Text), default=list)
     spam_score: Mapped[float | None] = mapped_column(Float)
@@ -138,6 +139,7 @@ class Message(Base):
     spam_reasons: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
     classified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # present | trashed (moved to Trash) | junk (moved to Junk) | expunged
+    # | skipped (on the server, too large to sync: only uid, size and flags are stored)
     state: Mapped[str] = mapped_column(String(16), default="present")
     moved_to: Mapped[str | None] = mapped_column(String(255))
     state_changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

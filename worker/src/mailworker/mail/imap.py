@@ -18,7 +18,7 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from mailworker.errors import (
     AuthenticationFailed,
@@ -26,6 +26,7 @@ from mailworker.errors import (
     PermanentError,
     TransientError,
 )
+from mailworker.mail import imap_replies as replies
 from mailworker.mail import imap_syntax as syntax
 from mailworker.mail.deadline import DeadlineIMAP4, DeadlineIMAP4SSL
 from mailworker.mail.endpoints import MailEndpoint
@@ -33,6 +34,10 @@ from mailworker.mail.failures import network_error
 
 _TRANSIENT_CODES = frozenset({"UNAVAILABLE", "INUSE", "SERVERBUG"})
 _Reply = tuple[str, list[Any]]
+_T = TypeVar("_T")
+_BODY_ITEMS = "(UID FLAGS BODY.PEEK[])"
+# UIDs whose sizes one command asks for: one short line each, so a reply of about 50 KB.
+_SIZES_PER_COMMAND = 1000
 
 
 @dataclass(frozen=True)
@@ -46,10 +51,28 @@ class FolderState:
 
 @dataclass(frozen=True)
 class FetchedMessage:
-    """One message as stored on the server, fetched without changing its flags."""
+    """One message as stored on the server, fetched without changing its flags.
+
+    `raw` is None for a message larger than the caller's `max_size`: it was never fetched, and
+    `size` is the size the server reported for it (RFC822.SIZE).
+    """
 
     uid: int
-    raw: bytes
+    raw: bytes | None
+    flags: tuple[str, ...]
+    size: int
+
+    @property
+    def skipped(self) -> bool:
+        return self.raw is None
+
+
+@dataclass(frozen=True)
+class ListedMessage:
+    """A message known by UID, size and flags only, before its body is fetched."""
+
+    uid: int
+    size: int
     flags: tuple[str, ...]
 
 
@@ -104,33 +127,151 @@ class ImapSession:
         self.selected = folder
         return FolderState(uidvalidity=uidvalidity, uidnext=uidnext, exists=int(data[0] or 0))
 
-    def fetch_batches(self, after_uid: int, batch_size: int) -> Iterator[list[FetchedMessage]]:
-        """Messages with UID > after_uid in ascending UID order, `batch_size` at a time.
+    def fetch_batches(
+        self,
+        after_uid: int,
+        batch_size: int,
+        *,
+        batch_bytes: int | None = None,
+        max_size: int | None = None,
+    ) -> Iterator[list[FetchedMessage]]:
+        """Messages with UID > after_uid in ascending UID order, in batches.
 
-        BODY.PEEK[] leaves \\Seen alone. Messages expunged by another client between the search
-        and the fetch are simply absent from their batch.
+        A batch holds at most `batch_size` messages and at most `batch_bytes` of message text,
+        unless one message alone is larger. Sizes are asked for first (RFC822.SIZE); a message
+        larger than `max_size` is never fetched and comes with raw=None. BODY.PEEK[] leaves
+        \\Seen alone.
+
+        A message expunged by another client after the search is left out. One the server still
+        has but did not return, or returned without a body, raises TransientError once the
+        messages before it have been yielded: a caller that stores each batch and then moves
+        its cursor never moves it past a message it does not have.
         """
         _require_int("after_uid", after_uid, minimum=0)
         _require_int("batch_size", batch_size, minimum=1)
+        if batch_bytes is not None:
+            _require_int("batch_bytes", batch_bytes, minimum=1)
+        if max_size is not None:
+            _require_int("max_size", max_size, minimum=1)
         self._require_selected()
-        return self._batches(after_uid, batch_size)
+        return self._batches(after_uid, batch_size, batch_bytes, max_size)
 
-    def _batches(self, after_uid: int, batch_size: int) -> Iterator[list[FetchedMessage]]:
+    def _batches(
+        self, after_uid: int, batch_size: int, batch_bytes: int | None, max_size: int | None
+    ) -> Iterator[list[FetchedMessage]]:
         if after_uid >= syntax.MAX_UID:
             return
-        conn = self._connection()
-        data = self._ok("search", conn.uid, "SEARCH", "UID", f"{after_uid + 1}:*")
         # "n:*" always matches the highest UID, even when it is below n.
-        uids = sorted(uid for uid in _numbers(data) if uid > after_uid)
-        for start in range(0, len(uids), batch_size):
-            wanted = uids[start : start + batch_size]
-            data = self._ok(
-                "fetch", conn.uid, "FETCH", syntax.uid_set(wanted), "(UID FLAGS BODY.PEEK[])"
+        uids = [uid for uid in self._search_uids(f"{after_uid + 1}:*") if uid > after_uid]
+        for start in range(0, len(uids), _SIZES_PER_COMMAND):
+            listed, error = self._list(uids[start : start + _SIZES_PER_COMMAND])
+            for plan in plan_batches(listed, batch_size, batch_bytes, max_size):
+                batch, error_in_batch = self._fetch_bodies(plan, max_size)
+                if batch:
+                    yield batch
+                # Hold no batch while the next one is fetched: the caller has stored it.
+                del batch
+                if error_in_batch is not None:
+                    raise error_in_batch
+            if error is not None:
+                raise error
+
+    def _list(self, uids: list[int]) -> tuple[list[ListedMessage], TransientError | None]:
+        """Size and flags of `uids`, up to the first one the server still has but did not list."""
+        data = self._fetch(uids, "(UID RFC822.SIZE FLAGS)")
+        answered = {
+            response.uid: response
+            for response in self._read(replies.parse_fetch, data)
+            if response.uid is not None and response.size is not None
+        }
+        listed: list[ListedMessage] = []
+        gone = self._gone([uid for uid in uids if uid not in answered])
+        for uid in uids:
+            if uid in gone:
+                continue
+            response = answered.get(uid)
+            if response is None:
+                return listed, self._unanswered(uid, "its size")
+            listed.append(ListedMessage(uid, response.size or 0, response.flags or ()))
+        return listed, None
+
+    def _fetch_bodies(
+        self, plan: list[ListedMessage], max_size: int | None
+    ) -> tuple[list[FetchedMessage], TransientError | None]:
+        """The planned batch, up to the first message the server still has but did not send."""
+        wanted = [item.uid for item in plan if not _too_large(item.size, max_size)]
+        bodies: dict[int, bytes] = {}
+        flags: dict[int, tuple[str, ...]] = {}
+        if wanted:
+            asked = set(wanted)
+            for response in self._read(replies.parse_fetch, self._fetch(wanted, _BODY_ITEMS)):
+                if response.uid not in asked:  # unsolicited: another message's flags changed
+                    continue
+                if response.flags is not None:
+                    flags[response.uid] = response.flags
+                if response.body is not None:
+                    bodies[response.uid] = response.body
+        gone = self._gone([uid for uid in wanted if uid not in bodies])
+        batch: list[FetchedMessage] = []
+        for item in plan:
+            if item.uid in gone:
+                continue
+            if _too_large(item.size, max_size):
+                batch.append(FetchedMessage(item.uid, None, item.flags, item.size))
+                continue
+            raw = bodies.pop(item.uid, None)
+            if raw is None:
+                return batch, self._unanswered(item.uid, "its body")
+            if _too_large(len(raw), max_size):  # the server understated its size
+                batch.append(FetchedMessage(item.uid, None, item.flags, len(raw)))
+                continue
+            batch.append(FetchedMessage(item.uid, raw, flags.get(item.uid, item.flags), len(raw)))
+        return batch, None
+
+    def _fetch(self, uids: list[int], items: str) -> list[Any]:
+        conn = self._connection()
+        conn.response("FETCH")  # drop FETCH responses left over from earlier commands
+        typ, data = self._attempt("fetch", conn.uid, "FETCH", syntax.uid_set(uids), items)
+        if typ != "OK":
+            text = syntax.as_text(data[-1] if data else "")
+            if syntax.response_code(text) == "EXPUNGEISSUED":  # RFC 5530: a retry will not see it
+                raise TransientError(self._message("fetch", text))
+            raise self._refusal("fetch", data)
+        return data
+
+    def _search_uids(self, uid_range: str) -> list[int]:
+        """UIDs in `uid_range`, ascending; ESEARCH (RFC 4731) where offered, as it sends ranges."""
+        conn = self._connection()
+        if "ESEARCH" not in self.capabilities:
+            data = self._ok("search", conn.uid, "SEARCH", "UID", uid_range)
+            return sorted(set(self._read(replies.parse_search, data)))
+        conn.response("ESEARCH")  # drop any left over from earlier commands
+        data = self._ok("search", conn.uid, "SEARCH", "RETURN", "(ALL)", "UID", uid_range)
+        _, esearch = conn.response("ESEARCH")
+        found = self._read(replies.parse_esearch, esearch)
+        return sorted(set(found).union(self._read(replies.parse_search, data)))
+
+    def _gone(self, uids: list[int]) -> set[int]:
+        """Which of `uids` the server no longer has (expunged since the search)."""
+        if not uids:
+            return set()
+        present = self._search_uids(syntax.uid_set(uids))
+        return set(uids).difference(present)
+
+    def _unanswered(self, uid: int, what: str) -> TransientError:
+        return TransientError(
+            self._message(
+                "fetch",
+                f"the server did not send {what} for UID {uid} in {self.selected!r}, "
+                "which it still lists; stopping before it",
             )
-            found = {uid: (raw, flags) for uid, raw, flags in syntax.parse_fetch(data)}
-            batch = [FetchedMessage(uid, *found[uid]) for uid in wanted if uid in found]
-            if batch:
-                yield batch
+        )
+
+    def _read(self, reader: Callable[[Sequence[object]], _T], data: Sequence[object]) -> _T:
+        try:
+            return reader(data)
+        except replies.UnreadableReply as exc:
+            raise PermanentError(self._message("read reply", f"unreadable reply: {exc}")) from None
 
     def move(self, uids: Sequence[int], target: str) -> None:
         """Move messages to `target` (created if missing): MOVE if offered, else COPY+EXPUNGE."""
@@ -178,7 +319,7 @@ class ImapSession:
             # imaplib sends `literal` after the last argument; typeshed wrongly says str.
             conn.literal = value.encode()  # type: ignore[assignment]
             data = self._ok("search", conn.uid, "SEARCH", "CHARSET", "UTF-8", "HEADER", name)
-        return sorted(_numbers(data))
+        return sorted(set(self._read(replies.parse_search, data)))
 
     # -- connection and login --------------------------------------------------------------------
 
@@ -359,8 +500,31 @@ class ImapSession:
         return f"IMAP {action} as {who} failed: {text}"
 
 
-def _numbers(data: list[Any]) -> list[int]:
-    return [int(word) for item in data if item for word in syntax.as_text(item).split()]
+def plan_batches(
+    listed: Sequence[ListedMessage],
+    batch_size: int,
+    batch_bytes: int | None,
+    max_size: int | None,
+) -> Iterator[list[ListedMessage]]:
+    """Split messages, in order, into batches of at most `batch_size` messages and
+    `batch_bytes` bytes; a message bigger than `batch_bytes` goes alone, one above `max_size`
+    (not fetched) counts no bytes."""
+    batch: list[ListedMessage] = []
+    total = 0
+    for item in listed:
+        size = 0 if _too_large(item.size, max_size) else item.size
+        full = len(batch) >= batch_size or (batch_bytes is not None and total + size > batch_bytes)
+        if batch and full:
+            yield batch
+            batch, total = [], 0
+        batch.append(item)
+        total += size
+    if batch:
+        yield batch
+
+
+def _too_large(size: int, max_size: int | None) -> bool:
+    return max_size is not None and size > max_size
 
 
 def _require_int(name: str, value: object, *, minimum: int) -> None:

@@ -1,4 +1,7 @@
-"""IMAP wire syntax that imaplib leaves to its caller: mailbox names, UID sets, FETCH replies."""
+"""IMAP wire syntax that imaplib leaves to its caller: mailbox names, UID sets, flags, codes.
+
+Replies (FETCH, SEARCH, ESEARCH) are read by imap_replies.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,6 @@ MAX_UID = 2**32 - 1
 _PRINTABLE_ASCII = range(0x20, 0x7F)
 _FLAG = re.compile(r"\\?[A-Za-z0-9$_.\-]+")
 _HEADER_NAME = re.compile(r"[!-9;-~]+")
-_FETCH_UID = re.compile(rb"\bUID (\d+)")
-_FETCH_FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)")
 _RESPONSE_CODE = re.compile(r"^\[([A-Z][A-Z0-9-]*)")
 
 
@@ -107,36 +108,3 @@ def as_text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
-
-
-def parse_fetch(data: Sequence[object]) -> list[tuple[int, bytes, tuple[str, ...]]]:
-    """(uid, body, flags) for each FETCH response in imaplib's reply that carries a body literal.
-
-    imaplib yields a (prefix, literal) tuple per literal, followed by the rest of the response
-    as bytes (") " or " FLAGS (...))" when the server sends the body first). Responses without a
-    literal are unsolicited flag updates from other sessions and are skipped.
-    """
-    messages: list[tuple[int, bytes, tuple[str, ...]]] = []
-    meta = b""
-    body: bytes | None = None
-
-    def finish() -> None:
-        if body is None:
-            return
-        uid = _FETCH_UID.search(meta)
-        if uid is None:
-            return
-        flags = _FETCH_FLAGS.search(meta)
-        # \Recent belongs to one session (and is gone in IMAP4rev2): not a property of the mail.
-        words = as_text(flags.group(1)).split() if flags else []
-        names = tuple(word for word in words if word.lower() != "\\recent")
-        messages.append((int(uid.group(1)), body, names))
-
-    for item in data:
-        if isinstance(item, tuple):
-            finish()
-            meta, body = bytes(item[0]), bytes(item[1])
-        elif isinstance(item, bytes) and body is not None:
-            meta += item
-    finish()
-    return messages

@@ -55,7 +55,7 @@ def delete_messages(
             skipped[message_id] = actions.ELSEWHERE
         elif actions.done_before(message, action, token):
             done.add(message_id)
-        elif message.state != "present":
+        elif message.state not in actions.ON_SERVER:
             skipped[message_id] = actions.NOT_PRESENT
         else:
             candidates.append(message_id)

@@ -39,6 +39,9 @@ SWEEP_LIMIT: Final = 10_000  # claims handed on per sweep; the next sweep takes 
 NOT_FOUND: Final = "not_found"  # no message of this user has the id (or a resync dropped it)
 ELSEWHERE: Final = "elsewhere"  # the user's message, but in another account or folder
 NOT_PRESENT: Final = "not_present"  # already trashed, expunged or moved to Junk
+# States of a row whose message is still in its folder on the server (`skipped`: too large to
+# sync, but the user may still delete it).
+ON_SERVER: Final = ("present", "skipped")
 BUSY: Final = "busy"  # another delete or spam move holds it
 RENUMBERED: Final = "renumbered"  # the folder's UIDVALIDITY changed since the row was synced
 FAILED: Final = "failed"  # the server refused the action; see messages.action_error
@@ -52,7 +55,7 @@ class Claimed:
 
 
 def claim(settings: Settings, ids: Collection[uuid.UUID], action: str, token: str) -> list[Claimed]:
-    """Claim the rows among `ids` that are present and free (or already held by `token`)."""
+    """Claim the rows among `ids` still on the server and free (or already held by `token`)."""
     if not ids:
         return []
     mine = and_(
@@ -64,7 +67,7 @@ def claim(settings: Settings, ids: Collection[uuid.UUID], action: str, token: st
         rows = session.execute(
             update(Message)
             .where(Message.id.in_(list(ids)))
-            .where(Message.state == "present")
+            .where(Message.state.in_(ON_SERVER))
             .where(or_(Message.action_state.is_(None), Message.action_state == "failed", mine))
             .values(
                 action=action,
@@ -90,7 +93,7 @@ def finalize(
         done = session.scalars(
             update(Message)
             .where(Message.id.in_(list(ids)))
-            .where(Message.state == "present")
+            .where(Message.state.in_(ON_SERVER))
             .where(Message.action_task_id == token)
             .where(Message.action == action)
             # pending, or failed by the window while this attempt was acting: the server moved it.
@@ -136,7 +139,7 @@ def why_not_claimed(settings: Settings, ids: Collection[uuid.UUID]) -> dict[uuid
         rows = session.execute(
             select(Message.id, Message.state).where(Message.id.in_(list(ids)))
         ).all()
-    found = {row[0]: BUSY if row[1] == "present" else NOT_PRESENT for row in rows}
+    found = {row[0]: BUSY if row[1] in ON_SERVER else NOT_PRESENT for row in rows}
     return {message_id: found.get(message_id, NOT_FOUND) for message_id in ids}
 
 

@@ -68,7 +68,7 @@ def classify(
             if account.id not in accesses:
                 accesses[account.id] = AccountAccess.of(account, settings)
     scores = _score(settings, owned)
-    spam = [item for item in owned if scores[item.message_id][1]]
+    spam = [item for item in owned if scores.get(item.message_id, (0.0, False))[1]]
     moved = {item.message_id for item in spam if item.moved_before}
     not_moved: dict[uuid.UUID, str] = {}
     groups: dict[tuple[uuid.UUID, str], list[uuid.UUID]] = defaultdict(list)
@@ -79,7 +79,7 @@ def classify(
             not_moved[item.message_id] = actions.NOT_PRESENT
         else:
             groups[(item.account_id, item.folder)].append(item.message_id)
-    ham = [item.message_id for item in owned if not scores[item.message_id][1]]
+    ham = [message_id for message_id, (_, is_spam) in scores.items() if not is_spam]
     # A resubmitted classification whose verdict changed (new rules) gives its claim up.
     actions.release(settings, ham, token, "no longer classified as spam", failed=False)
     for (account_id, folder), ids in groups.items():
@@ -87,7 +87,7 @@ def classify(
             settings, accesses[account_id], folder, ids, token=token, not_moved=not_moved
         )
     return {
-        "classified": len(owned),
+        "classified": len(scores),
         "spam": len(spam),
         "moved_to_junk": len(moved),
         "not_moved": {str(message_id): reason for message_id, reason in not_moved.items()},
@@ -101,7 +101,9 @@ def _score(settings: Settings, owned: list[Owned]) -> dict[uuid.UUID, tuple[floa
     with session_scope(settings) as session:
         for item in owned:
             raw = session.scalar(select(Message.raw).where(Message.id == item.message_id))
-            verdict = score_message(raw or b"", recipient=item.recipient)
+            if raw is None:  # skipped by sync as too large: nothing to score
+                continue
+            verdict = score_message(raw, recipient=item.recipient)
             del raw
             session.execute(
                 update(Message)

@@ -1,11 +1,18 @@
 """Incremental IMAP sync of one account into PostgreSQL.
 
-Per folder the cursor is (uidvalidity, last_uid). Each batch is stored and the cursor advanced in
-one transaction, so a crash loses at most the batch in flight and a re-run resumes after the
-last stored UID. The unique key (account, folder, uidvalidity, uid) makes a repeated batch store
-nothing twice. A changed UIDVALIDITY voids every UID of the folder: its rows and cursor reset.
-One sync per account at a time: a PostgreSQL advisory lock, released by the server if the
-worker dies.
+Per folder the cursor is (uidvalidity, last_uid). ImapSession.fetch_batches lists sizes first,
+then yields messages in ascending UID order, at most MAILWORKER_SYNC_BATCH_SIZE messages and
+MAILWORKER_SYNC_BATCH_BYTES bytes at a time. Each batch is stored and the cursor advanced in one
+transaction, so a crash loses at most the batch in flight and a re-run resumes after the last
+stored UID; only one batch is held in memory. The unique key (account, folder, uidvalidity, uid)
+makes a repeated batch store nothing twice.
+
+Under faults: a message the server still lists but did not send (or sent without a body) raises
+TransientError after the batch before it is stored, so the cursor never passes a message that
+was not stored. A message above MAILWORKER_MAX_MESSAGE_SIZE is never fetched: it is stored as a
+`skipped` row (size and flags, no raw) and the cursor moves past it. A changed UIDVALIDITY voids
+every UID of the folder: its rows and cursor reset. One sync per account at a time: a
+PostgreSQL advisory lock, released by the server if the worker dies.
 """
 
 from __future__ import annotations
@@ -21,12 +28,15 @@ from sqlalchemy.dialects.postgresql import insert
 from mailworker.db.engine import session_scope
 from mailworker.db.locks import advisory_lock, lock_key
 from mailworker.db.models import FolderSyncState, Message
+from mailworker.db.raw_copy import copy_raw
 from mailworker.mail.imap import FetchedMessage, ImapSession
 from mailworker.services.access import AccountAccess
 from mailworker.services.parsing import parse_message
 from mailworker.settings import Settings
 
 logger = logging.getLogger(__name__)
+# Above this a message's raw bytes are streamed into its row rather than sent in its INSERT.
+STREAMED_RAW_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,7 @@ class FolderResult:
     folder: str
     uidvalidity: int
     stored: int
+    skipped: int
     last_uid: int
     reset: bool
 
@@ -48,6 +59,7 @@ def sync_account(settings: Settings, access: AccountAccess, folders: Sequence[st
     return {
         "account_id": str(access.account_id),
         "stored": sum(result.stored for result in results),
+        "skipped": sum(result.skipped for result in results),
         "folders": [asdict(result) for result in results],
     }
 
@@ -57,11 +69,20 @@ def _sync_folder(
 ) -> FolderResult:
     server = imap.select(folder)
     after_uid, reset = _cursor(settings, access, folder, server.uidvalidity)
-    stored = 0
+    stored = skipped = 0
     last_uid = after_uid
-    for batch in imap.fetch_batches(after_uid=after_uid, batch_size=settings.sync_batch_size):
-        stored += _store_batch(settings, access, folder, server.uidvalidity, batch)
+    batches = imap.fetch_batches(
+        after_uid=after_uid,
+        batch_size=settings.sync_batch_size,
+        batch_bytes=settings.sync_batch_bytes,
+        max_size=settings.max_message_size,
+    )
+    for batch in batches:
+        new, new_skipped = _store_batch(settings, access, folder, server.uidvalidity, batch)
+        stored += new
+        skipped += new_skipped
         last_uid = max(last_uid, batch[-1].uid)
+        del batch  # hold no batch while the next one is fetched
     if stored == 0:
         with session_scope(settings) as session:
             session.execute(
@@ -71,14 +92,15 @@ def _sync_folder(
                 .values(synced_at=func.now())
             )
     logger.info(
-        "account %s folder %r: stored %d new message(s), last uid %d%s",
+        "account %s folder %r: stored %d new message(s), %d too large and skipped, last uid %d%s",
         access.account_id,
         folder,
         stored,
+        skipped,
         last_uid,
         " (uidvalidity changed, folder re-read)" if reset else "",
     )
-    return FolderResult(folder, server.uidvalidity, stored, last_uid, reset)
+    return FolderResult(folder, server.uidvalidity, stored, skipped, last_uid, reset)
 
 
 def _cursor(
@@ -123,15 +145,32 @@ def _store_batch(
     folder: str,
     uidvalidity: int,
     batch: list[FetchedMessage],
-) -> int:
-    rows = [_row(access, folder, uidvalidity, fetched) for fetched in batch]
+) -> tuple[int, int]:
+    """Insert one batch and move the cursor to its last UID, in one transaction.
+
+    Returns how many new messages were stored, and how many new ones were skipped (too large).
+    """
+    inserted: list[str] = []
     with session_scope(settings) as session:
-        inserted = session.scalars(
-            insert(Message)
-            .values(rows)
-            .on_conflict_do_nothing(constraint="uq_messages_uid")
-            .returning(Message.id)
-        ).all()
+        # One INSERT per message: psycopg2 builds each statement in memory with the raw bytes
+        # hex-escaped (about 4x their size), so one message's worth, not the whole batch's;
+        # a large message's bytes are streamed into its row afterwards (db/raw_copy.py).
+        for fetched in batch:
+            row = _row(access, folder, uidvalidity, fetched)
+            streamed = fetched.raw is not None and len(fetched.raw) > STREAMED_RAW_BYTES
+            if streamed:
+                row["raw"] = b""
+            state = session.scalar(
+                insert(Message)
+                .values(row)
+                .on_conflict_do_nothing(constraint="uq_messages_uid")
+                .returning(Message.state)
+            )
+            if state is None:  # stored by an earlier run
+                continue
+            inserted.append(state)
+            if streamed and fetched.raw is not None:
+                copy_raw(session, row["id"], fetched.raw)
         session.execute(
             update(FolderSyncState)
             .where(FolderSyncState.account_id == access.account_id)
@@ -142,18 +181,38 @@ def _store_batch(
                 synced_at=func.now(),
             )
         )
-    return len(inserted)
+    skipped = sum(1 for state in inserted if state == "skipped")
+    return len(inserted) - skipped, skipped
 
 
 def _row(access: AccountAccess, folder: str, uidvalidity: int, fetched: FetchedMessage) -> dict:
-    parsed = parse_message(fetched.raw)
-    return {
+    row = {
         "id": uuid.uuid4(),
         "tenant_id": access.tenant_id,
         "account_id": access.account_id,
         "folder": folder,
         "uidvalidity": uidvalidity,
         "uid": fetched.uid,
+        "size": fetched.size,
+        "flags": list(fetched.flags),
+    }
+    if fetched.raw is None:
+        # Larger than MAILWORKER_MAX_MESSAGE_SIZE: recorded with its size, never fetched.
+        return {
+            **row,
+            "message_id": None,
+            "subject": "",
+            "sender": "",
+            "recipients": "",
+            "date": None,
+            "headers": "",
+            "body_text": "",
+            "raw": None,
+            "state": "skipped",
+        }
+    parsed = parse_message(fetched.raw)
+    return {
+        **row,
         "message_id": parsed.message_id,
         "subject": parsed.subject,
         "sender": parsed.sender,
@@ -162,7 +221,5 @@ def _row(access: AccountAccess, folder: str, uidvalidity: int, fetched: FetchedM
         "headers": parsed.headers,
         "body_text": parsed.body_text,
         "raw": fetched.raw,
-        "size": len(fetched.raw),
-        "flags": list(fetched.flags),
         "state": "present",
     }
