@@ -1,10 +1,12 @@
-"""Flower, as an operator checks it: loopback only, read-only, persistent, hardened.
+"""Flower, as an operator checks it: loopback only, its own basic auth even there, read-only,
+no task history on disk, hardened.
 
 A failing test prints Flower's journal (the `units` marker, see conftest.py).
 """
 
 import os
 import re
+import shlex
 
 import pytest
 import testinfra.utils.ansible_runner
@@ -20,6 +22,7 @@ UNIT = "celery-flower.service"
 LOCAL = "http://127.0.0.1:5555/flower"
 STATE_DIR = "/var/lib/mailworker/flower"
 LOOPBACK = {"127.0.0.0/8", "::1/128"}
+AUTH_FILE = "/etc/mailworker/celery-flower-auth.env"
 
 
 def unit_property(host, name: str, unit: str = UNIT) -> str:
@@ -31,13 +34,26 @@ def flower_argv(host) -> list[str]:
     return host.file(f"/proc/{pid}/cmdline").content_string.split("\0")
 
 
-def local_status(host, path: str, method: str = "GET") -> int:
-    return int(
-        host.check_output(
-            f"curl --silent --max-time 10 --output /dev/null --write-out '%{{http_code}}' "
-            f"--request {method} {LOCAL}/{path}"
-        )
+def local_status(host, path: str, method: str = "GET", user: str = "", as_: str = "") -> int:
+    """The HTTP status Flower answers on loopback, to root or to the local user `as_`, with basic
+    auth `user` ("name:password") if given."""
+    command = (
+        "curl --silent --max-time 10 --output /dev/null --write-out '%{http_code}' "
+        f"--request {method} {LOCAL}/{path}"
     )
+    if user:
+        command += f" --user {shlex.quote(user)}"
+    if as_:
+        command = f"runuser -u {as_} -- {command}"
+    return int(host.check_output(command))
+
+
+@pytest.fixture(scope="module")
+def flower_credentials(host) -> str:
+    """FLOWER_BASIC_AUTH from the root-only file systemd reads ("user:password")."""
+    found = re.search(r'^FLOWER_BASIC_AUTH="([^"]+)"', host.file(AUTH_FILE).content_string, re.M)
+    assert found, f"no FLOWER_BASIC_AUTH in {AUTH_FILE}"
+    return found.group(1)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,18 +81,12 @@ def test_flower_listens_on_loopback_only(host):
     assert addresses == {"127.0.0.1:5555"}, listeners
 
 
-def test_flower_is_prefixed_persistent_and_read_only(host):
+def test_flower_is_prefixed_read_only_and_keeps_no_history(host):
     argv = flower_argv(host)
     assert "--url_prefix=flower" in argv, argv
-    assert "--persistent=True" in argv, argv
-    assert f"--db={STATE_DIR}/flower.db" in argv, argv
-    has_read_only = host.run(
-        "/opt/mailworker/venv/bin/python -c "
-        "'import flower.options, tornado.options, sys; "
-        'sys.exit(0 if "read_only" in tornado.options.options else 1)\''
-    )
-    if has_read_only.rc == 0:
-        assert "--read_only=True" in argv, argv
+    # A Flower without --read_only refuses to start (mailworker run flower): never left out.
+    assert "--read_only=True" in argv, argv
+    assert "--persistent=False" in argv, argv
 
 
 def test_flower_answers_its_healthcheck_on_loopback(host):
@@ -84,21 +94,44 @@ def test_flower_answers_its_healthcheck_on_loopback(host):
     assert body == "OK", body
 
 
-def test_flower_api_answers_and_control_calls_are_refused(host):
-    # The UI's buttons call the API: it answers (nginx authenticates in front of it) ...
-    assert local_status(host, "api/workers") == 200
-    # ... but read-only Flower refuses anything that changes a worker.
+@pytest.mark.parametrize("path", ["api/workers", "api/tasks", "workers", "tasks", "broker"])
+def test_a_local_user_without_credentials_gets_401(host, path):
+    # Loopback is no protection: every local user reaches 127.0.0.1:5555.
+    assert local_status(host, path, as_="nobody") == 401
+    assert local_status(host, path, user="flower-proxy:not-the-password") == 401
+
+
+@pytest.mark.parametrize("path", ["api/workers", "api/tasks", "workers", "tasks"])
+def test_with_flowers_own_credentials_it_answers(host, flower_credentials, path):
+    assert local_status(host, path, user=flower_credentials) == 200
+
+
+def test_control_calls_are_refused_even_with_credentials(host, flower_credentials):
     node = "celery-worker@" + host.check_output("hostname")
-    assert local_status(host, f"api/worker/shutdown/{node}", method="POST") == 403
+    path = f"api/worker/shutdown/{node}"
+    assert local_status(host, path, method="POST", user=flower_credentials) == 403
 
 
-def test_flower_keeps_its_state_in_its_state_directory(host):
+def test_flower_credentials_are_root_only_and_on_no_command_line(host, flower_credentials):
+    secret = host.file(AUTH_FILE)
+    assert (secret.user, secret.group, secret.mode) == ("root", "root", 0o600)
+    password = flower_credentials.partition(":")[2]
+    assert len(password) >= 16
+    assert all(password not in arg for arg in flower_argv(host))
+    unit_file = host.file("/etc/systemd/system/celery-flower.service").content_string
+    assert f"EnvironmentFile={AUTH_FILE}" in unit_file
+    assert password not in unit_file
+    assert password not in unit_property(host, "Environment")
+    assert "FLOWER_UNAUTHENTICATED_API" not in unit_property(host, "Environment")
+
+
+def test_flower_keeps_no_task_history_on_disk(host):
     state = host.file(STATE_DIR)
     assert state.is_directory
     assert state.user == "celeryworker"
     assert state.mode == 0o750
-    files = host.check_output(f"ls {STATE_DIR}").split()
-    assert any(name.startswith("flower.db") for name in files), files
+    files = host.check_output(f"ls -A {STATE_DIR}").split()
+    assert not [name for name in files if name.startswith("flower.db")], files
 
 
 def test_flower_reaches_only_loopback_and_the_broker(host):

@@ -13,8 +13,10 @@ from conftest import playbook, said
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
-        # Flower has no auth of its own: it must never listen beyond loopback.
+        # Flower is for the proxy's clients only: it must never listen beyond loopback.
         ({"celery_flower_address": "0.0.0.0"}, "celery_flower_address"),
+        # Flower's own password: long, and no comma (Flower splits FLOWER_BASIC_AUTH at commas).
+        ({"celery_flower_auth_password": "short,password"}, "celery_flower_auth_password"),
         # A certificate without its key would leave nginx unable to start.
         (
             {"flower_proxy_tls_certificate": "-----BEGIN CERTIFICATE-----"},
@@ -23,7 +25,12 @@ from conftest import playbook, said
         # A check that may take longer than its interval.
         ({"celery_health_worker_timeout": 45}, "celery_health_worker_timeout"),
     ],
-    ids=["flower-not-on-loopback", "certificate-without-key", "check-longer-than-interval"],
+    ids=[
+        "flower-not-on-loopback",
+        "flower-password-short-with-comma",
+        "certificate-without-key",
+        "check-longer-than-interval",
+    ],
 )
 def test_bad_value_fails_before_any_change(overrides, named):
     result = playbook("site.yml", "-e", json.dumps(overrides))

@@ -1,8 +1,8 @@
 """The nginx proxy in front of Flower, as an operator checks it from the Flower host.
 
-TLS only (Mozilla intermediate), basic auth on everything including /flower/metrics, a rate
-limit. A failing test prints the journals of nginx and Flower (the `units` marker, see
-conftest.py); failed requests also show nginx's error log.
+TLS only (Mozilla intermediate), basic auth on everything including /flower/metrics, Flower's own
+credentials passed upstream, a rate limit. A failing test prints the journals of nginx and Flower
+(the `units` marker, see conftest.py); failed requests also show nginx's error log.
 """
 
 import os
@@ -90,6 +90,14 @@ def test_a_wrong_password_gets_401(host):
 @pytest.mark.parametrize("path", ["/flower/", "/flower/workers", "/flower/api/workers"])
 def test_with_credentials_flower_answers_200(host, password, path):
     assert status(host, HTTPS + path, "--user", f"{USER}:{password}") == 200, logs(host)
+
+
+def test_nginx_presents_flowers_own_credentials_from_a_root_only_file(host):
+    # Flower refuses its pages and API without its own credentials (401, test_flower.py); the
+    # 200s above come through because nginx replaces the operator's header with these.
+    include = host.file("/etc/nginx/flower-proxy-upstream-auth.conf")
+    assert (include.user, include.group, include.mode) == ("root", "root", 0o600)
+    assert 'proxy_set_header Authorization "Basic ' in include.content_string
 
 
 def test_metrics_come_with_credentials(host, password):

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Final
 
+from mailworker.errors import ConfigurationError
 from mailworker.settings import Settings
 
 SERVICES: Final = ("worker", "beat", "flower")
@@ -100,12 +102,58 @@ def _flower(s: Settings) -> list[str]:
         f"--db={s.flower_db}",
         f"--logging={s.log_level.lower()}",
     ]
-    if s.flower_read_only and flower_supports("read_only"):
-        argv.append("--read_only=True")
+    if s.flower_read_only:
+        argv.extend(read_only_options(supported=flower_supports("read_only")))
     if not s.task_events:
         # Flower would otherwise switch task events back on in every worker every few seconds.
         argv.append("--enable_events=False")
     return argv
+
+
+def read_only_options(*, supported: bool) -> list[str]:
+    """Flower's read-only switch; an installed Flower without it is refused, never ignored."""
+    if not supported:
+        raise ConfigurationError(
+            "MAILWORKER_FLOWER_READ_ONLY is true but the installed Flower has no --read_only "
+            "(it arrived in Flower 2.1): install Flower 2.1 or later, or set "
+            "MAILWORKER_FLOWER_READ_ONLY=false to run it with its control operations enabled"
+        )
+    return ["--read_only=True"]
+
+
+def check_flower_auth(environ: Mapping[str, str]) -> None:
+    """Refuse to start a Flower that every local user of its host could read.
+
+    Flower listens on loopback, where any local user reaches it. Without auth of its own it
+    serves its pages (task arguments and results) to all of them, and FLOWER_UNAUTHENTICATED_API
+    opens its API as well. Flower reads FLOWER_BASIC_AUTH ("user:password", comma-separated for
+    several) or FLOWER_AUTH (OAuth) from its environment: the unit's root-only environment file,
+    never the command line, where `ps` would show it.
+    """
+    if _switched_on(environ.get("FLOWER_UNAUTHENTICATED_API", "")):
+        raise ConfigurationError(
+            "FLOWER_UNAUTHENTICATED_API is set: it opens Flower's API to every local user of "
+            "this host; remove it and give Flower credentials in FLOWER_BASIC_AUTH"
+        )
+    if environ.get("FLOWER_AUTH", "").strip():
+        return
+    entries = [entry for entry in environ.get("FLOWER_BASIC_AUTH", "").split(",") if entry]
+    if not entries:
+        raise ConfigurationError(
+            "FLOWER_BASIC_AUTH is not set: Flower would serve its pages and API to every local "
+            'user of this host; set it to "user:password" in the unit\'s environment file'
+        )
+    for position, entry in enumerate(entries, start=1):
+        user, _, password = entry.partition(":")
+        if not user or not password:
+            raise ConfigurationError(
+                f'FLOWER_BASIC_AUTH: entry {position} is not "user:password" with both parts set'
+            )
+
+
+def _switched_on(value: str) -> bool:
+    """Set to anything but one of Flower's false values (Flower fails on values it cannot read)."""
+    return value.strip().lower() not in {"", "0", "false", "no", "off", "n", "f"}
 
 
 @cache

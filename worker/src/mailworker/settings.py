@@ -483,12 +483,16 @@ class Settings:
         "Flower URL prefix (behind the proxy).",
         "flower",
     )
-    flower_persistent: bool = _setting(Boolean(), "Keep Flower's state across restarts.", "true")
+    flower_persistent: bool = _setting(
+        Boolean(),
+        "Save Flower's task history (task arguments and results) to FLOWER_DB; off: none on disk.",
+        "false",
+    )
     flower_db: str = _setting(
         Path(), "Flower's state file.", "/var/lib/mailworker/flower/flower.db"
     )
     flower_read_only: bool = _setting(
-        Boolean(), "Disable Flower's control operations (Flower >= 2.1).", "true"
+        Boolean(), "Disable Flower's control operations; an older Flower refuses to start.", "true"
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from mailworker.errors import ConfigurationError
-from mailworker.launch import SERVICES, build_argv, shell_quoted
+from mailworker.launch import SERVICES, build_argv, check_flower_auth, shell_quoted
 from mailworker.settings import Settings, load_settings
 
 
@@ -22,6 +22,8 @@ def run(service: str, print_only: bool) -> None:
     if print_only:
         click.echo(shell_quoted(argv))
         return
+    if service == "flower":
+        check_flower_auth(os.environ)
     _check_directories(service, settings)
     os.execv(argv[0], argv)  # noqa: S606 - argv is built from validated settings, no shell
 
