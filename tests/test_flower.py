@@ -24,6 +24,7 @@ from mailworker.errors import ConfigurationError
 from mailworker.launch import build_argv, flower_supports, read_only_options
 from mailworker.settings import load_settings
 
+from tests.fixtures.outbox import submit
 from tests.fixtures.servers import MAILWORKER, celery_client, free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -210,3 +211,51 @@ def test_flower_keeps_no_task_arguments_on_disk(isolated_env, start_worker, tmp_
     else:
         # What the default avoids: the shelve keeps the arguments of every task it saw.
         assert leaked, f"no argument in {sorted(saved)}: the check above would prove nothing"
+
+
+def test_a_real_send_shows_no_mail_content_in_flower(
+    isolated_env, start_worker, make_account, tmp_path
+):
+    # The outbox keeps the message in PostgreSQL: Flower sees ids in the arguments and counts in
+    # the result, nothing of the recipients, subject or body (in its API, its pages or on disk).
+    marks = {
+        "to": f"private-{secrets.token_hex(6)}@example.org",
+        "subject": f"Private subject {secrets.token_hex(6)}",
+        "body": f"Private body {secrets.token_hex(6)}",
+    }
+    state = tmp_path / "state"
+    env = flower_env(isolated_env, state, MAILWORKER_FLOWER_PERSISTENT="true")
+    start_worker(isolated_env)
+    account = make_account()
+    with running_flower(env, tmp_path / "flower.log") as base:
+        wait_until(
+            lambda: b"flower_worker_online{" in _request(f"{base}/metrics")[1],
+            30,
+            "the worker's heartbeats in Flower",
+            interval=0.5,
+        )
+        message = {"to": [marks["to"]], "subject": marks["subject"], "body": marks["body"]}
+        entry, result = submit(
+            load_settings(isolated_env), celery_client(isolated_env), account, message
+        )
+        assert result is not None
+        assert result.get(timeout=60)["status"] == "sent"
+
+        def shown() -> dict:
+            code, body = _request(f"{base}/api/tasks", credentials=CREDENTIALS)
+            task = json.loads(body).get(result.id, {}) if code == 200 else {}
+            return task if task.get("state") == "SUCCESS" else {}
+
+        task = wait_until(shown, 30, f"task {result.id} succeeded in Flower")
+        assert str(entry.outbox_id) in str(task.get("args")), task  # Flower does show arguments
+        pages = [
+            _request(f"{base}/api/tasks", credentials=CREDENTIALS),
+            _request(f"{base}/api/task/info/{result.id}", credentials=CREDENTIALS),
+            _request(f"{base}/task/{result.id}", credentials=CREDENTIALS),
+        ]
+    assert [code for code, _ in pages] == [200, 200, 200]
+    saved = [path.read_bytes() for path in state.iterdir() if path.is_file()]
+    assert saved, "persistence was on: Flower should have written its state"
+    for data in [body for _, body in pages] + saved:
+        for name, mark in marks.items():
+            assert mark.encode() not in data, f"the {name} reached Flower"
