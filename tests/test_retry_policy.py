@@ -43,6 +43,10 @@ FAST_REDELIVERY = {
     "MAILWORKER_SOFT_TIME_LIMIT": "6",
     "MAILWORKER_VISIBILITY_TIMEOUT": "10",
     "MAILWORKER_STALE_AFTER": "30",
+    # The mail deadlines must end below the soft limit (a settings cross-check).
+    "MAILWORKER_IMAP_DEADLINE": "5.5",
+    "MAILWORKER_SMTP_DEADLINE": "5",
+    "MAILWORKER_SMTP_FINAL_REPLY_TIMEOUT": "4",
 }
 
 
@@ -112,6 +116,24 @@ def test_task_past_its_window_fails_clearly_at_defaults(default_retries, make_ac
     [row] = finished(default_retries.db_engine, result.id, 1)
     assert (row.state, row.error) == ("failed", str(error))
     assert f"task {result.id} failed: gave up after 1 attempt" in worker.log
+
+
+def test_a_retry_outlives_the_expiry_of_the_run_that_queued_it(default_retries, make_account):
+    """sync_all_accounts queues each sync with `expires` (its interval) and beat does the same
+    for the periodic tasks; Celery would copy that into the retry, and a worker drops a retry
+    landing after it as revoked, with nothing recorded. The retry window governs instead."""
+    account = make_account(imap_port=free_port())
+    default_retries.configure(MAILWORKER_RETRY_JITTER="false")  # a predictable countdown
+    worker = default_retries.start_worker()
+    # Retry 4 waits 2 s x 2^3 = 16 s: past the 8 s the task was given.
+    result = default_retries.client().send_task(SYNC, args=account.ids, retries=3, expires=8)
+    rows = finished(default_retries.db_engine, result.id, 2, timeout=45)
+    assert [(row.retries, row.state) for row in rows[:2]] == [(3, "retrying"), (4, "retrying")], (
+        [(row.retries, row.state, row.error) for row in rows],
+        worker.log[-2000:],
+    )
+    assert "Discarding revoked task" not in worker.log
+    result.revoke()
 
 
 def test_retries_carry_the_first_attempt_and_stop_at_the_window(fleet, make_account):

@@ -244,6 +244,10 @@ class MailTask(Task):
                 countdown=countdown,
                 max_retries=settings.max_retries,
                 headers=headers,
+                # Celery copies the task's `expires` (beat's and the sync fan-out's) into the
+                # retry, which the worker would then drop as revoked with nothing recorded:
+                # the retry window is the one budget.
+                expires=None,
                 throw=False,
             )
         except Reject as rejected:  # Celery's answer when the retry could not be published
