@@ -260,6 +260,7 @@ def test_a_skipped_message_can_still_be_deleted_and_is_not_scored(
 
     scored = classify(defaults, tenant, user, [skipped.id], token="test-classify")
     assert (scored["classified"], scored["spam"], scored["scores"]) == (0, 0, {})
+    assert scored["not_classified"] == {str(skipped.id): "skipped"}
 
     access = owned_access(defaults, tenant, user, account_id)
     deleted = delete_messages(

@@ -46,7 +46,7 @@ def parse_fetch(data: Sequence[object]) -> list[FetchResponse]:
     """Every FETCH response in imaplib's reply, in the order the server sent them."""
     parsed = _parse(data)
     if len(parsed) % 2:
-        raise UnreadableReply(f"FETCH reply is not pairs of number and item list: {parsed!r:.200}")
+        raise UnreadableReply(f"FETCH reply is not pairs of number and item list: {_shape(parsed)}")
     responses: list[FetchResponse] = []
     for seq, items in zip(parsed[::2], parsed[1::2], strict=True):
         if not isinstance(seq, int) or not isinstance(items, tuple) or len(items) % 2:
@@ -120,11 +120,12 @@ def _parse(data: Sequence[object]) -> tuple[_Atom, ...]:
     lines = [item for item in data if item is not None]
     for item in lines:
         if not isinstance(item, bytes | tuple):
-            raise UnreadableReply(f"unexpected reply element {item!r:.40}")
+            raise UnreadableReply(f"unexpected reply element: {_shape(item)}")
     try:
         return parse_response(lines)  # type: ignore[arg-type]
     except (ProtocolError, ValueError, AssertionError) as exc:  # the lexer asserts, too
-        raise UnreadableReply(f"{exc}"[:200]) from None
+        # IMAPClient's messages quote what it parsed so far, message text included: not shown.
+        raise UnreadableReply(f"the IMAP parser refused it ({type(exc).__name__})") from None
 
 
 def _uid(value: _Atom) -> int:
@@ -162,4 +163,13 @@ def _body(value: _Atom) -> bytes | None:
         return value
     if isinstance(value, int):  # a quoted or atom body of digits only: still the message text
         return str(value).encode()
-    raise UnreadableReply(f"BODY[] is not a string: {value!r:.40}")
+    raise UnreadableReply(f"BODY[] is not a string: {_shape(value)}")
+
+
+def _shape(value: object) -> str:
+    """What a reply element is, without its content: error text must never carry mail."""
+    if isinstance(value, tuple | list):
+        return f"a list of {len(value)} item(s)"
+    if isinstance(value, bytes | str):
+        return f"a string of {len(value)} byte(s)"
+    return type(value).__name__

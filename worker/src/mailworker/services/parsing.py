@@ -69,10 +69,11 @@ def _body_text(message: EmailMessage) -> str:
 
 
 def parse_message(raw: bytes) -> ParsedMessage:
-    message = BytesParser(policy=policy.default).parsebytes(raw[:MAX_PARSED_BYTES])
-    head, _, _ = raw.partition(b"\r\n\r\n")
-    if head == raw:
-        head, _, _ = raw.partition(b"\n\n")
+    start = raw[:MAX_PARSED_BYTES]  # what is parsed: at most 2 MiB, whatever the size
+    message = BytesParser(policy=policy.default).parsebytes(start)
+    head, _, _ = start.partition(b"\r\n\r\n")
+    if head == start:
+        head, _, _ = start.partition(b"\n\n")
     message_id = _header(message, "Message-ID").strip() or None
     return ParsedMessage(
         message_id=message_id[:998] if message_id else None,

@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import LargeBinary, func, select, update
 
 from mailworker.db.engine import session_scope
 from mailworker.db.models import Message
@@ -23,6 +23,7 @@ from mailworker.errors import PermanentError
 from mailworker.mail.imap import ImapSession
 from mailworker.services import message_actions as actions
 from mailworker.services.access import AccountAccess
+from mailworker.services.parsing import MAX_PARSED_BYTES
 from mailworker.settings import Settings
 from mailworker.spam.rules import score_message
 from mailworker.tenancy import owned_messages
@@ -88,6 +89,10 @@ def classify(
         )
     return {
         "classified": len(scores),
+        # Rows sync recorded as too large to fetch have no text to score.
+        "not_classified": {
+            str(item.message_id): "skipped" for item in owned if item.message_id not in scores
+        },
         "spam": len(spam),
         "moved_to_junk": len(moved),
         "not_moved": {str(message_id): reason for message_id, reason in not_moved.items()},
@@ -100,7 +105,10 @@ def _score(settings: Settings, owned: list[Owned]) -> dict[uuid.UUID, tuple[floa
     scores: dict[uuid.UUID, tuple[float, bool]] = {}
     with session_scope(settings) as session:
         for item in owned:
-            raw = session.scalar(select(Message.raw).where(Message.id == item.message_id))
+            # The rules read headers and text: the first MAX_PARSED_BYTES are what sync parses too
+            # (the email package needs about 9x what it parses).
+            start = func.substring(Message.raw, 1, MAX_PARSED_BYTES, type_=LargeBinary)
+            raw = session.scalar(select(start).where(Message.id == item.message_id))
             if raw is None:  # skipped by sync as too large: nothing to score
                 continue
             verdict = score_message(raw, recipient=item.recipient)
