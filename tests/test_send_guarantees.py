@@ -139,6 +139,20 @@ def test_connection_dropped_after_data_is_unknown_and_never_resent(
     assert len(smtp_server.delivered(entry.message_id)) == 1
 
 
+def test_a_reply_cut_off_after_the_data_is_unknown_not_failed(
+    defaults, make_account, smtp_server, db_engine
+):
+    # smtplib reads the "25" of a broken-off "250" as reply code 25: the server may have the
+    # message, so the row must say unknown (a `failed` send is one a user may submit again).
+    alice, bob = make_account(), make_account()
+    entry = store(defaults, alice, {"to": [bob.address], "body": "half a reply"})
+    with smtp_server.cutting_reply(), pytest.raises(PermanentError, match="NOT resent") as error:
+        attempt(defaults, alice, entry.outbox_id)
+    assert "cut-off or malformed reply" in str(error.value)
+    assert row_of(db_engine, entry.outbox_id).status == "unknown"
+    assert len(smtp_server.delivered(entry.message_id)) == 1
+
+
 def test_failure_before_the_data_ends_is_deferred_and_sent_later(
     defaults, make_account, smtp_server, db_engine
 ):

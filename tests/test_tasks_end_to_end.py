@@ -207,3 +207,27 @@ def test_uidvalidity_change_resets_the_folder(fleet, make_account, dovecot):
     assert (archive_again["stored"], archive_again["reset"]) == (1, True)
     rows = messages(fleet.db_engine, account.account_id, folder="Archive")
     assert [(m.subject, m.uidvalidity) for m in rows] == [("new one", archive_again["uidvalidity"])]
+
+
+def test_a_send_queued_before_the_outbox_is_stored_and_sent_once(
+    client, make_account, mail, db_engine
+):
+    # An upgrade finds send_email tasks that carry the message itself (in Redis, or waiting in
+    # their retries): they are stored in the outbox and sent, not rejected and lost.
+    sender, recipient = make_account(), make_account()
+    message = {**HAM, "to": [recipient.address]}
+    result = client.send_task(SEND, args=[*sender.ids, message])
+    value = result.get(timeout=30)
+    assert (value["status"], value["accepted"], value["duplicate"]) == ("sent", 1, False)
+    domain = sender.address.rpartition("@")[2]
+    assert value["message_id"] == f"<{result.id}@{domain}>"  # what the old release made
+    assert len(mail.smtp.delivered(value["message_id"])) == 1
+
+    # Delivered again (a redelivery of that old task): the stored outcome, no second mail.
+    result.forget()  # so that the next result read is the second run's
+    again = client.send_task(SEND, args=[*sender.ids, message], task_id=result.id)
+    assert again.get(timeout=30)["duplicate"] is True
+    assert len(mail.smtp.delivered(value["message_id"])) == 1
+    with Session(db_engine) as session:
+        row = session.scalar(select(SentMessage).where(SentMessage.id == value["outbox_id"]))
+        assert (row.status, row.content_hash is not None) == ("sent", True)

@@ -34,6 +34,7 @@ from mailworker.mail.failures import network_error
 __all__ = ["DeliveryUnknown", "SendResult", "build_message", "send_message"]
 
 _TEMPORARY = range(400, 500)
+_REPLY_CODES = range(200, 600)  # what a complete reply to the final "." can carry
 OK = 250
 WILL_FORWARD = 251
 START_DATA = 354
@@ -178,6 +179,13 @@ def _final_reply(smtp: smtplib.SMTP, endpoint: MailEndpoint, timeout: float) -> 
             f"SMTP server {endpoint.address}: {what} to the end of the message data; "
             "the server may have accepted it"
         ) from exc
+    if not _REPLY_CODES.start <= code < _REPLY_CODES.stop:
+        # smtplib reads a line cut short by the connection's end as code -1, 2 or 25: the
+        # server may have sent "250" and accepted the message.
+        raise DeliveryUnknown(
+            f"SMTP server {endpoint.address}: a cut-off or malformed reply to the end of the "
+            "message data; the server may have accepted it"
+        )
     with contextlib.suppress(OSError):
         if smtp.sock is not None:
             smtp.sock.settimeout(endpoint.timeout)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from mailworker.db.engine import session_scope
@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 PENDING = ("queued", "deferred")  # waiting for an attempt; what the sweeper looks at
 SWEEP_BATCH = 500
+MAX_RESUBMIT_DELAY = timedelta(hours=1)  # the longest a pending row waits between sweeps
 
 Publish = Callable[[list[str]], object]
 
@@ -243,11 +244,19 @@ def _postpone(settings: Settings, outbox_id: uuid.UUID, lock: int) -> bool:
         if not held:  # an attempt is working on it right now
             return False
         with session_scope(settings) as session:
-            row = session.get(SentMessage, outbox_id, with_for_update=True)
-            if row is None or row.status not in PENDING:
-                return False
-            row.next_attempt_at = func.now() + retry_delay(settings)
-            return True
+            # Still due (another sweep may have just published it), and pushed back by the row's
+            # age, from retry_delay() up to an hour: while no worker takes sends, each row adds
+            # a task to Redis about once an hour, not every retry_delay().
+            age = func.now() - SentMessage.queued_at
+            delay = func.greatest(retry_delay(settings), func.least(age, MAX_RESUBMIT_DELAY))
+            postponed = session.execute(
+                update(SentMessage)
+                .where(SentMessage.id == outbox_id)
+                .where(SentMessage.status.in_(PENDING))
+                .where(SentMessage.next_attempt_at <= func.now())
+                .values(next_attempt_at=func.now() + delay)
+            )
+            return postponed.rowcount == 1
 
 
 def _set_due_now(settings: Settings, outbox_id: uuid.UUID) -> None:

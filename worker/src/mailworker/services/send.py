@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import func, select
 
 from mailworker.db.engine import session_scope
@@ -149,9 +150,11 @@ def _send_now(
         _set_status(settings, access, outbox_id, "failed", error=str(error))
         raise
     except Exception as error:
-        # send_message lets nothing but its own errors out once the data went out, so this
-        # (a soft time limit, say) came before the final ".": nothing was delivered.
-        _set_status(settings, access, outbox_id, "deferred", error=type(error).__name__)
+        # send_message lets nothing but its own errors out once the data went out, so this came
+        # before the final ".": nothing was delivered. A soft time limit is worth another try;
+        # anything else (a bug) would fail the same way on every sweep.
+        status = "deferred" if isinstance(error, SoftTimeLimitExceeded) else "failed"
+        _set_status(settings, access, outbox_id, status, error=type(error).__name__)
         raise
     copied = _copy_to_sent(settings, access, content)
     with session_scope(settings) as session:

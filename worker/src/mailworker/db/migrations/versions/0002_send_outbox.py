@@ -27,6 +27,9 @@ def upgrade() -> None:
     op.add_column(
         "sent_messages", sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True)
     )
+    # Rows written before the outbox: their retry window counts from when they were made, so the
+    # pending ones nothing can resend (no stored content) end as `failed`, visibly.
+    op.execute("UPDATE sent_messages SET queued_at = created_at WHERE queued_at IS NULL")
     op.create_foreign_key(
         op.f("fk_sent_messages_user_id_users"), "sent_messages", "users", ["user_id"], ["id"]
     )
