@@ -29,6 +29,7 @@ from mailworker.db.engine import session_scope
 from mailworker.db.locks import advisory_lock, lock_key
 from mailworker.db.models import FolderSyncState, Message
 from mailworker.db.raw_copy import copy_raw
+from mailworker.errors import MailworkerError, TransientError
 from mailworker.mail.imap import FetchedMessage, ImapSession
 from mailworker.services.access import AccountAccess
 from mailworker.services.parsing import parse_message
@@ -54,8 +55,19 @@ def sync_account(settings: Settings, access: AccountAccess, folders: Sequence[st
         if not held:
             logger.info("account %s: another sync is running, skipped", access.account_id)
             return {"account_id": str(access.account_id), "skipped": "another sync is running"}
+        results: list[FolderResult] = []
+        failures: list[MailworkerError] = []
         with ImapSession(access.imap) as imap:
-            results = [_sync_folder(settings, access, imap, folder) for folder in folders]
+            for folder in folders:
+                # One folder stuck on a message (or gone) must not keep the others from syncing.
+                try:
+                    results.append(_sync_folder(settings, access, imap, folder))
+                except MailworkerError as error:
+                    logger.warning("account %s folder %r: %s", access.account_id, folder, error)
+                    failures.append(error)
+    if failures:
+        # Transient first: a retry can help those; the others fail the same way each time.
+        raise next((f for f in failures if isinstance(f, TransientError)), failures[0])
     return {
         "account_id": str(access.account_id),
         "stored": sum(result.stored for result in results),
