@@ -132,7 +132,7 @@ class Message(Base):
     body_text: Mapped[str] = mapped_column(Text, default="")
     # NULL for a message sync skipped as larger than MAILWORKER_MAX_MESSAGE_SIZE (state skipped).
     raw: Mapped[bytes | None] = mapped_column(LargeBinary)
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)
     flags: Mapped[list[str]] = mapped_column(ARRAY(Text), default=list)
     spam_score: Mapped[float | None] = mapped_column(Float)
     is_spam: Mapped[bool | None] = mapped_column(Boolean)

@@ -43,6 +43,15 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # The old schema keeps no message content: a send still waiting for its attempt would be lost.
+    waiting = op.get_bind().scalar(
+        sa.text("SELECT count(*) FROM sent_messages WHERE status IN ('queued', 'deferred')")
+    )
+    if waiting:
+        raise RuntimeError(
+            f"{waiting} send(s) are queued or deferred: the schema before 0002 cannot hold their "
+            "content; let them finish (or fail) before downgrading"
+        )
     op.drop_index("ix_sent_messages_due", table_name="sent_messages")
     op.drop_constraint(op.f("fk_sent_messages_user_id_users"), "sent_messages", type_="foreignkey")
     for column in ("next_attempt_at", "queued_at", "size", "content_hash", "content", "user_id"):

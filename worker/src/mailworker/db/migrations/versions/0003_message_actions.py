@@ -1,7 +1,7 @@
 """claims of delete and spam moves on messages
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0002
 Create Date: 2026-11-30 15:00:00
 """
 
@@ -31,6 +31,15 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # A pending claim may already have moved its message on the server: its row would then say
+    # `present` about a message that is gone.
+    pending = op.get_bind().scalar(
+        sa.text("SELECT count(*) FROM messages WHERE action_state = 'pending'")
+    )
+    if pending:
+        raise RuntimeError(
+            f"{pending} delete or spam move(s) are pending: let them finish before downgrading"
+        )
     op.drop_index(op.f("ix_messages_action_state"), table_name="messages")
     for column in (
         "action_error",
