@@ -147,6 +147,14 @@ def _json_option(value: str | None, option: str, kind: type) -> Any:
     return parsed
 
 
+WAIT_OPTION = click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=0,
+    help="Seconds to wait for the result; exit 1 if it fails or does not finish in time.",
+)
+
+
 def known_tasks() -> list[str]:
     """The application's task names, from its task modules (imported, nothing connects)."""
     for module in TASK_MODULES:
@@ -166,12 +174,7 @@ def known_tasks() -> list[str]:
 )
 @click.option("--queue", help="Queue to send to. Default: the task's route.")
 @click.option("--priority", type=click.IntRange(0, 9), help="Message priority (0-9).")
-@click.option(
-    "--wait",
-    type=click.FloatRange(min=0),
-    default=0,
-    help="Seconds to wait for the result; exit 1 if it fails or does not finish in time.",
-)
+@WAIT_OPTION
 @ops_command
 def send(
     ops: Ops,
@@ -235,12 +238,7 @@ def _wait_and_emit(ops: Ops, result: Any, sent: dict[str, Any], wait: float) -> 
     "so no address or text shows in the process list.",
 )
 @click.option("--queue", help="Queue to send to. Default: the task's route (send).")
-@click.option(
-    "--wait",
-    type=click.FloatRange(min=0),
-    default=0,
-    help="Seconds to wait for the result; exit 1 if it fails or does not finish in time.",
-)
+@WAIT_OPTION
 @ops_command
 def send_email(
     ops: Ops,
