@@ -18,14 +18,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from mailworker.cli.main import cli
-from mailworker.launch import build_argv
 from mailworker.ops.envfile import parse_env_file
-from mailworker.settings import load_settings
 
 from tests.fixtures.servers import (
     MAILWORKER,
+    IncludingWorker,
     RedisServer,
-    WorkerProcess,
     free_port,
     wait_until,
 )
@@ -36,23 +34,6 @@ BROKER_DB, RESULT_DB = 5, 6
 CONSUMED = "sync,periodic"
 
 pytestmark = pytest.mark.slow
-
-
-class IncludingWorker(WorkerProcess):
-    """The real worker command line plus --include for the test workload (tests.ops.hold)."""
-
-    def start(self, wait: bool = True) -> None:
-        argv = [*build_argv("worker", load_settings(self.env)), "--include=tests.cli_ops_tasks"]
-        self.process = subprocess.Popen(
-            argv,
-            env=self.env,
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=self.log_file.with_suffix(".stderr").open("ab"),
-            start_new_session=True,
-        )
-        if wait:
-            self.wait_ready()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +57,10 @@ def worker(
 ) -> Iterator[IncludingWorker]:
     log_file = tmp_path_factory.mktemp("ops-worker") / "worker.log"
     process = IncludingWorker(
-        {**ops_env, "MAILWORKER_LOG_FILE": str(log_file)}, log_file, ops_env["MAILWORKER_NODE_NAME"]
+        {**ops_env, "MAILWORKER_LOG_FILE": str(log_file)},
+        log_file,
+        ops_env["MAILWORKER_NODE_NAME"],
+        include="tests.cli_ops_tasks",
     )
     process.start()
     yield process

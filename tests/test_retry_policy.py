@@ -8,20 +8,18 @@ so the worker runs with the defaults users get.
 
 import os
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from mailworker.db.models import MailAccount, TaskAttempt
-from mailworker.launch import build_argv
 from mailworker.settings import load_settings
 from mailworker.tasks.base import FIRST_ATTEMPT_HEADER
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from tests.fixtures.servers import WorkerProcess, free_port, wait_until
+from tests.fixtures.servers import IncludingWorker, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -223,23 +221,6 @@ def test_retry_refused_by_a_full_redis_is_not_dropped(
 # --- bounded redelivery after a killed worker --------------------------------------------------
 
 
-class WorkerWithTestTasks(WorkerProcess):
-    """The real worker command line plus --include for tests/redelivery_tasks.py."""
-
-    def start(self, wait: bool = True) -> None:
-        argv = [*build_argv("worker", load_settings(self.env)), "--include=tests.redelivery_tasks"]
-        self.process = subprocess.Popen(
-            argv,
-            env=self.env,
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=self.log_file.with_suffix(".stderr").open("ab"),
-            start_new_session=True,
-        )
-        if wait:
-            self.wait_ready()
-
-
 @pytest.fixture
 def killing_worker(fleet, tmp_path):
     env = {
@@ -249,7 +230,9 @@ def killing_worker(fleet, tmp_path):
         "MAILWORKER_POOL": "prefork",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
-    worker = WorkerWithTestTasks(env, tmp_path / "worker.log", env["MAILWORKER_NODE_NAME"])
+    worker = IncludingWorker(
+        env, tmp_path / "worker.log", env["MAILWORKER_NODE_NAME"], include="tests.redelivery_tasks"
+    )
     worker.start()
     yield worker
     worker.stop()
