@@ -43,6 +43,12 @@ class MemoryBudget:
             return self._in_use
 
     @property
+    def waiting(self) -> int:
+        """Reservations waiting for bytes right now."""
+        with self._condition:
+            return len(self._waiting)
+
+    @property
     def high_water(self) -> int:
         """The most bytes ever reserved at once (for tests and diagnostics)."""
         with self._condition:
