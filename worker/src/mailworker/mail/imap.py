@@ -31,6 +31,7 @@ from mailworker.mail import imap_syntax as syntax
 from mailworker.mail.deadline import DeadlineIMAP4, DeadlineIMAP4SSL
 from mailworker.mail.endpoints import MailEndpoint
 from mailworker.mail.failures import network_error
+from mailworker.mail.memory_budget import MemoryBudget
 
 _TRANSIENT_CODES = frozenset({"UNAVAILABLE", "INUSE", "SERVERBUG"})
 _Reply = tuple[str, list[Any]]
@@ -134,6 +135,7 @@ class ImapSession:
         *,
         batch_bytes: int | None = None,
         max_size: int | None = None,
+        budget: MemoryBudget | None = None,
     ) -> Iterator[list[FetchedMessage]]:
         """Messages with UID > after_uid in ascending UID order, in batches.
 
@@ -141,6 +143,10 @@ class ImapSession:
         unless one message alone is larger. Sizes are asked for first (RFC822.SIZE); a message
         larger than `max_size` is never fetched and comes with raw=None. BODY.PEEK[] leaves
         \\Seen alone.
+
+        With a `budget`, each batch's listed bytes are reserved before its bodies are fetched
+        and released when the caller asks for the next batch or closes the iterator (close it,
+        e.g. with contextlib.closing, so an error in the caller does not keep them held).
 
         A message expunged by another client after the search is left out. One the server still
         has but did not return, or returned without a body, raises TransientError once the
@@ -154,10 +160,15 @@ class ImapSession:
         if max_size is not None:
             _require_int("max_size", max_size, minimum=1)
         self._require_selected()
-        return self._batches(after_uid, batch_size, batch_bytes, max_size)
+        return self._batches(after_uid, batch_size, batch_bytes, max_size, budget)
 
     def _batches(
-        self, after_uid: int, batch_size: int, batch_bytes: int | None, max_size: int | None
+        self,
+        after_uid: int,
+        batch_size: int,
+        batch_bytes: int | None,
+        max_size: int | None,
+        budget: MemoryBudget | None,
     ) -> Iterator[list[FetchedMessage]]:
         if after_uid >= syntax.MAX_UID:
             return
@@ -166,11 +177,13 @@ class ImapSession:
         for start in range(0, len(uids), _SIZES_PER_COMMAND):
             listed, error = self._list(uids[start : start + _SIZES_PER_COMMAND])
             for plan in plan_batches(listed, batch_size, batch_bytes, max_size):
-                batch, error_in_batch = self._fetch_bodies(plan, max_size)
-                if batch:
-                    yield batch
-                # Hold no batch while the next one is fetched: the caller has stored it.
-                del batch
+                planned = sum(item.size for item in plan if not _too_large(item.size, max_size))
+                with budget.reserve(planned) if budget is not None else contextlib.nullcontext():
+                    batch, error_in_batch = self._fetch_bodies(plan, max_size)
+                    if batch:
+                        yield batch
+                    # Hold no batch while the next one is fetched: the caller has stored it.
+                    del batch
                 if error_in_batch is not None:
                     raise error_in_batch
             if error is not None:

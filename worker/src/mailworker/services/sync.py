@@ -4,8 +4,9 @@ Per folder the cursor is (uidvalidity, last_uid). ImapSession.fetch_batches list
 then yields messages in ascending UID order, at most MAILWORKER_SYNC_BATCH_SIZE messages and
 MAILWORKER_SYNC_BATCH_BYTES bytes at a time. Each batch is stored and the cursor advanced in one
 transaction, so a crash loses at most the batch in flight and a re-run resumes after the last
-stored UID; only one batch is held in memory. The unique key (account, folder, uidvalidity, uid)
-makes a repeated batch store nothing twice.
+stored UID; only one batch is held in memory, and its bytes are reserved in the process's
+MAILWORKER_MAIL_MEMORY_BUDGET (mail/memory_budget.py) from before its fetch until it is stored.
+The unique key (account, folder, uidvalidity, uid) makes a repeated batch store nothing twice.
 
 Under faults: a message the server still lists but did not send (or sent without a body) raises
 TransientError after the batch before it is stored, so the cursor never passes a message that
@@ -17,6 +18,7 @@ PostgreSQL advisory lock, released by the server if the worker dies.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Sequence
@@ -31,6 +33,7 @@ from mailworker.db.models import FolderSyncState, Message
 from mailworker.db.raw_copy import copy_raw
 from mailworker.errors import MailworkerError, TransientError
 from mailworker.mail.imap import FetchedMessage, ImapSession
+from mailworker.mail.memory_budget import budget_for
 from mailworker.services.access import AccountAccess
 from mailworker.services.parsing import parse_message
 from mailworker.settings import Settings
@@ -88,13 +91,16 @@ def _sync_folder(
         batch_size=settings.sync_batch_size,
         batch_bytes=settings.sync_batch_bytes,
         max_size=settings.max_message_size,
+        budget=budget_for(settings.mail_memory_budget),
     )
-    for batch in batches:
-        new, new_skipped = _store_batch(settings, access, folder, server.uidvalidity, batch)
-        stored += new
-        skipped += new_skipped
-        last_uid = max(last_uid, batch[-1].uid)
-        del batch  # hold no batch while the next one is fetched
+    # Closed on any exit: an error's traceback must not keep the batch and its bytes reserved.
+    with contextlib.closing(batches):
+        for batch in batches:
+            new, new_skipped = _store_batch(settings, access, folder, server.uidvalidity, batch)
+            stored += new
+            skipped += new_skipped
+            last_uid = max(last_uid, batch[-1].uid)
+            del batch  # hold no batch while the next one is fetched
     if stored == 0:
         with session_scope(settings) as session:
             session.execute(
