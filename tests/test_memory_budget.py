@@ -36,13 +36,6 @@ from sqlalchemy.orm import Session
 from tests.fixtures.servers import wait_until
 
 MIB = 1024 * 1024
-REQUIRED = (
-    "MAILWORKER_BROKER_URL",
-    "MAILWORKER_RESULT_BACKEND",
-    "MAILWORKER_DATABASE_URL",
-    "MAILWORKER_ENCRYPTION_KEYS",
-    "MAILWORKER_MAIL_CA_FILE",
-)
 
 
 def run_in_thread(target: Any, *args: Any) -> tuple[threading.Thread, dict[str, Any]]:
@@ -161,20 +154,19 @@ def test_a_negative_reservation_is_refused() -> None:
 
 
 @pytest.fixture(scope="module")
-def defaults(app_env: dict[str, str]) -> Settings:
-    env = {k: v for k, v in app_env.items() if not k.startswith("MAILWORKER_") or k in REQUIRED}
-    return load_settings(env)
+def defaults(default_env: dict[str, str]) -> Settings:
+    return load_settings(default_env)
 
 
 def test_the_default_budget_is_the_documented_one_and_holds_a_max_size_message(
-    defaults: Settings, app_env: dict[str, str]
+    defaults: Settings, default_env: dict[str, str]
 ) -> None:
     assert defaults.mail_memory_budget == 96 * MIB
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert f"| `MAILWORKER_MAIL_MEMORY_BUDGET` | integer >= 1048576 | `{96 * MIB}` |" in readme
     assert budget_for(defaults.mail_memory_budget).capacity == 96 * MIB
     assert budget_for(defaults.mail_memory_budget) is budget_for(96 * MIB)  # one per process
-    env = {k: v for k, v in app_env.items() if not k.startswith("MAILWORKER_") or k in REQUIRED}
+    env = dict(default_env)
     small = str(defaults.max_message_size - 1)
     with pytest.raises(ConfigurationError, match=r"MAIL_MEMORY_BUDGET .* at least .*MAX_MESSAGE"):
         load_settings({**env, "MAILWORKER_MAIL_MEMORY_BUDGET": small})
@@ -184,9 +176,9 @@ def test_the_default_budget_is_the_documented_one_and_holds_a_max_size_message(
 
 
 @pytest.fixture(scope="module")
-def small_budget(defaults: Settings, app_env: dict[str, str]) -> Settings:
+def small_budget(defaults: Settings, default_env: dict[str, str]) -> Settings:
     """The defaults, with the smallest budget they allow (MAILWORKER_MAX_MESSAGE_SIZE)."""
-    env = {k: v for k, v in app_env.items() if not k.startswith("MAILWORKER_") or k in REQUIRED}
+    env = dict(default_env)
     env["MAILWORKER_MAIL_MEMORY_BUDGET"] = str(defaults.max_message_size)
     settings = load_settings(env)
     assert settings.sync_batch_bytes == 8 * MIB

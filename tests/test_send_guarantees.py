@@ -41,21 +41,12 @@ from tests.fixtures.servers import MAILWORKER, celery_client, free_port, wait_un
 pytestmark = pytest.mark.slow
 
 RESUBMIT = "mailworker.tasks.periodic.resubmit_due_sends"
-# What a deployment must set; everything else stays at the application's defaults.
-REQUIRED = (
-    "MAILWORKER_BROKER_URL",
-    "MAILWORKER_RESULT_BACKEND",
-    "MAILWORKER_DATABASE_URL",
-    "MAILWORKER_ENCRYPTION_KEYS",
-    "MAILWORKER_MAIL_CA_FILE",
-)
 
 
 @pytest.fixture(scope="module")
-def defaults(app_env):
+def defaults(default_env):
     """Settings at the defaults (app_env shortens timeouts and retries; not here)."""
-    env = {k: v for k, v in app_env.items() if not k.startswith("MAILWORKER_") or k in REQUIRED}
-    settings = load_settings(env)
+    settings = load_settings(default_env)
     assert (settings.smtp_timeout, settings.smtp_final_reply_timeout) == (30, 600)
     assert settings.send_retry_window == 86400
     return settings

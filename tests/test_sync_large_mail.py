@@ -32,15 +32,6 @@ from tests.fixtures.imap_wire import BodyDroppingProxy
 pytestmark = pytest.mark.slow
 
 MIB = 1024 * 1024
-# What a deployment must set; everything else (batch size and bytes, message size limit,
-# timeouts) is left at the application's defaults.
-_CONNECTION_SETTINGS = (
-    "MAILWORKER_BROKER_URL",
-    "MAILWORKER_DATABASE_URL",
-    "MAILWORKER_ENCRYPTION_KEYS",
-    "MAILWORKER_MAIL_CA_FILE",
-)
-
 # Peak memory is the process's VmHWM: ru_maxrss would carry the pytest parent's peak over the
 # exec (Linux keeps the larger of the two).
 _SYNC_IN_A_SUBPROCESS = """
@@ -59,13 +50,6 @@ before = peak_kib()
 result = sync_account(settings, access, settings.sync_folders)
 print(json.dumps({"result": result, "growth_kib": peak_kib() - before, "before_kib": before}))
 """
-
-
-@pytest.fixture(scope="module")
-def default_env(app_env: dict[str, str], migrated_db: str) -> dict[str, str]:
-    env = {name: value for name, value in app_env.items() if not name.startswith("MAILWORKER_")}
-    env.update({name: app_env[name] for name in _CONNECTION_SETTINGS})
-    return env
 
 
 @pytest.fixture(scope="module")
