@@ -143,13 +143,15 @@ def _reply_code(reply: tuple[int, bytes]) -> bool:
     return 100 <= reply[0] <= 599  # noqa: PLR2004 - the range of SMTP reply codes
 
 
-class _DeadlineIMAP:
-    """imaplib.IMAP4 behaviour with a deadline from construction (connect, TLS, greeting on)."""
+class _Deadlined:
+    """A client (imaplib or smtplib) with a deadline from construction: connect, TLS, greeting
+    and STARTTLS included. `what` names the session in the error."""
 
+    what: str
     deadline: Deadline
 
     def __init__(self, host: str, port: int, *args: Any, deadline: float, **kwargs: Any) -> None:
-        self.deadline = Deadline(deadline, f"IMAP session with {host}:{port}")
+        self.deadline = Deadline(deadline, f"{self.what} with {host}:{port}")
         try:
             super().__init__(host, port, *args, **kwargs)  # type: ignore[call-arg]
         except BaseException as exc:
@@ -160,6 +162,12 @@ class _DeadlineIMAP:
 
     def starttls(self, *args: Any, **kwargs: Any) -> Any:
         return self.deadline.guard(super().starttls, _always, *args, **kwargs)  # type: ignore[misc]
+
+
+class _DeadlineIMAP(_Deadlined):
+    """imaplib.IMAP4 behaviour with a deadline."""
+
+    what = "IMAP session"
 
     def readline(self) -> bytes:
         return self.deadline.guard(super().readline, _whole_line)  # type: ignore[misc]
@@ -198,23 +206,10 @@ class DeadlineIMAP4SSL(_DeadlineIMAP, imaplib.IMAP4_SSL):
         return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
 
 
-class _DeadlineSMTP:
-    """smtplib.SMTP behaviour with a deadline from construction (connect, TLS, greeting on)."""
+class _DeadlineSMTP(_Deadlined):
+    """smtplib.SMTP behaviour with a deadline."""
 
-    deadline: Deadline
-
-    def __init__(self, host: str, port: int, *args: Any, deadline: float, **kwargs: Any) -> None:
-        self.deadline = Deadline(deadline, f"SMTP exchange with {host}:{port}")
-        try:
-            super().__init__(host, port, *args, **kwargs)  # type: ignore[call-arg]
-        except BaseException as exc:
-            self.deadline.cancel()
-            if isinstance(exc, OSError):  # e.g. a TLS handshake the shutdown cut short
-                self.deadline.check(exc)
-            raise
-
-    def starttls(self, *args: Any, **kwargs: Any) -> Any:
-        return self.deadline.guard(super().starttls, _always, *args, **kwargs)  # type: ignore[misc]
+    what = "SMTP exchange"
 
     def getreply(self) -> tuple[int, bytes]:
         # smtplib reads a line cut short by EOF as code -1 (or a 1- or 2-digit code).
