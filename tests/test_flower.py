@@ -165,6 +165,24 @@ def test_flower_without_read_only_option_refuses_to_build_its_command(app_env):
     assert "--read_only=True" in build_argv("flower", load_settings(app_env))
 
 
+def private_marks() -> dict[str, str]:
+    """A recipient, subject and body no page or file may show."""
+    return {
+        "to": f"private-{secrets.token_hex(6)}@example.org",
+        "subject": f"Private subject {secrets.token_hex(6)}",
+        "body": f"Private body {secrets.token_hex(6)}",
+    }
+
+
+def wait_for_heartbeats(base: str) -> None:
+    wait_until(
+        lambda: b"flower_worker_online{" in _request(f"{base}/metrics")[1],
+        30,
+        "the worker's heartbeats in Flower",
+        interval=0.5,
+    )
+
+
 def _failed_send_with_private_content(env: dict[str, str], marks: dict[str, str]) -> str:
     """A send_email whose arguments hold `marks`; it fails at once (no such tenant or draft)."""
     ids = [str(uuid.uuid4()) for _ in range(3)]
@@ -174,11 +192,7 @@ def _failed_send_with_private_content(env: dict[str, str], marks: dict[str, str]
 
 @pytest.mark.parametrize("persistent", [None, "true"], ids=["default", "persistent"])
 def test_flower_keeps_no_task_arguments_on_disk(isolated_env, start_worker, tmp_path, persistent):
-    marks = {
-        "to": f"private-{secrets.token_hex(6)}@example.org",
-        "subject": f"Private subject {secrets.token_hex(6)}",
-        "body": f"Private body {secrets.token_hex(6)}",
-    }
+    marks = private_marks()
     state = tmp_path / "state"
     overrides = {} if persistent is None else {"MAILWORKER_FLOWER_PERSISTENT": persistent}
     env = flower_env(isolated_env, state, **overrides)
@@ -186,12 +200,7 @@ def test_flower_keeps_no_task_arguments_on_disk(isolated_env, start_worker, tmp_
     with running_flower(env, tmp_path / "flower.log") as base:
         # Flower consumes events once it shows the worker's heartbeats; a task sent earlier
         # could reach it without its task-received event (the one with the arguments).
-        wait_until(
-            lambda: b"flower_worker_online{" in _request(f"{base}/metrics")[1],
-            30,
-            "the worker's heartbeats in Flower",
-            interval=0.5,
-        )
+        wait_for_heartbeats(base)
         task_id = _failed_send_with_private_content(isolated_env, marks)
 
         def seen() -> bool:
@@ -218,22 +227,13 @@ def test_a_real_send_shows_no_mail_content_in_flower(
 ):
     # The outbox keeps the message in PostgreSQL: Flower sees ids in the arguments and counts in
     # the result, nothing of the recipients, subject or body (in its API, its pages or on disk).
-    marks = {
-        "to": f"private-{secrets.token_hex(6)}@example.org",
-        "subject": f"Private subject {secrets.token_hex(6)}",
-        "body": f"Private body {secrets.token_hex(6)}",
-    }
+    marks = private_marks()
     state = tmp_path / "state"
     env = flower_env(isolated_env, state, MAILWORKER_FLOWER_PERSISTENT="true")
     start_worker(isolated_env)
     account = make_account()
     with running_flower(env, tmp_path / "flower.log") as base:
-        wait_until(
-            lambda: b"flower_worker_online{" in _request(f"{base}/metrics")[1],
-            30,
-            "the worker's heartbeats in Flower",
-            interval=0.5,
-        )
+        wait_for_heartbeats(base)
         message = {"to": [marks["to"]], "subject": marks["subject"], "body": marks["body"]}
         entry, result = submit(
             load_settings(isolated_env), celery_client(isolated_env), account, message

@@ -12,22 +12,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tests.fixtures.outbox import submit
-from tests.fixtures.servers import celery_client, wait_until
+from tests.fixtures.servers import attempts, celery_client, wait_until
 
 pytestmark = pytest.mark.slow
 
 SEND = "mailworker.tasks.send.send_email"
 SYNC = "mailworker.tasks.sync.sync_mailbox"
-
-
-def attempts(db_engine, task_id: str) -> list[TaskAttempt]:
-    with Session(db_engine) as session:
-        query = (
-            select(TaskAttempt)
-            .where(TaskAttempt.task_id == task_id)
-            .order_by(TaskAttempt.started_at)
-        )
-        return list(session.scalars(query))
 
 
 def finished_attempts(db_engine, task_id: str, count: int) -> list[TaskAttempt]:

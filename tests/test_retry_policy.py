@@ -16,10 +16,10 @@ import pytest
 from mailworker.db.models import MailAccount, TaskAttempt
 from mailworker.settings import load_settings
 from mailworker.tasks.base import FIRST_ATTEMPT_HEADER
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from tests.fixtures.servers import IncludingWorker, free_port, wait_until
+from tests.fixtures.servers import IncludingWorker, attempts, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -46,16 +46,6 @@ FAST_REDELIVERY = {
     "MAILWORKER_SMTP_DEADLINE": "5",
     "MAILWORKER_SMTP_FINAL_REPLY_TIMEOUT": "4",
 }
-
-
-def attempts(db_engine, task_id: str) -> list[TaskAttempt]:
-    with Session(db_engine) as session:
-        query = (
-            select(TaskAttempt)
-            .where(TaskAttempt.task_id == task_id)
-            .order_by(TaskAttempt.started_at)
-        )
-        return list(session.scalars(query))
 
 
 def finished(db_engine, task_id: str, count: int, timeout: float = 30) -> list[TaskAttempt]:
