@@ -8,6 +8,8 @@ for every command would cost each call a second or more.
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
 from typing import Any
 
 import click
@@ -54,8 +56,25 @@ class Group(click.Group):
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mailworker")
-def cli() -> None:
+@click.option(
+    "--env-file",
+    "env_files",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Read variables from this file (systemd EnvironmentFile syntax) before the command; "
+    "repeat it: later files win, as a unit's own settings file wins over mailworker.env.",
+)
+def cli(env_files: tuple[Path, ...]) -> None:
     """Run and operate the mailworker Celery fleet. Settings come from MAILWORKER_* variables."""
+    if env_files:
+        from mailworker.ops.envfile import load_env_file  # noqa: PLC0415 - only when asked
+        from mailworker.ops.errors import OpsError  # noqa: PLC0415
+
+        for path in env_files:
+            try:
+                load_env_file(path, os.environ, override=True)
+            except OpsError as error:
+                raise click.ClickException(str(error)) from None
 
 
 def main() -> None:
