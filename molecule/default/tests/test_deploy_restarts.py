@@ -1,5 +1,5 @@
 """playbooks/deploy.yml with a changed setting: `mailworker config check` passes, then every unit
-restarts onto the new environment (handlers listening on "mailworker_app changed")."""
+restarts onto the new environment (the handler listening on "celery units changed")."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_deploy_with_a_new_setting_restarts_every_unit_onto_it(host):
 
     done = playbook("deploy.yml", "-e", json.dumps({"mailworker_app_settings": {SETTING: value}}))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr
-    assert "RUNNING HANDLER [celery_worker : Restart celery-worker]" in done.stdout
+    assert "RUNNING HANDLER [celery_systemd : Restart the units whose code" in done.stdout
 
     assert f'{SETTING}="{value}"' in host.file("/etc/mailworker/mailworker.env").content_string
     for unit in units:

@@ -14,7 +14,7 @@ from conftest import playbook, said
     ("overrides", "named"),
     [
         # Flower is for the proxy's clients only: it must never listen beyond loopback.
-        ({"celery_flower_address": "0.0.0.0"}, "celery_flower_address"),
+        ({"celery_units_flower_address": "0.0.0.0"}, "celery_units_flower_address"),
         # Flower's own password: long, and no comma (Flower splits FLOWER_BASIC_AUTH at commas).
         ({"celery_flower_auth_password": "short,password"}, "celery_flower_auth_password"),
         # A certificate without its key would leave nginx unable to start.

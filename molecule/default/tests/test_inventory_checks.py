@@ -17,16 +17,44 @@ import pytest
 from conftest import playbook, said
 
 BAD_VALUES = {
-    "concurrency-abc": ({"celery_worker_concurrency": "abc"}, "celery_worker_concurrency"),
-    "soft-not-below-hard": (
-        {"celery_worker_soft_time_limit": 300, "celery_worker_time_limit": 300},
-        "celery_worker_soft_time_limit",
+    "concurrency-abc": (
+        {"celery_units_worker_concurrency": "abc"},
+        "celery_units_worker_concurrency",
     ),
-    "unknown-queue": ({"celery_worker_queues": ["sync", "mail"]}, "celery_worker_queues"),
+    # The application's own rule, checked by `mailworker config check` on the controller against
+    # the unit's full environment; the message names the inventory variable behind the setting.
+    "soft-not-below-hard": (
+        {"celery_units_worker_soft_time_limit": 300, "celery_units_worker_time_limit": 300},
+        "MAILWORKER_SOFT_TIME_LIMIT is set by celery_units_worker_soft_time_limit",
+    ),
+    "instance-soft-below-deadlines": (
+        {
+            "celery_units_worker_instances": [
+                {"name": "io", "queues": ["send"], "time_limit": 600, "soft_time_limit": 500}
+            ]
+        },
+        "celery_units_worker_instances[io].soft_time_limit",
+    ),
+    "unknown-queue": (
+        {"celery_units_worker_queues": ["sync", "mail"]},
+        "celery_units_worker_queues",
+    ),
+    "bad-memory-size": (
+        {"celery_units_worker_memory_max": "lots"},
+        "celery_units_worker: memory_max: 'lots' is not a size",
+    ),
+    "unknown-process-manager": (
+        {"celery_units_process_manager": "runit"},
+        "celery_units_process_manager",
+    ),
     "bad-log-level": ({"mailworker_app_log_level": "LOUD"}, "mailworker_app_log_level"),
+    "old-variable-name": (
+        {"celery_worker_concurrency": 2},
+        "celery_worker_concurrency is no longer read: use celery_units_worker_concurrency",
+    ),
     "old-recovery-grace": (
         {"celery_health_stop_grace_sec": 30},
-        "celery_health_stop_grace_sec is no longer used",
+        "celery_health_stop_grace_sec is no longer read",
     ),
 }
 

@@ -71,6 +71,7 @@ def _unit(
     state_directories: Sequence[str] = (),
     secret_env_files: Sequence[str] = (),
     worker: Mapping[str, Any] | None = None,
+    origins: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     paths = spec["paths"]
     restart = spec["restart"]
@@ -97,7 +98,16 @@ def _unit(
         "start_limit_interval_sec": int(restart["start_limit_interval_sec"]),
         "state_directories": list(state_directories),
         "worker": dict(worker) if worker else None,
+        # The inventory variable behind each of the unit's own settings, for error messages.
+        "origins": dict(origins or {}),
     }
+
+
+def _origin(shape: Mapping[str, Any], key: str, main: str) -> str:
+    """The inventory variable that set `key` of a worker: the instance's own, or the main one's."""
+    if shape["variable"] != "celery_units_worker" and key in shape:
+        return f"{shape['variable']}.{key}"
+    return main
 
 
 def _worker_units(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -152,6 +162,21 @@ def _worker_units(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
             "MAILWORKER_SOFT_TIME_LIMIT": soft_time_limit,
             "MAILWORKER_LOG_FILE": shape["log_file"],
         }
+        variable = shape["variable"]
+        instance = variable != "celery_units_worker"
+        origins = {
+            "MAILWORKER_QUEUES": _origin(shape, "queues", "celery_units_worker_queues"),
+            "MAILWORKER_POOL": _origin(shape, "pool", "celery_units_worker_pool"),
+            "MAILWORKER_CONCURRENCY": _origin(
+                shape, "concurrency", "celery_units_worker_concurrency"
+            ),
+            "MAILWORKER_TIME_LIMIT": _origin(shape, "time_limit", "celery_units_worker_time_limit"),
+            "MAILWORKER_SOFT_TIME_LIMIT": _origin(
+                shape, "soft_time_limit", "celery_units_worker_soft_time_limit"
+            ),
+        }
+        extra = f"{variable}.settings" if instance else "celery_units_worker_settings"
+        origins |= dict.fromkeys(shape.get("settings") or {}, extra)
         units.append(
             _unit(
                 spec,
@@ -173,6 +198,7 @@ def _worker_units(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "time_limit": time_limit,
                     "soft_time_limit": soft_time_limit,
                 },
+                origins=origins,
             )
         )
     return units
@@ -197,6 +223,7 @@ def _beat_unit(spec: Mapping[str, Any]) -> dict[str, Any]:
         cpu_variable="celery_units_beat_cpu_quota",
         stop_timeout_sec=OTHER_STOP_TIMEOUT_SEC,
         state_directories=[state_directory],
+        origins=dict.fromkeys(beat.get("settings") or {}, "celery_units_beat_settings"),
     )
 
 
@@ -228,6 +255,13 @@ def _flower_unit(spec: Mapping[str, Any]) -> dict[str, Any]:
         stop_timeout_sec=OTHER_STOP_TIMEOUT_SEC,
         state_directories=[db.removeprefix("/var/lib/").rsplit("/", 1)[0]],
         secret_env_files=[f"{spec['paths']['config_dir']}/celery-flower-auth.env"],
+        origins={
+            **{
+                key: f"celery_units_flower_{key.removeprefix('MAILWORKER_FLOWER_').lower()}"
+                for key in own
+            },
+            **dict.fromkeys(flower.get("settings") or {}, "celery_units_flower_settings"),
+        },
     )
 
 
