@@ -16,12 +16,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.deploy import DeployFailed, DeployTiming, lab_available, measure_deploy
+from bench.layout import memory_limit
 from bench.machine import describe_machine, load_average
 from bench.memory import MemoryCgroup
 from bench.plot import plot_sweep
 from bench.redis_server import running_redis
 from bench.report import RunInfo, render, write_report
-from bench.runner import MEMORY_LIMIT
 from bench.suite import Plan, Results, load_units, run_rounds, run_sweep
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,13 +48,15 @@ QUICK = Plan(
 
 
 def _cgroup_note() -> str:
-    probe = MemoryCgroup.create("celery-fleet-bench-probe", MEMORY_LIMIT)
+    limit = memory_limit()
+    probe = MemoryCgroup.create("celery-fleet-bench-probe", limit)
     if probe is None:
-        return "no memory cgroup could be made here: the 512 MiB limit was NOT enforced"
+        mib = limit // 1024 // 1024
+        return f"no memory cgroup could be made here: the {mib} MiB limit was NOT enforced"
     probe.remove()
     return (
         f"every session's workers ran in a memory cgroup (v{probe.version}) limited to "
-        f"{MEMORY_LIMIT // 1024 // 1024} MiB, like the units' MemoryMax"
+        f"{limit // 1024 // 1024} MiB, like the units' MemoryMax"
     )
 
 

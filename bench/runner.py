@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.configs import Deployment
+from bench.layout import memory_limit
 from bench.memory import cpu_seconds
 from bench.records import drain_rate, percentile
 from bench.redis_server import RedisServer
 from bench.worker_proc import MemorySample, RunningWorkers, WorkerFailed, running_workers
-
-MEMORY_LIMIT = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -147,7 +146,7 @@ def run_session(
         process = _produce(deployment, workload, tasks, 0.0)
         session.enqueue_rate = tasks / _producer_result(process, timeout=max(120.0, tasks / 200))
         redis.client().config_resetstat()
-        with running_workers(list(deployment.workers), log_dir, MEMORY_LIMIT) as workers:
+        with running_workers(list(deployment.workers), log_dir, memory_limit()) as workers:
             session.ready_seconds = workers.ready_after
             worker_pids = [p.pid for p in workers.processes]
             cpu_before = cpu_seconds(worker_pids), cpu_seconds([redis.pid])

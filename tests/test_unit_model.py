@@ -1,0 +1,186 @@
+"""The unit model (roles/celery_units): one list of units per host, built from the inventory.
+
+The builder is plain Python (the Ansible filter plugin), so these tests call it directly with
+the role's defaults, and run playbooks/units.yml to see that Ansible hands it the same inputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+ROLE = REPO / "roles" / "celery_units"
+_spec = importlib.util.spec_from_file_location(
+    "celery_units_model", ROLE / "filter_plugins" / "celery_units.py"
+)
+assert _spec is not None
+assert _spec.loader is not None
+model = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(model)
+
+ALL_GROUPS = ["celery_workers", "celery_beat", "flower"]
+PATHS = {
+    "venv": "/opt/mailworker/venv",
+    "config_dir": "/etc/mailworker",
+    "log_dir": "/var/log/mailworker",
+    "user": "celeryworker",
+    "group": "celeryworker",
+}
+
+
+def defaults() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    return data
+
+
+def spec(groups: list[str] = ALL_GROUPS, **overrides: Any) -> dict[str, Any]:
+    """What roles/celery_units/vars/main.yml gives the filter, from the defaults + overrides."""
+    d = defaults() | overrides
+    return {
+        "groups": groups,
+        "paths": PATHS,
+        "worker": {
+            key: d[f"celery_units_worker_{key}"]
+            for key in (
+                "enabled",
+                "queues",
+                "pool",
+                "concurrency",
+                "time_limit",
+                "soft_time_limit",
+                "memory_max",
+                "cpu_quota",
+                "settings",
+                "instances",
+            )
+        },
+        "stop_grace_sec": d["celery_units_stop_grace_sec"],
+        "beat": {k: d[f"celery_units_beat_{k}"] for k in ("memory_max", "cpu_quota", "settings")},
+        "flower": {
+            k: d[f"celery_units_flower_{k}"]
+            for k in (
+                "address",
+                "port",
+                "url_prefix",
+                "persistent",
+                "db",
+                "read_only",
+                "memory_max",
+                "cpu_quota",
+                "settings",
+            )
+        },
+        "restart": {
+            k: d[f"celery_units_{k}"]
+            for k in ("restart_sec", "start_limit_burst", "start_limit_interval_sec")
+        },
+    }
+
+
+def by_name(units: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {unit["name"]: unit for unit in units}
+
+
+def test_the_defaults_run_a_prefork_worker_two_io_instances_beat_and_flower():
+    units = by_name(model.celery_units(spec()))
+    assert list(units) == [
+        "celery-worker",
+        "celery-worker@io-1",
+        "celery-worker@io-2",
+        "celery-beat",
+        "celery-flower",
+    ]
+    assert units["celery-worker"]["settings"]["MAILWORKER_QUEUES"] == "delete,spam,periodic"
+    io = units["celery-worker@io-1"]
+    assert io["settings"]["MAILWORKER_POOL"] == "threads"
+    assert io["settings"]["MAILWORKER_NODE_NAME"] == "celery-worker-io-1@%h"
+    assert io["env_files"] == [
+        "/etc/mailworker/mailworker.env",
+        "/etc/mailworker/celery-worker@io-1.env",
+    ]
+    assert io["command"] == ["/opt/mailworker/venv/bin/mailworker", "run", "worker"]
+
+
+def test_a_workers_stop_timeout_is_its_own_hard_limit_plus_the_grace():
+    units = by_name(model.celery_units(spec(celery_units_stop_grace_sec=45)))
+    assert units["celery-worker"]["stop_timeout_sec"] == 300 + 45
+    assert units["celery-worker@io-1"]["stop_timeout_sec"] == 1260 + 45
+    assert units["celery-beat"]["stop_timeout_sec"] == units["celery-flower"]["stop_timeout_sec"]
+
+
+def test_one_restart_rule_for_every_unit():
+    units = model.celery_units(spec(celery_units_restart_sec=7, celery_units_start_limit_burst=3))
+    assert {(u["restart_sec"], u["start_limit_burst"]) for u in units} == {(7, 3)}
+
+
+def test_the_hosts_groups_choose_its_units():
+    assert [u["name"] for u in model.celery_units(spec(["celery_beat"]))] == ["celery-beat"]
+    assert model.celery_units(spec(["redis"])) == []
+
+
+def test_an_instance_follows_the_main_worker_where_it_sets_nothing():
+    instances = [{"name": "bulk", "queues": ["sync"], "memory_max": "1G"}]
+    unit = by_name(model.celery_units(spec(celery_units_worker_instances=instances)))[
+        "celery-worker@bulk"
+    ]
+    assert unit["worker"]["pool"] == "prefork"
+    assert unit["worker"]["time_limit"] == 300
+    assert unit["memory_max_bytes"] == 1 << 30
+    assert unit["origins"]["MAILWORKER_POOL"] == "celery_units_worker_pool"
+    assert unit["origins"]["MAILWORKER_QUEUES"] == "celery_units_worker_instances[bulk].queues"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"celery_units_worker_memory_max": "lots"}, "memory_max: 'lots' is not a size"),
+        ({"celery_units_beat_cpu_quota": "half"}, "celery_units_beat_cpu_quota"),
+        (
+            {"celery_units_worker_instances": [{"name": "a b", "queues": ["sync"]}]},
+            "celery_units_worker_instances[0].name",
+        ),
+        (
+            {"celery_units_worker_instances": [{"name": "x", "queues": []}]},
+            "celery_units_worker_instances[x]: queues is empty",
+        ),
+        (
+            {"celery_units_worker_instances": [{"name": "x", "queues": ["sync"]}] * 2},
+            "celery-worker@x listed more than once",
+        ),
+        ({"celery_units_flower_db": "/srv/flower.db"}, "celery_units_flower_db"),
+    ],
+)
+def test_bad_values_name_their_variable(overrides, message):
+    with pytest.raises(model.UnitModelError) as raised:
+        model.celery_units(spec(**overrides))
+    assert message in str(raised.value)
+
+
+def test_ansible_builds_the_same_units_as_the_builder(tmp_path):
+    """playbooks/units.yml on an inventory that sets nothing equals the builder on the defaults."""
+    inventory = tmp_path / "shipped" / "hosts.yml"
+    inventory.parent.mkdir()
+    inventory.write_text("celery_workers:\n  hosts:\n    w1:\n")
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ansible-playbook"),
+            "-i",
+            str(inventory),
+            str(REPO / "playbooks" / "units.yml"),
+            "-e",
+            json.dumps({"units_dir": str(tmp_path / "out")}),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )
+    written = json.loads((tmp_path / "out" / "w1.json").read_text())
+    assert written == model.celery_units(spec(["celery_workers"]))
