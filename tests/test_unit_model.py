@@ -7,14 +7,13 @@ the role's defaults, and run playbooks/units.yml to see that Ansible hands it th
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from bench.layout import model_of_defaults
 
 REPO = Path(__file__).resolve().parent.parent
 ROLE = REPO / "roles" / "celery_units"
@@ -164,23 +163,7 @@ def test_bad_values_name_their_variable(overrides, message):
     assert message in str(raised.value)
 
 
-def test_ansible_builds_the_same_units_as_the_builder(tmp_path):
-    """playbooks/units.yml on an inventory that sets nothing equals the builder on the defaults."""
-    inventory = tmp_path / "shipped" / "hosts.yml"
-    inventory.parent.mkdir()
-    inventory.write_text("celery_workers:\n  hosts:\n    w1:\n")
-    subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ansible-playbook"),
-            "-i",
-            str(inventory),
-            str(REPO / "playbooks" / "units.yml"),
-            "-e",
-            json.dumps({"units_dir": str(tmp_path / "out")}),
-        ],
-        check=True,
-        capture_output=True,
-        cwd=REPO,
-    )
-    written = json.loads((tmp_path / "out" / "w1.json").read_text())
-    assert written == model.celery_units(spec(["celery_workers"]))
+def test_ansible_builds_the_same_units_as_the_builder():
+    """playbooks/units.yml on an inventory that sets nothing (what the bench starts) equals the
+    builder called on the role's defaults: Ansible hands the builder the variables unchanged."""
+    assert model_of_defaults() == model.celery_units(spec(["celery_workers"]))
