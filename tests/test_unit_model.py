@@ -167,3 +167,15 @@ def test_ansible_builds_the_same_units_as_the_builder():
     """playbooks/units.yml on an inventory that sets nothing (what the bench starts) equals the
     builder called on the role's defaults: Ansible hands the builder the variables unchanged."""
     assert model_of_defaults() == model.celery_units(spec(["celery_workers"]))
+
+
+def test_the_hardening_block_is_written_once():
+    """Every systemd unit the roles install reads celery_systemd_hardening; none restates it."""
+    templates = sorted((REPO / "roles").glob("*/templates/*.service.j2"))
+    assert len(templates) >= 3
+    for template in templates:
+        text = template.read_text()
+        assert "{{ celery_systemd_hardening }}" in text, template
+        assert "ProtectSystem=" not in text, f"{template} restates the hardening block"
+    block = yaml.safe_load((REPO / "roles/celery_systemd/vars/main.yml").read_text())
+    assert "ProcSubset=pid" in block["celery_systemd_hardening"]
