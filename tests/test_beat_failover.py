@@ -371,6 +371,10 @@ def test_health_of_a_standby_and_of_a_leader(fleet):
     code, said = check(0, "leader", "me@host")
     assert code == 0, said
     assert said.startswith("ok: beat me@host leads (lease ")
+    code, said = check(0, "standby", "me@host")  # restarted: its predecessor's lease runs out
+    assert code == 0, said
+    assert "stands by, ticked " in said
+    assert "an earlier process of this beat holds the lease (lease " in said
     code, said = check(0, "standby", "other@host")
     assert code == 0, said
     assert said.startswith("ok: beat me@host stands by, ticked ")

@@ -19,7 +19,7 @@ from celery.utils.nodenames import host_format
 from kombu import Connection
 from kombu.exceptions import OperationalError
 
-from mailworker.beat import LEADER, BeatStatus, read_status
+from mailworker.beat import LEADER, STANDBY, BeatStatus, read_status
 from mailworker.redis_client import redis_from_url
 from mailworker.settings import Settings, mask_url
 
@@ -86,6 +86,13 @@ def judge_beat(status: BeatStatus, *, max_age: int, patience: int) -> HealthRepo
         verdict = Health.UNHEALTHY, "has written no heartbeat (not running, or lost Redis)"
     elif age > max_age:
         verdict = Health.UNHEALTHY, f"last ticked {age:.0f} s ago (limit {max_age} s)"
+    elif status.holder == name and status.role == STANDBY:
+        # Restarted after a crash: the lease of its dead predecessor (another token) runs out.
+        verdict = (
+            Health.HEALTHY,
+            f"stands by, ticked {age:.0f} s ago; an earlier process of this beat holds the "
+            f"lease ({lease}), taken over when it ends",
+        )
     elif status.holder == name:
         verdict = Health.HEALTHY, f"leads ({lease}), ticked {age:.0f} s ago"
     elif status.role == LEADER:
