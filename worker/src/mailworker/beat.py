@@ -188,7 +188,7 @@ class LeaseScheduler(Scheduler):
                 return 0.0
             self._write_heartbeat(STANDBY)
         except redis.RedisError as error:
-            logger.warning("beat %s (standby) cannot reach Redis: %s", self.beat_name, error)
+            logger.warning("beat %s (standby) cannot use Redis: %s", self.beat_name, error)
             return float(self.max_interval)
         # Wake when the lease would expire: a dead leader is replaced within its lease.
         if answer > 0:
