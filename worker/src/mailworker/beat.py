@@ -98,7 +98,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-_ACQUIRED = -3
+_ACQUIRED = -3  # what _ACQUIRE answers when it took the lease (PTTL never answers -3)
 LEADER, STANDBY = "leader", "standby"
 
 logger = logging.getLogger(__name__)
