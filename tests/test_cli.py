@@ -112,7 +112,6 @@ def test_run_print_shows_the_command_lines(tmp_path):
         MAILWORKER_CONCURRENCY="3",
         MAILWORKER_POOL="threads",
         MAILWORKER_LOG_FILE=f"{tmp_path}/{{service}}.log",
-        MAILWORKER_BEAT_SCHEDULE_FILE=f"{tmp_path}/beat/schedule",
     )
     worker = shlex.split(mailworker("run", "worker", "--print", env=env).stdout)
     assert worker[1:3] == ["-m", "mailworker.worker_command"]
@@ -128,8 +127,8 @@ def test_run_print_shows_the_command_lines(tmp_path):
     ):
         assert flag in worker
     beat = shlex.split(mailworker("run", "beat", "--print", env=env).stdout)
-    assert "--scheduler=mailworker.beat:HeartbeatScheduler" in beat
-    assert f"--schedule={tmp_path}/beat/schedule" in beat
+    assert "--scheduler=mailworker.beat:LeaseScheduler" in beat
+    assert not any(arg.startswith("--schedule=") for arg in beat)  # its state lives in Redis
     flower = shlex.split(mailworker("run", "flower", "--print", env=env).stdout)
     for flag in ("--address=127.0.0.1", "--port=5555", "--url_prefix=flower", "--read_only=True"):
         assert flag in flower
@@ -140,11 +139,12 @@ def test_run_print_shows_the_command_lines(tmp_path):
     flower = shlex.split(mailworker("run", "flower", "--print", env=quiet).stdout)
     assert "--enable_events=False" in flower  # or Flower turns them back on in every worker
 
-    # The schedule's directory does not exist: one line before anything is exec'd.
-    ran = mailworker("run", "beat", env=env)
+    # The log's directory does not exist: one line before anything is exec'd.
+    missing = {**env, "MAILWORKER_LOG_FILE": f"{tmp_path}/logs/{{service}}.log"}
+    ran = mailworker("run", "beat", env=missing)
     assert ran.returncode == 1
     assert ran.stderr.strip() == (
-        f"Error: MAILWORKER_BEAT_SCHEDULE_FILE: directory {tmp_path}/beat does not exist"
+        f"Error: MAILWORKER_LOG_FILE: directory {tmp_path}/logs does not exist"
     )
 
 

@@ -178,9 +178,10 @@ def test_one_group_per_unit_counted_by_the_hosts_that_run_it(rendered: Rendered)
         assert groups[name]["meta"] == [{"unit": unit["name"]}]
         assert {"operator": "distinct_hosts", "value": "true"} in groups[name]["constraint"]
     if rendered.inventory == "production.example":
-        # Three worker hosts, one beat, one Flower host (inventories/production.example/hosts.yml).
+        # Three worker hosts, two of them beat, one Flower host (production.example/hosts.yml).
         assert groups["celery-worker"]["count"] == 3
         assert groups["celery-worker-io"]["count"] == 3
+        assert groups["celery-beat"]["count"] == 2
 
 
 def test_tasks_run_the_units_command_as_their_user_with_exec(rendered: Rendered) -> None:
@@ -235,8 +236,6 @@ def test_settings_are_the_units_own_and_secrets_come_from_nomad_variables(
         for setting, value in unit["settings"].items():
             if setting == "MAILWORKER_LOG_FILE":
                 assert plain[setting] == "", "Nomad keeps the task's logs: stderr"
-            elif setting == "MAILWORKER_BEAT_SCHEDULE_FILE":
-                assert plain[setting] == f"{ALLOC_DIR}/data/celerybeat-schedule"
             elif setting == "MAILWORKER_FLOWER_DB":
                 assert plain[setting] == f"{ALLOC_DIR}/data/flower.db"
             else:
@@ -329,20 +328,24 @@ def test_resources_are_the_units_memory_and_cpu_ceilings(rendered: Rendered) -> 
 # --- beat and Flower ----------------------------------------------------------------------------
 
 
-def test_exactly_one_beat_stopped_on_a_partitioned_client_before_it_is_replaced(
+def test_one_beat_group_with_an_allocation_per_beat_host_stopped_on_a_partitioned_client(
     rendered: Rendered,
 ) -> None:
+    # Beats elect their leader through a lease in Redis (mailworker.beat): one per beat host.
     beats = [name for name, body in rendered.groups().items() if "beat" in body["task"][0]]
     assert beats == ["celery-beat"]
     beat = rendered.groups()["celery-beat"]
-    assert beat["count"] == 1
+    ((_unit, hosts),) = [
+        value for value in rendered.units_by_name().values() if value[0]["service"] == "beat"
+    ]
+    assert beat["count"] == len(hosts)
     ((disconnect,),) = [beat["disconnect"]]
     stop_after = _seconds(disconnect["stop_on_client_after"])
     assert stop_after == DEFAULTS["nomad_jobs_beat_stop_on_client_after_sec"] > 0
     assert disconnect["replace"] is True
     # Nomad refuses lost_after together with stop_on_client_after (DisconnectStrategy.Validate).
     assert "lost_after" not in disconnect
-    assert beat["ephemeral_disk"] == [{"sticky": True, "migrate": True}]
+    assert "ephemeral_disk" not in beat  # its state lives in Redis
     for name, body in rendered.groups().items():
         if name != "celery-beat":
             assert "disconnect" not in body, name

@@ -7,6 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from celery.utils.nodenames import host_format
 from mailworker.db.models import (
     FolderSyncState,
     MailAccount,
@@ -54,8 +55,9 @@ def test_beat_fans_out_one_sync_per_active_account(fleet, make_account, dovecot,
         session.execute(update(User).where(User.id == dormant.user_id).values(active=False))
 
     fleet.configure(
-        MAILWORKER_SYNC_INTERVAL="2",
+        MAILWORKER_SYNC_INTERVAL="3",
         MAILWORKER_BEAT_MAX_LOOP_INTERVAL="1",
+        MAILWORKER_BEAT_LEASE="2",
         MAILWORKER_BEAT_HEARTBEAT_MAX_AGE="5",
     )
     worker = fleet.start_worker()
@@ -75,15 +77,15 @@ def test_beat_fans_out_one_sync_per_active_account(fleet, make_account, dovecot,
     assert fan_outs, "sync_all_accounts never ran"
     assert "Scheduler: Sending due task sync-all-accounts" in beat.log
 
-    ok = health_beat(fleet.env)
+    ok = health_beat(beat.env)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert ok.stdout.startswith("ok: beat ticked")
+    assert ok.stdout.startswith(f"ok: beat {host_format(beat.node)} leads (lease ")
 
     beat.stop()
     time.sleep(2.5)
-    stale = health_beat(fleet.env, "--max-age", "2")
+    stale = health_beat(beat.env, "--max-age", "2")
     assert stale.returncode == 1
-    assert stale.stdout.startswith("unhealthy: beat's last tick was")
+    assert stale.stdout.startswith(f"unhealthy: beat {host_format(beat.node)} last ticked ")
 
 
 def test_fan_out_counts_only_active_accounts(app_env, shared_worker, make_account, db_engine):

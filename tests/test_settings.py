@@ -10,9 +10,15 @@ from pathlib import Path
 import pytest
 from celery import Celery
 from cryptography.fernet import Fernet
-from mailworker.celery_config import build_config
+from mailworker.celery_config import beat_schedule, build_config
 from mailworker.errors import ConfigurationError
-from mailworker.settings import SETTINGS, effective, load_settings, markdown_table
+from mailworker.settings import (
+    PERIODIC_INTERVALS,
+    SETTINGS,
+    effective,
+    load_settings,
+    markdown_table,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = Fernet.generate_key().decode()
@@ -36,7 +42,7 @@ def test_defaults_follow_the_contract():
     assert (s.result_expires, s.prefetch_multiplier, s.log_level) == (3600, 1, "INFO")
     assert s.queues == ("sync", "send", "delete", "spam", "periodic")
     assert s.node_name == "celery-worker@%h"
-    assert s.beat_schedule_file == "/var/lib/mailworker/beat/celerybeat-schedule"
+    assert (s.beat_name, s.beat_lease, s.beat_max_loop_interval) == ("celery-beat@%h", 30, 5)
     assert (s.flower_address, s.flower_port, s.flower_url_prefix) == ("127.0.0.1", 5555, "flower")
     assert s.encryption_keys == (KEY,)
 
@@ -69,7 +75,9 @@ def test_every_contract_variable_is_declared():
         "IMAP_TLS_VERIFY",
         "SMTP_TLS_VERIFY",
         "TASK_EVENTS",
-        "BEAT_SCHEDULE_FILE",
+        "BEAT_NAME",
+        "BEAT_LEASE",
+        "BEAT_MAX_LOOP_INTERVAL",
         "FLOWER_ADDRESS",
         "FLOWER_PORT",
         "FLOWER_URL_PREFIX",
@@ -231,3 +239,32 @@ def test_mail_deadlines_end_before_the_soft_time_limit_of_the_queues_consumed():
         load_settings(
             base_env(**{**short, "MAILWORKER_SOFT_TIME_LIMIT": "200"}, MAILWORKER_QUEUES="delete")
         )
+
+
+def test_the_beat_lease_lies_between_the_loop_and_the_shortest_periodic_interval():
+    # Renewed once a loop: at least two loops, or a slow loop ends the leader.
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings(base_env(MAILWORKER_BEAT_LEASE="9"))
+    assert str(raised.value) == (
+        "MAILWORKER_BEAT_LEASE (9) must be at least twice MAILWORKER_BEAT_MAX_LOOP_INTERVAL "
+        "(5): the leader renews it once a loop"
+    )
+    # A failover waits out the lease: below every periodic interval (here the send sweep's).
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings(base_env(MAILWORKER_BEAT_LEASE="60"))
+    assert str(raised.value) == (
+        "MAILWORKER_BEAT_LEASE (60) must be below MAILWORKER_SEND_SWEEP_INTERVAL (60), the "
+        "shortest periodic interval: a beat failover delays periodic runs by up to the lease"
+    )
+    with pytest.raises(ConfigurationError, match=r"below MAILWORKER_SYNC_INTERVAL \(20\)"):
+        load_settings(base_env(MAILWORKER_SYNC_INTERVAL="20"))
+    assert load_settings(base_env(MAILWORKER_BEAT_LEASE="10")).beat_lease == 10
+
+
+def test_the_lease_rule_knows_every_periodic_interval():
+    """PERIODIC_INTERVALS (the lease's upper bound) names exactly the settings behind the beat
+    schedule: a new periodic entry must join the rule."""
+    changed = {f"MAILWORKER_{name}": str(1000 + i) for i, name in enumerate(PERIODIC_INTERVALS)}
+    schedule = beat_schedule(load_settings(base_env(**changed)))
+    seconds = sorted(entry["schedule"].run_every.total_seconds() for entry in schedule.values())
+    assert seconds == sorted(float(value) for value in changed.values())

@@ -26,7 +26,6 @@ def test_service_user_is_a_system_user_without_login_shell(host):
         ("/etc/mailworker/celery-worker.env", "root", "celeryworker", 0o640),
         ("/etc/mailworker/celery-beat.env", "root", "celeryworker", 0o640),
         ("/var/lib/mailworker", "celeryworker", "celeryworker", 0o750),
-        ("/var/lib/mailworker/beat", "celeryworker", "celeryworker", 0o750),
         ("/var/log/mailworker", "celeryworker", "celeryworker", 0o750),
         ("/opt/mailworker", "root", "root", 0o755),
         ("/opt/mailworker/releases", "root", "root", 0o755),

@@ -140,11 +140,14 @@ def test_every_worker_answers_a_ping_through_the_broker(host):
 
 
 @pytest.mark.units("celery-beat.service")
-def test_beat_ticks(host):
+def test_beat_ticks_and_leads(host):
+    # The only beat takes the free lease at start (a second host's beat would stand by).
     result = host.run("mailworker health beat")
     assert result.rc == 0, result.stdout + result.stderr
+    assert " leads (lease " in result.stdout
 
 
-def test_beat_keeps_its_schedule_in_its_state_directory(host):
-    schedule = host.run("ls /var/lib/mailworker/beat/")
-    assert "celerybeat-schedule" in schedule.stdout
+def test_beat_keeps_no_state_on_the_host(host):
+    # Its lease and the last run of each entry live in Redis, shared by every beat host.
+    assert not host.file("/var/lib/mailworker/beat/celerybeat-schedule").exists
+    assert "SCHEDULE" not in host.file("/etc/mailworker/celery-beat.env").content_string

@@ -206,11 +206,8 @@ def _worker_units(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def _beat_unit(spec: Mapping[str, Any]) -> dict[str, Any]:
     beat = spec["beat"]
-    state_directory = "mailworker/beat"
-    own = {
-        "MAILWORKER_BEAT_SCHEDULE_FILE": f"/var/lib/{state_directory}/celerybeat-schedule",
-        "MAILWORKER_LOG_FILE": f"{spec['paths']['log_dir']}/beat.log",
-    }
+    # No state on the host: the lease and the last runs live in Redis (mailworker.beat).
+    own = {"MAILWORKER_LOG_FILE": f"{spec['paths']['log_dir']}/beat.log"}
     return _unit(
         spec,
         name="celery-beat",
@@ -222,7 +219,6 @@ def _beat_unit(spec: Mapping[str, Any]) -> dict[str, Any]:
         cpu_quota=beat["cpu_quota"],
         cpu_variable="celery_units_beat_cpu_quota",
         stop_timeout_sec=OTHER_STOP_TIMEOUT_SEC,
-        state_directories=[state_directory],
         origins=dict.fromkeys(beat.get("settings") or {}, "celery_units_beat_settings"),
     )
 

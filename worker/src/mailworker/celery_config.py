@@ -215,14 +215,15 @@ def explain_config(s: Settings) -> list[Entry]:
         Entry("beat_schedule", beat_schedule(s), "The schedule lives in the app, not in beat."),
         Entry(
             "beat_scheduler",
-            "mailworker.beat:HeartbeatScheduler",
-            "Writes a heartbeat on each tick for `mailworker health beat`.",
+            "mailworker.beat:LeaseScheduler",
+            "Beat may run on several hosts: the one holding a lease in Redis schedules, fenced "
+            "by it; last runs and heartbeats live in Redis (mailworker.beat).",
         ),
-        Entry("beat_schedule_filename", s.beat_schedule_file, "Schedule state in the state dir."),
         Entry(
             "beat_max_loop_interval",
             s.beat_max_loop_interval,
-            "Tick at least this often so the heartbeat stays fresh.",
+            "Tick at least this often: the leader renews its lease, a standby looks for a free "
+            "one, each writes its heartbeat.",
         ),
         Entry("timezone", "UTC", "Schedules and timestamps in UTC."),
         Entry("enable_utc", True, "Schedules and timestamps in UTC."),

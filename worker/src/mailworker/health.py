@@ -19,7 +19,7 @@ from celery.utils.nodenames import host_format
 from kombu import Connection
 from kombu.exceptions import OperationalError
 
-from mailworker.beat import heartbeat_age
+from mailworker.beat import LEADER, STANDBY, BeatStatus, read_status
 from mailworker.redis_client import redis_from_url
 from mailworker.settings import Settings, mask_url
 
@@ -66,20 +66,60 @@ def check_worker(settings: Settings, *, timeout: float, node: str | None = None)
 
 
 def check_beat(settings: Settings, *, timeout: float, max_age: int) -> HealthReport:
-    """Beat is healthy when its heartbeat is at most `max_age` seconds old."""
+    """This host's beat (MAILWORKER_BEAT_NAME) as the beats left it in Redis; see judge_beat."""
+    name = host_format(settings.beat_name)
     try:
-        age = heartbeat_age(redis_from_url(settings.broker_url, settings, timeout=timeout))
+        status = read_status(redis_from_url(settings.broker_url, settings, timeout=timeout), name)
     except redis.RedisError as error:
         return HealthReport(Health.UNKNOWN, f"cannot reach Redis at {_where(settings)}: {error}")
+    # A standby tries for a free lease on every tick, at least once a loop.
+    return judge_beat(status, max_age=max_age, patience=2 * settings.beat_max_loop_interval)
+
+
+def judge_beat(status: BeatStatus, *, max_age: int, patience: int) -> HealthReport:
+    """A leader is healthy when it ticked within `max_age` seconds and holds the lease; a standby
+    when it ticked within `max_age` and another beat holds the lease, or the lease is free and the
+    standby tried for it within `patience` seconds. A standby is never unhealthy for waiting."""
+    name, age = status.name, status.heartbeat_age
+    lease = f"lease {status.lease_left:.0f} s left" if status.lease_left else "lease kept"
     if age is None:
-        return HealthReport(
-            Health.UNHEALTHY, "beat has written no heartbeat (not running, or lost Redis)"
+        verdict = Health.UNHEALTHY, "has written no heartbeat (not running, or lost Redis)"
+    elif age > max_age:
+        verdict = Health.UNHEALTHY, f"last ticked {age:.0f} s ago (limit {max_age} s)"
+    elif status.holder == name and status.role == STANDBY:
+        # Restarted after a crash: the lease of its dead predecessor (another token) runs out.
+        verdict = (
+            Health.HEALTHY,
+            f"stands by, ticked {age:.0f} s ago; an earlier process of this beat holds the "
+            f"lease ({lease}), taken over when it ends",
         )
-    if age > max_age:
-        return HealthReport(
-            Health.UNHEALTHY, f"beat's last tick was {age:.0f} s ago (limit {max_age} s)"
+    elif status.holder == name:
+        verdict = Health.HEALTHY, f"leads ({lease}), ticked {age:.0f} s ago"
+    elif status.role == LEADER:
+        # It finds out at its next tick and exits; the process manager restarts it as a standby.
+        holder = status.holder or "no beat"
+        verdict = (
+            Health.UNHEALTHY,
+            f"ticked as the leader {age:.0f} s ago but {holder} holds the lease",
         )
-    return HealthReport(Health.HEALTHY, f"beat ticked {age:.0f} s ago")
+    elif status.holder is not None:
+        verdict = (
+            Health.HEALTHY,
+            f"stands by, ticked {age:.0f} s ago; {status.holder} leads ({lease})",
+        )
+    elif age <= patience:
+        verdict = (
+            Health.HEALTHY,
+            f"stands by, ticked {age:.0f} s ago; the lease is free and it takes it at its next "
+            "tick",
+        )
+    else:
+        verdict = (
+            Health.UNHEALTHY,
+            f"stands by but last tried for the free lease {age:.0f} s ago (limit {patience} s)",
+        )
+    health, message = verdict
+    return HealthReport(health, f"beat {name} {message}")
 
 
 def _where(settings: Settings) -> str:

@@ -81,8 +81,7 @@ def _beat(s: Settings) -> list[str]:
         *celery_command(),
         f"--app={APP}",
         "beat",
-        f"--schedule={s.beat_schedule_file}",
-        "--scheduler=mailworker.beat:HeartbeatScheduler",
+        "--scheduler=mailworker.beat:LeaseScheduler",
         f"--max-interval={s.beat_max_loop_interval}",
         *_log_options("beat", s),
     ]

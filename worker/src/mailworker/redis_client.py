@@ -1,4 +1,4 @@
-"""Plain Redis clients for what Celery does not do itself (beat heartbeat, result cleanup)."""
+"""Plain Redis clients for what Celery does not do itself (beat's lease, result cleanup)."""
 
 from __future__ import annotations
 

@@ -470,11 +470,23 @@ class Settings:
         "Seconds finished task attempts stay in the database; above STALE_AFTER.",
         "604800",
     )
-    beat_schedule_file: str = _setting(
-        Path(), "Beat's schedule file.", "/var/lib/mailworker/beat/celerybeat-schedule"
+    beat_name: str = _setting(
+        Text(kind="name@host", pattern=r"[^\s@]+@[^\s@]+", hint="expected name@host"),
+        "Beat's name in its lease and heartbeat (%h = host name); one per beat.",
+        "celery-beat@%h",
     )
     beat_max_loop_interval: int = _setting(
-        Integer(minimum=1), "Longest sleep of beat between ticks (s).", "30"
+        Integer(minimum=1),
+        "Longest sleep of beat between ticks (s): the leader renews its lease, a standby "
+        "looks for a free one, at least this often.",
+        "5",
+    )
+    beat_lease: int = _setting(
+        Integer(minimum=2),
+        "Seconds the leading beat's lease lasts unrenewed: a standby takes over at most this "
+        "long after the leader's last tick. At least twice the loop interval, below the "
+        "shortest periodic interval.",
+        "30",
     )
     beat_heartbeat_max_age: int = _setting(
         Integer(minimum=1),
@@ -627,6 +639,32 @@ def _heartbeat_above_loop(s: Settings) -> None:
         )
 
 
+# The settings behind celery_config.beat_schedule's intervals (tests/test_settings.py checks
+# that the schedule uses exactly these).
+PERIODIC_INTERVALS: Final = ("SYNC_INTERVAL", "CLEANUP_INTERVAL", "SEND_SWEEP_INTERVAL")
+
+
+def _beat_lease_between_loop_and_periods(s: Settings) -> None:
+    # The leader renews once a loop: a lease a slow loop can outlive makes the leader give up
+    # (celery-redbeat #230 crash-looped at 1.5 loops). A failover delays the periodic runs by up
+    # to the lease, which must stay below every interval so no run waits a whole extra period.
+    if s.beat_lease < 2 * s.beat_max_loop_interval:
+        raise ConfigurationError(
+            f"{PREFIX}BEAT_LEASE ({s.beat_lease}) must be at least twice "
+            f"{PREFIX}BEAT_MAX_LOOP_INTERVAL ({s.beat_max_loop_interval}): the leader renews "
+            "it once a loop"
+        )
+    name, seconds = min(
+        ((name, getattr(s, name.lower())) for name in PERIODIC_INTERVALS), key=lambda x: x[1]
+    )
+    if s.beat_lease >= seconds:
+        raise ConfigurationError(
+            f"{PREFIX}BEAT_LEASE ({s.beat_lease}) must be below {PREFIX}{name} ({seconds}), "
+            "the shortest periodic interval: a beat failover delays periodic runs by up to "
+            "the lease"
+        )
+
+
 _RELATIONS: Final[tuple[Callable[[Settings], None], ...]] = (
     _soft_below_hard,
     _time_limits_above_mail_deadlines,
@@ -636,6 +674,7 @@ _RELATIONS: Final[tuple[Callable[[Settings], None], ...]] = (
     _retention_above_stale,
     _backoff_order,
     _heartbeat_above_loop,
+    _beat_lease_between_loop_and_periods,
     _memory_budget_holds_a_message,
 )
 

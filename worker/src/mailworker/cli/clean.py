@@ -49,7 +49,7 @@ def clean(ops: Ops, what: str, yes: bool, dry_run: bool, log_dir: Path | None) -
     """Remove logs (truncate current, delete rotated), stored results, or queued messages.
 
     redis purges every task queue and drops unacknowledged entries when no worker is online;
-    it never flushes the database (queue bindings and beat's heartbeat live there).
+    it never flushes the database (queue bindings and beat's lease and last runs live there).
     """
     steps = _plan(ops, what, log_dir)
     planned = [

@@ -31,7 +31,7 @@ def worker(timeout: float | None, node: str | None) -> None:
     "--max-age", type=click.IntRange(min=1), help="Oldest acceptable heartbeat in seconds."
 )
 def beat(timeout: float | None, max_age: int | None) -> None:
-    """Check that beat ticked recently (its heartbeat in Redis)."""
+    """Check this host's beat: a leader ticking with its lease, or a standby waiting for it."""
     settings = load_settings()
     _report(
         check_beat(

@@ -33,8 +33,6 @@ def _check_directories(service: str, s: Settings) -> None:
     wanted: list[tuple[str, str]] = []
     if s.log_file and service != "flower":
         wanted.append(("MAILWORKER_LOG_FILE", s.log_file.replace("{service}", service)))
-    if service == "beat":
-        wanted.append(("MAILWORKER_BEAT_SCHEDULE_FILE", s.beat_schedule_file))
     if service == "flower" and s.flower_persistent:
         wanted.append(("MAILWORKER_FLOWER_DB", s.flower_db))
     for variable, path in wanted:

@@ -1,8 +1,8 @@
 """What `mailworker clean` removes, planned first so the operator sees it before anything goes.
 
 Each step knows how much it would remove and how to remove it. Redis is never flushed whole:
-the broker database also holds kombu's queue bindings (publishing needs them) and beat's
-heartbeat key, so only queued messages, orphaned unacked entries and task results go.
+the broker database also holds kombu's queue bindings (publishing needs them) and beat's lease,
+last runs and heartbeats, so only queued messages, orphaned unacked entries and task results go.
 """
 
 from collections.abc import Callable, Iterator
