@@ -138,6 +138,10 @@ def test_run_print_shows_the_command_lines(tmp_path):
     assert "--task-events" not in worker
     flower = shlex.split(mailworker("run", "flower", "--print", env=quiet).stdout)
     assert "--enable_events=False" in flower  # or Flower turns them back on in every worker
+    assert not any(arg.startswith("--max-memory-per-child") for arg in worker)
+    recycled = {**env, "MAILWORKER_POOL": "prefork", "MAILWORKER_MAX_MEMORY_PER_CHILD_KIB": "90000"}
+    worker = shlex.split(mailworker("run", "worker", "--print", env=recycled).stdout)
+    assert "--max-memory-per-child=90000" in worker
 
     # The log's directory does not exist: one line before anything is exec'd.
     missing = {**env, "MAILWORKER_LOG_FILE": f"{tmp_path}/logs/{{service}}.log"}

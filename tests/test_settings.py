@@ -105,6 +105,10 @@ def test_every_contract_variable_is_declared():
         ({"MAILWORKER_DATABASE_URL": "sqlite:///x.db"}, r"^MAILWORKER_DATABASE_URL: expected post"),
         ({"MAILWORKER_VISIBILITY_TIMEOUT": "300"}, r"^MAILWORKER_VISIBILITY_TIMEOUT \(300\)"),
         ({"MAILWORKER_FLOWER_PORT": "70000"}, r"^MAILWORKER_FLOWER_PORT: must be at most 65535"),
+        (
+            {"MAILWORKER_POOL": "threads", "MAILWORKER_MAX_MEMORY_PER_CHILD_KIB": "90000"},
+            r"^MAILWORKER_MAX_MEMORY_PER_CHILD_KIB \(90000\) applies to the prefork pool only",
+        ),
     ],
 )
 def test_bad_values_name_the_variable(overrides, expected):

@@ -73,6 +73,8 @@ def _worker(s: Settings) -> list[str]:
     ]
     if s.task_events:
         argv.append("--task-events")
+    if s.max_memory_per_child_kib:
+        argv.append(f"--max-memory-per-child={s.max_memory_per_child_kib}")
     return argv
 
 

@@ -329,6 +329,13 @@ class Settings:
     prefetch_multiplier: int = _setting(
         Integer(minimum=1), "Messages reserved per pool process.", "1"
     )
+    max_memory_per_child_kib: int = _setting(
+        Integer(),
+        "Prefork only: resident memory (KiB) of a pool process after which it is replaced once "
+        "its task ends (Celery's --max-memory-per-child; 0 = never). The supervisor role sets it "
+        "from the unit's memory ceiling, which systemd enforces with MemoryMax= instead.",
+        "0",
+    )
     visibility_timeout: int = _setting(
         Integer(minimum=1),
         "Seconds before Redis redelivers an unacknowledged task; above the hard limit.",
@@ -631,6 +638,15 @@ def _backoff_order(s: Settings) -> None:
         )
 
 
+def _memory_per_child_on_prefork(s: Settings) -> None:
+    # Celery reads it only in the prefork pool: on threads or solo it would limit nothing.
+    if s.max_memory_per_child_kib and s.pool != "prefork":
+        raise ConfigurationError(
+            f"{PREFIX}MAX_MEMORY_PER_CHILD_KIB ({s.max_memory_per_child_kib}) applies to the "
+            f"prefork pool only, not {PREFIX}POOL={s.pool}: set it on the prefork units alone"
+        )
+
+
 def _heartbeat_above_loop(s: Settings) -> None:
     if s.beat_heartbeat_max_age <= s.beat_max_loop_interval:
         raise ConfigurationError(
@@ -676,6 +692,7 @@ _RELATIONS: Final[tuple[Callable[[Settings], None], ...]] = (
     _heartbeat_above_loop,
     _beat_lease_between_loop_and_periods,
     _memory_budget_holds_a_message,
+    _memory_per_child_on_prefork,
 )
 
 
