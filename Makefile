@@ -20,6 +20,8 @@ HOST_PLATFORM := x86_64-manylinux_2_36
 # LOCK_ARGS='--upgrade-package kombu'; without them the pinned versions are kept where allowed.
 LOCK_ARGS ?=
 LOGS := build/logs
+# Molecule scenarios run side by side: most of their time is spent waiting on services.
+MOLECULE_JOBS ?= 2
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
@@ -110,24 +112,13 @@ lint: $(STAMPS)/venv lock-check ## ruff, yamllint, ansible-lint (production prof
 
 .PHONY: test-python
 test-python: $(STAMPS)/venv $(STAMPS)/host-test ## Application tests against real Redis, PostgreSQL, Dovecot and SMTP
-	$(BIN)/pytest tests
+	$(BIN)/pytest -n 2 tests
 
 .PHONY: test-molecule
 test-molecule: $(STAMPS)/venv image wheelhouse ## Every Molecule scenario on local systemd containers
 	mkdir -p $(LOGS)
 	rm -f $(LOGS)/verify-*.xml
-	status=0; failed=; \
-	for scenario in $$(ls molecule); do \
-	  [ -f molecule/$$scenario/molecule.yml ] || continue; \
-	  log=$(LOGS)/molecule-$$scenario.log; \
-	  if ! $(BIN)/molecule test -s $$scenario 2>&1 | tee $$log; then \
-	    status=1; failed="$$failed $$scenario"; \
-	  fi; \
-	done; \
-	for scenario in $$failed; do \
-	  scripts/failure-summary.py $(LOGS)/molecule-$$scenario.log $(LOGS)/verify-$$scenario.xml; \
-	done; \
-	exit $$status
+	MOLECULE=$(BIN)/molecule scripts/molecule-all.sh $(MOLECULE_JOBS) $(LOGS)
 
 .PHONY: test
 test: lint test-python test-molecule ## Everything CI runs
