@@ -510,6 +510,13 @@ class Settings:
         "120",
     )
     health_timeout: float = _setting(Number(minimum=0.1), "Default `health` timeout (s).", "10")
+    worker_stuck_after: int = _setting(
+        Integer(minimum=30),
+        "`health worker` fails when the worker, answering pings, has had tasks waiting in its "
+        "queues and a free slot yet received nothing for this long (s), or stopped recording "
+        "its progress (every 10 s); at least 30.",
+        "60",
+    )
     # Flower
     flower_address: str = _setting(Text(), "Flower listen address.", "127.0.0.1")
     flower_port: int = _setting(Integer(minimum=1, maximum=65535), "Flower port.", "5555")
