@@ -108,6 +108,10 @@ def test_every_contract_variable_is_declared():
             {"MAILWORKER_VISIBILITY_TIMEOUT": "60", "MAILWORKER_BROKER_LEASE_INTERVAL": "21"},
             r"^MAILWORKER_VISIBILITY_TIMEOUT \(60\) must be at least 3 x .*LEASE_INTERVAL \(63\)",
         ),
+        (
+            {"MAILWORKER_POOL": "solo"},
+            r"^MAILWORKER_VISIBILITY_TIMEOUT \(60\) must be above .* \(1260\) with .*=solo",
+        ),
         ({"MAILWORKER_FLOWER_PORT": "70000"}, r"^MAILWORKER_FLOWER_PORT: must be at most 65535"),
         (
             {"MAILWORKER_POOL": "threads", "MAILWORKER_MAX_MEMORY_PER_CHILD_KIB": "90000"},

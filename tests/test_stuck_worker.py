@@ -14,12 +14,10 @@ import uuid
 import pytest
 import redis
 from celery.utils.nodenames import host_format
-from mailworker.progress import INTERVAL
+from mailworker.progress import INTERVAL, Progress, judge_progress
 from mailworker.settings import load_settings
 
 from tests.fixtures.servers import MAILWORKER, wait_until
-
-pytestmark = pytest.mark.slow
 
 HOLD = "tests.redelivery.hold"
 TASKS = "tests.redelivery_tasks"
@@ -37,6 +35,7 @@ def health(worker) -> tuple[int, str]:
     return completed.returncode, completed.stdout.strip() + completed.stderr.strip()
 
 
+@pytest.mark.slow
 def test_a_worker_that_stopped_consuming_is_unhealthy_a_busy_one_is_not(default_fleet):
     stuck_after = load_settings(default_fleet.env).worker_stuck_after
     stuck = default_fleet.start_worker(wait=False, include=TASKS, MAILWORKER_QUEUES="periodic")
@@ -79,3 +78,41 @@ def test_a_worker_that_stopped_consuming_is_unhealthy_a_busy_one_is_not(default_
     # Starved for WORKER_STUCK_AFTER, counted from the first record that saw it.
     assert stuck_after <= found_after <= stuck_after + 2 * INTERVAL + 20, verdicts
     assert broker.llen(f"stuck-{run}") == 0  # it really took nothing
+
+
+def _record(**changes) -> Progress:
+    now = 1000.0
+    values = {
+        "recorded_at": now - 5,
+        "received_at": now - 500,
+        "active": 0,
+        "concurrency": 4,
+        "waiting": 3,
+        "queues": ("periodic",),
+        "starved_since": 0.0,
+    }
+    return Progress(**{**values, **changes})
+
+
+@pytest.mark.parametrize(
+    ("record", "verdict"),
+    [
+        (None, None),  # no record yet (the first one comes 10 s after the start)
+        (_record(), None),  # idle, not starved: nothing waited through a whole record interval
+        (_record(starved_since=1000.0 - 59), None),
+        (_record(starved_since=1000.0 - 61), "takes no tasks: 3 waiting in periodic, 4 of 4"),
+        (_record(recorded_at=1000.0 - 61), "recorded no progress for 61 s (limit 60 s)"),
+    ],
+)
+def test_judge_progress(record, verdict):
+    found = judge_progress(record, now=1000.0, stuck_after=60)
+    assert found == verdict if verdict is None else verdict in found
+
+
+def test_progress_round_trips_through_its_redis_hash():
+    record = _record(starved_since=990.5)
+    raw = {
+        key.encode(): (",".join(value) if isinstance(value, tuple) else str(value)).encode()
+        for key, value in record.__dict__.items()
+    }
+    assert Progress.from_hash(raw) == record

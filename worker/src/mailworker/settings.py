@@ -341,7 +341,7 @@ class Settings:
         "Seconds an unacknowledged task's lease lasts unrenewed: a worker renews the leases of "
         "the tasks it holds every BROKER_LEASE_INTERVAL, so this bounds how long a dead "
         "worker's tasks wait (plus the restore interval); at least 3 lease intervals. Not tied "
-        "to task duration or retry countdowns.",
+        "to task duration or retry countdowns, except on the solo pool (then above TIME_LIMIT).",
         "60",
     )
     broker_lease_interval: int = _setting(
@@ -592,6 +592,15 @@ def _visibility_above_lease_interval(s: Settings) -> None:
             f"{PREFIX}VISIBILITY_TIMEOUT ({s.visibility_timeout}) must be at least 3 x "
             f"{PREFIX}BROKER_LEASE_INTERVAL ({3 * s.broker_lease_interval}): a live worker's "
             "task would be redelivered after one late renewal"
+        )
+    # The solo pool runs a task in the event loop itself: no renewal until it ends, so the
+    # timeout has to outlast the task and any countdown, as without leases.
+    longest = max(s.time_limit, s.retry_backoff_max)
+    if s.pool == "solo" and s.visibility_timeout <= longest:
+        raise ConfigurationError(
+            f"{PREFIX}VISIBILITY_TIMEOUT ({s.visibility_timeout}) must be above "
+            f"{PREFIX}TIME_LIMIT and {PREFIX}RETRY_BACKOFF_MAX ({longest}) with "
+            f"{PREFIX}POOL=solo, which cannot renew leases while a task runs"
         )
 
 
