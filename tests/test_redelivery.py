@@ -326,7 +326,7 @@ def test_a_killed_pool_process_runs_its_task_again_at_once(default_fleet):
     print(f"\nkill -9 of the pool child: the task ran again after {delay:.1f} s")
     assert again["redelivered"]
     assert again["pid"] != first["pid"]
-    assert delay < 10
+    assert delay < 15  # a new pool process starts first; 1-5 s measured on 2 busy cores
     assert worker.process.poll() is None
 
 
