@@ -1,23 +1,32 @@
-"""kill -9 a worker in the middle of a task, start another, and the task's effects happen once.
+"""kill -9 a worker in the middle of a task, start another, and the task's effects happen once;
+leases keep a live worker's long task and bring a dead worker's task back in the promised time.
 
-Each test runs its workers on broker databases of their own (isolated_env) with a short
-visibility timeout, so Redis hands the killed worker's task to the new worker within seconds.
+Each test runs its workers on broker databases of their own (isolated_env). The first tests use a
+short visibility timeout, so Redis hands the killed worker's task to the new worker within
+seconds; the lease tests run at the application's defaults.
 The kill lands at a known point: a TCP proxy that stops forwarding IMAP traffic mid-sync, and an
 SMTP relay that holds the DATA reply.
 """
 
 import asyncio
 import contextlib
+import json
+import os
 import select
+import signal
 import socket
 import threading
 import time
+import uuid
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
+from celery.utils.nodenames import host_format
 from mailworker.db.models import FolderSyncState, MailAccount, Message, SentMessage, TaskAttempt
 from mailworker.mail.imap import ImapSession
 from mailworker.settings import load_settings
@@ -31,7 +40,7 @@ from tests.fixtures.servers import free_port, wait_until
 pytestmark = pytest.mark.slow
 
 SYNC = "mailworker.tasks.sync.sync_mailbox"
-# Redis redelivers after VISIBILITY_TIMEOUT; the limits must stay below it.
+# Redis redelivers after VISIBILITY_TIMEOUT once the worker stops renewing leases (every 2 s here).
 FAST_REDELIVERY = {
     "MAILWORKER_TIME_LIMIT": "8",
     "MAILWORKER_SOFT_TIME_LIMIT": "6",
@@ -224,3 +233,107 @@ def test_send_killed_inside_smtp_is_not_sent_twice(fleet, make_account, dovecot,
     assert [(row.status, row.attempts) for row in rows] == [("unknown", 1)]
     runs = [(a.state, a.redelivered) for a in attempts(db_engine, result.id)]
     assert runs == [("started", False), ("failed", True)]
+
+
+# --- leases, at the DEFAULT settings ---------------------------------------------------------
+# A worker renews the lease of every task it holds (mailworker.redis_transport); a task whose
+# lease is older than the visibility timeout goes back to its queue at the next restore sweep.
+
+HOLD = "tests.redelivery.hold"
+KILL_OWN_PROCESS_ONCE = "tests.redelivery.kill_own_process_once"
+TASKS = "tests.redelivery_tasks"
+
+
+def runs(client, key: str) -> list[dict[str, Any]]:
+    return [json.loads(run) for run in client.lrange(key, 0, -1)]
+
+
+def started(client, key: str, count: int, timeout: float) -> list[dict[str, Any]]:
+    return wait_until(
+        lambda: len(found := runs(client, key)) >= count and found,
+        timeout,
+        f"run {count} of {key}",
+    )
+
+
+def test_leases_keep_a_long_task_and_bring_back_a_killed_workers_task(default_fleet):
+    """At the defaults: a task running longer than the visibility timeout on a live worker runs
+    once; the task of a worker whose main process is killed with -9 runs again on another worker
+    within visibility timeout + restore interval."""
+    settings = load_settings(default_fleet.env)
+    timeout, sweep = settings.visibility_timeout, settings.broker_restore_interval
+    promised = timeout + sweep
+    default_fleet.configure(MAILWORKER_CONCURRENCY="1")  # one task per worker, placed by hand
+    workers = [default_fleet.start_worker(wait=False, include=TASKS) for _ in range(3)]
+    for worker in workers:
+        worker.wait_ready(60)
+    by_node = {host_format(worker.node): worker for worker in workers}
+    redis_client = redis.Redis.from_url(default_fleet.env["MAILWORKER_BROKER_URL"])
+    client = default_fleet.client()
+    run_id = uuid.uuid4().hex
+
+    # Past the point where kombu alone (no lease) would have redelivered it, with margin.
+    long_key, long_seconds = f"long-{run_id}", promised + 10
+    long = client.send_task(HOLD, args=[long_key, long_seconds, 0], queue="periodic")
+    holder = started(redis_client, long_key, 1, 30)[0]["node"]
+    victim_key = f"victim-{run_id}"
+    victim = client.send_task(HOLD, args=[victim_key, 3600, 0], queue="periodic")
+    first = started(redis_client, victim_key, 1, 30)[0]
+    assert first["node"] != holder
+    doomed = by_node[first["node"]]
+
+    killed_at = time.time()
+    os.kill(doomed.process.pid, signal.SIGKILL)  # the main process only
+    doomed.process.wait(10)
+    time.sleep(1)
+    # Celery's pool children die with their main process (PR_SET_PDEATHSIG): no orphan keeps
+    # running the task, without a hard time limit, beside its redelivered copy.
+    assert not _alive(first["pid"])
+    doomed.process = None
+
+    again = started(redis_client, victim_key, 2, promised + 30)[1]
+    delay = again["at"] - killed_at
+    print(
+        f"\nkill -9 of the main process: the task ran again on {again['node']} after "
+        f"{delay:.1f} s (promised <= {promised} s: visibility timeout {timeout} s + restore "
+        f"sweep {sweep} s; lease renewed every {settings.broker_lease_interval} s)"
+    )
+    assert again["node"] != first["node"]
+    assert again["redelivered"]
+    # Not before the lease can have run out (last renewal at most one interval before the kill).
+    assert timeout - settings.broker_lease_interval - 1 <= delay <= promised + 2
+    assert victim.get(timeout=30) == 2
+
+    assert long.get(timeout=long_seconds + 30) == 1
+    time.sleep(sweep + 1)  # a sweep after the ack finds nothing of it
+    long_runs = runs(redis_client, long_key)
+    assert [run["node"] for run in long_runs] == [holder], long_runs
+    assert redis_client.zcard("unacked_index") == 0
+    logs = "\n".join(worker.log for worker in workers)
+    assert "could not renew the leases" not in logs
+
+
+def test_a_killed_pool_process_runs_its_task_again_at_once(default_fleet):
+    """At the defaults: kill -9 of the pool child running a task (the OOM killer) hands the task
+    back to Redis at once (task_reject_on_worker_lost), not after the visibility timeout."""
+    worker = default_fleet.start_worker(include=TASKS)
+    redis_client = redis.Redis.from_url(default_fleet.env["MAILWORKER_BROKER_URL"])
+    key = f"child-{uuid.uuid4().hex}"
+    result = default_fleet.client().send_task(KILL_OWN_PROCESS_ONCE, args=[key], queue="periodic")
+    assert result.get(timeout=60) == 2, worker.log[-3000:]
+    first, again = runs(redis_client, key)
+    delay = again["at"] - first["at"]
+    print(f"\nkill -9 of the pool child: the task ran again after {delay:.1f} s")
+    assert again["redelivered"]
+    assert again["pid"] != first["pid"]
+    assert delay < 15  # a new pool process starts first; 1-5 s measured on 2 busy cores
+    assert worker.process.poll() is None
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie waiting to be reaped does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"

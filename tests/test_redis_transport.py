@@ -2,15 +2,23 @@
 delivers, acknowledges and restores messages on a real Redis (the redelivery tests cover a killed
 worker end to end)."""
 
+import logging
 import subprocess
 import sys
+import time
 
 import kombu
+import pytest
 from kombu.transport import redis as kombu_redis
-from mailworker import celery_app  # noqa: F401 - importing the app installs the transport
+from mailworker import (
+    celery_app,  # noqa: F401 - importing the app installs the transport
+    redis_transport,
+)
 from mailworker.redis_transport import Channel, Transport
 
-# The last of the fixture's 64 databases: no other test uses it.
+from tests.fixtures.servers import RedisServer, free_port
+
+# The fixture's database 63: no other test uses it.
 DB = 63
 
 
@@ -104,3 +112,75 @@ def test_a_process_that_connected_before_importing_the_app_keeps_working():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "kombu.transport.redis"
+
+
+# --- leases (mailworker.redis_transport) -------------------------------------------------------
+
+
+def _score(client, tag: str) -> float | None:
+    return client.zscore(kombu_redis.Channel.unacked_index_key, tag)
+
+
+def test_the_holder_renews_its_leases_and_never_brings_back_an_acked_tag(redis_server):
+    client = redis_server.client(DB)
+    client.flushdb()
+    url = f"redis://127.0.0.1:{redis_server.port}/{DB}"
+    with kombu.Connection(url) as connection:
+        queue = connection.SimpleQueue("lease-test")
+        queue.put({"n": 1})
+        message = queue.get(timeout=5)
+        tag = message.delivery_tag
+        assert tag in redis_transport.held_tags()
+        client.zadd(kombu_redis.Channel.unacked_index_key, {tag: 1.0})  # an old lease
+        before = time.time()
+        assert connection.transport.renew_leases(connection.connection) == 1
+        assert _score(client, tag) >= before
+        message.ack()
+        assert tag not in redis_transport.held_tags()
+        assert connection.transport.renew_leases(connection.connection) == 0
+        assert _score(client, tag) is None  # ZADD XX: an acked tag is not added back
+        queue.close()
+
+
+def test_a_process_that_renews_no_leases_never_sweeps(redis_server):
+    # The CLI, a health check's ping or Flower consume through kombu too; kombu would let them
+    # put back every message whose lease looks old by their own visibility timeout.
+    client = redis_server.client(DB)
+    client.flushdb()
+    url = f"redis://127.0.0.1:{redis_server.port}/{DB}"
+    options = {"visibility_timeout": 1, "unacked_restore_interval": 1}
+    with kombu.Connection(url, transport_options=options) as holder:
+        queue = holder.SimpleQueue("sweep-test")
+        queue.put({"n": "held"})
+        held = queue.get(timeout=5)
+        client.zadd(kombu_redis.Channel.unacked_index_key, {held.delivery_tag: 1.0})
+        with kombu.Connection(url, transport_options=options) as other:
+            assert not other.transport.may_restore()
+            other_queue = other.SimpleQueue("sweep-test")
+            with pytest.raises(other_queue.Empty):
+                other_queue.get(timeout=3)  # drain_events sweeps on every idle poll in kombu
+            other_queue.close()
+        assert client.hlen(kombu_redis.Channel.unacked_key) == 1
+        held.ack()
+        queue.close()
+
+
+def test_renewing_with_redis_unreachable_neither_raises_nor_sweeps(tmp_path, caplog):
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    try:
+        with kombu.Connection(server.url, transport_options={"socket_timeout": 2}) as connection:
+            queue = connection.SimpleQueue("unreachable-test")
+            queue.put({"n": 1})
+            message = queue.get(timeout=5)
+            transport = connection.transport
+            transport._restore_after = 0.0  # as a worker that has renewed for a while
+            server.stop()
+            with caplog.at_level(logging.WARNING, logger="mailworker.redis_transport"):
+                assert transport.renew_leases(connection.connection) == 0
+            assert "could not renew the leases of 1 unacknowledged tasks" in caplog.text
+            assert not transport.may_restore()  # waits a visibility timeout once Redis is back
+            assert message.delivery_tag in redis_transport.held_tags()
+    finally:
+        server.stop()
+        redis_transport._held.clear()

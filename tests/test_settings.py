@@ -103,7 +103,15 @@ def test_every_contract_variable_is_declared():
         ({"MAILWORKER_POOL": "gevent"}, r"^MAILWORKER_POOL: expected one of prefork"),
         ({"MAILWORKER_TASK_EVENTS": "maybe"}, r"^MAILWORKER_TASK_EVENTS: expected true or false"),
         ({"MAILWORKER_DATABASE_URL": "sqlite:///x.db"}, r"^MAILWORKER_DATABASE_URL: expected post"),
-        ({"MAILWORKER_VISIBILITY_TIMEOUT": "300"}, r"^MAILWORKER_VISIBILITY_TIMEOUT \(300\)"),
+        ({"MAILWORKER_VISIBILITY_TIMEOUT": "29"}, r"^MAILWORKER_VISIBILITY_TIMEOUT \(29\) must"),
+        (
+            {"MAILWORKER_VISIBILITY_TIMEOUT": "60", "MAILWORKER_BROKER_LEASE_INTERVAL": "21"},
+            r"^MAILWORKER_VISIBILITY_TIMEOUT \(60\) must be at least 3 x .*LEASE_INTERVAL \(63\)",
+        ),
+        (
+            {"MAILWORKER_POOL": "solo"},
+            r"^MAILWORKER_VISIBILITY_TIMEOUT \(60\) must be above .* \(1260\) with .*=solo",
+        ),
         ({"MAILWORKER_FLOWER_PORT": "70000"}, r"^MAILWORKER_FLOWER_PORT: must be at most 65535"),
         (
             {"MAILWORKER_POOL": "threads", "MAILWORKER_MAX_MEMORY_PER_CHILD_KIB": "90000"},
@@ -159,8 +167,12 @@ def test_celery_config_routes_each_task_to_its_queue_and_is_explicit():
     assert conf["broker_connection_max_retries"] is None
     assert conf["broker_connection_retry_on_startup"] is True
     assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is False
-    assert conf["broker_transport_options"]["visibility_timeout"] > conf["task_time_limit"]
-    assert conf["result_backend_transport_options"]["visibility_timeout"] > 120
+    transport = conf["broker_transport_options"]
+    # Leases, not task duration, keep a running task from being redelivered (redis_transport).
+    assert transport["visibility_timeout"] >= 3 * transport["unacked_lease_interval"]
+    assert conf["result_backend_transport_options"] == {
+        "visibility_timeout": transport["visibility_timeout"]
+    }
     assert [q.name for q in conf["task_queues"]] == ["sync", "send", "delete", "spam", "periodic"]
     assert set(conf["task_routes"].values()) == {"sync", "send", "delete", "spam", "periodic"}
     assert "broker_use_ssl" not in conf

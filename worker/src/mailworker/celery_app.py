@@ -13,6 +13,7 @@ from celery import Celery
 
 from mailworker import redis_transport
 from mailworker.celery_config import TASK_MODULES, build_config
+from mailworker.progress import ProgressStep
 from mailworker.settings import load_settings
 
 
@@ -24,3 +25,5 @@ def _configuration() -> dict[str, Any]:
 redis_transport.install()
 app = Celery("mailworker", include=list(TASK_MODULES))
 app.add_defaults(_configuration)
+# A worker records its progress, so `mailworker health worker` finds one that stopped consuming.
+app.steps["consumer"].add(ProgressStep)

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from celery.schedules import schedule
 from kombu import Exchange, Queue
 
-from mailworker import keepalive
+from mailworker import keepalive, redis_transport
 from mailworker.settings import QUEUES, Settings
 
 # Task name prefix -> queue. Each task module holds the tasks of one queue.
@@ -54,13 +54,18 @@ _BROKER_CONNECTION_REASON = (
     "timed-out publish may have reached Redis and a replay would queue the task twice."
 )
 
+# A sweep restores a few messages in milliseconds; kombu's default keeps the lock 5 min.
+_RESTORE_MUTEX_EXPIRE = 30
+
 
 def explain_config(s: Settings) -> list[Entry]:
     """(setting, value, reason) for every Celery setting the app sets."""
     transport = {
         "visibility_timeout": s.visibility_timeout,
+        redis_transport.LEASE_INTERVAL_OPTION: s.broker_lease_interval,
         "unacked_restore_interval": s.broker_restore_interval,
         "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": _RESTORE_MUTEX_EXPIRE,
         **_BROKER_CONNECTION,
     }
     entries = [
@@ -69,14 +74,17 @@ def explain_config(s: Settings) -> list[Entry]:
         Entry(
             "broker_transport_options",
             transport,
-            "Redelivery of a lost worker's tasks after visibility_timeout (> hard limit and "
-            "retry countdowns, or running tasks run twice); sweep every restore interval. "
-            "Timeouts and keepalives: " + _BROKER_CONNECTION_REASON,
+            "A worker renews the lease of each task it holds every unacked_lease_interval "
+            "(mailworker.redis_transport); a task whose lease is older than visibility_timeout "
+            "(a dead worker's) is redelivered by the next sweep (every unacked_restore_interval). "
+            "A sweeper killed mid-sweep blocks the others for unacked_mutex_expire, not kombu's "
+            "5 min. Timeouts and keepalives: " + _BROKER_CONNECTION_REASON,
         ),
         Entry(
             "result_backend_transport_options",
             {"visibility_timeout": s.visibility_timeout},
-            "The result backend's Redis client must agree with the broker's visibility timeout.",
+            "Kept equal to the broker's, as Celery's Redis documentation asks; the result "
+            "backend itself redelivers nothing.",
         ),
         # The result backend takes its connection options from redis_* settings, not from
         # result_backend_transport_options; it has no keepalive options, so the timeout bounds it.

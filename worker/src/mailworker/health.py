@@ -20,6 +20,7 @@ from kombu import Connection
 from kombu.exceptions import OperationalError
 
 from mailworker.beat import LEADER, STANDBY, BeatStatus, read_status
+from mailworker.progress import Progress, judge_progress, progress_key
 from mailworker.redis_client import redis_from_url
 from mailworker.settings import Settings, mask_url
 
@@ -59,10 +60,19 @@ def check_worker(settings: Settings, *, timeout: float, node: str | None = None)
             Health.UNKNOWN, f"cannot reach the broker at {_where(settings)}: {error}"
         )
     elapsed = time.monotonic() - started
-    for reply in replies:
-        if name in reply:
-            return HealthReport(Health.HEALTHY, f"{name} answered in {elapsed:.2f} s")
-    return HealthReport(Health.UNHEALTHY, f"{name} did not answer within {timeout:g} s")
+    if not any(name in reply for reply in replies):
+        return HealthReport(Health.UNHEALTHY, f"{name} did not answer within {timeout:g} s")
+    try:
+        client = redis_from_url(settings.broker_url, settings, timeout=timeout)
+        raw = client.hgetall(progress_key(name))
+    except redis.RedisError as error:
+        return HealthReport(Health.UNKNOWN, f"cannot reach Redis at {_where(settings)}: {error}")
+    record = Progress.from_hash(raw) if raw else None
+    # This host's worker wrote the record with this host's clock.
+    stuck = judge_progress(record, now=time.time(), stuck_after=settings.worker_stuck_after)
+    if stuck:
+        return HealthReport(Health.UNHEALTHY, f"{name} answers pings but {stuck}")
+    return HealthReport(Health.HEALTHY, f"{name} answered in {elapsed:.2f} s")
 
 
 def check_beat(settings: Settings, *, timeout: float, max_age: int) -> HealthReport:

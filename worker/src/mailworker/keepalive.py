@@ -5,7 +5,10 @@ waiting on it stays open for hours (Linux sends its first probe after 2 h of sil
 values the kernel gives up on a silent peer after DEAD_AFTER seconds: IDLE seconds of silence,
 then COUNT unanswered probes INTERVAL seconds apart; TCP_USER_TIMEOUT gives data sent but never
 acknowledged the same bound. roles/postgresql applies the same values on the server side, so a
-dead worker host's sessions, and the advisory locks they hold, end within DEAD_AFTER too.
+dead worker host's sessions, and the advisory locks they hold (the send lock), end within
+DEAD_AFTER too, or LOCK_RELEASE_BOUND when a query of that session was running: the server
+checks a running query's client every SERVER_CHECK_INTERVAL (client_connection_check_interval).
+docs/reliability.md states the bound; tests/test_connection_keepalive.py measures it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ IDLE: Final = 60
 INTERVAL: Final = 10
 COUNT: Final = 3
 DEAD_AFTER: Final = IDLE + INTERVAL * COUNT  # 90 s
+# roles/postgresql's postgresql_client_connection_check_interval (a test keeps them equal).
+SERVER_CHECK_INTERVAL: Final = 10
+LOCK_RELEASE_BOUND: Final = DEAD_AFTER + SERVER_CHECK_INTERVAL  # 100 s
 
 
 def socket_options() -> dict[int, int]:

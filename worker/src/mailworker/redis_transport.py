@@ -1,4 +1,24 @@
-"""kombu's Redis transport with one synchronous Redis client per channel instead of one per call.
+"""kombu's Redis transport with leases on unacknowledged messages and one Redis client per channel.
+
+Leases. kombu's Redis transport keeps every delivered, unacknowledged message in the hash
+`unacked` and its delivery time in the sorted set `unacked_index`; every consumer sweeps that set
+and puts back on its queue any message delivered more than `visibility_timeout` seconds ago,
+whoever holds it. Alone, that makes the timeout a bet on the longest task (and retry countdown):
+too short and a running task runs twice, too long and a dead worker's tasks wait that long.
+Here the worker holding a message renews its lease: every `unacked_lease_interval` seconds its
+main process sets the score of each tag it still holds to the current time (ZADD XX, so a tag
+acknowledged or restored meanwhile is never added back). The timeout then only has to outlast a
+few missed renewals, and a dead worker's tasks come back within about timeout + restore interval.
+The tags live in a registry of the process, not in the channel's QoS, because a channel closed on
+a connection loss forgets its tags while their tasks still run and are acknowledged later.
+
+Only a process that renews leases sweeps (kombu lets any consumer do it: the CLI, a health
+check's ping, Flower). A process that does not renew leases has no business judging whether
+the holder of a lease is alive, and might run with another timeout. A worker also waits one
+visibility timeout after it connects, or after its renewals failed, before it sweeps: after a
+Redis outage every live worker gets that long to reconnect and renew its leases.
+
+One client per channel.
 
 kombu's Redis channel builds a new `redis.Redis` for every synchronous operation: the unacked
 bookkeeping on each delivery and each ack, every fanout publish (task events) and every enqueue.
@@ -10,15 +30,58 @@ new client). docs/benchmarks.md has the measured saving.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 from kombu.transport import TRANSPORT_ALIASES, resolve_transport
 from kombu.transport import redis as kombu_redis
 
 SCHEMES = ("redis", "rediss")
+LEASE_INTERVAL_OPTION = "unacked_lease_interval"
+_BATCH = 500
+
+logger = logging.getLogger(__name__)
+
+# Delivery tag -> the sorted set holding its lease, for every message this process holds.
+_held: dict[str, str] = {}
+
+
+def held_tags() -> list[str]:
+    """The delivery tags this process holds unacknowledged (taken, not yet acked or restored)."""
+    return list(_held)
+
+
+class QoS(kombu_redis.QoS):
+    def append(self, message: Any, delivery_tag: str) -> None:
+        super().append(message, delivery_tag)
+        _held[delivery_tag] = self.channel.unacked_index_key
+
+    def ack(self, delivery_tag: str) -> None:
+        # Whether or not the ack reached Redis, this process is done with the message: a failed
+        # ack leaves it to be redelivered after the timeout (the tasks are idempotent).
+        try:
+            super().ack(delivery_tag)
+        finally:
+            _held.pop(delivery_tag, None)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        try:
+            super().reject(delivery_tag, requeue=requeue)
+        finally:
+            _held.pop(delivery_tag, None)
+
+    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
+        super().restore_by_tag(tag, client=client, leftmost=leftmost)
+        _held.pop(tag.decode() if isinstance(tag, bytes) else tag, None)
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+        if self.channel.connection.may_restore():
+            super().restore_visible(*args, **kwargs)
 
 
 class Channel(kombu_redis.Channel):
+    QoS = QoS
     _sync_client: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:
@@ -33,6 +96,62 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+    _lease_tref: Any = None
+    # monotonic time from which this process may sweep; None: it renews no leases, never sweeps.
+    _restore_after: float | None = None
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        """What a worker's consumer calls in its main process: kombu's timers, plus the leases."""
+        super().register_with_event_loop(connection, loop)
+        options = connection.client.transport_options
+        interval = options.get(LEASE_INTERVAL_OPTION) or 0
+        if self._lease_tref is not None:
+            self._lease_tref.cancel()
+            self._lease_tref = None
+        if interval <= 0:  # leases off: kombu's own behaviour, sweeps included
+            self._restore_after = time.monotonic()
+            return
+        self._restore_after = time.monotonic() + self._visibility_timeout(connection)
+        self._lease_tref = loop.call_repeatedly(interval, self.renew_leases, connection)
+
+    def may_restore(self) -> bool:
+        return self._restore_after is not None and time.monotonic() >= self._restore_after
+
+    def renew_leases(self, connection: Any) -> int:
+        """Set the lease of every tag this process holds to now; the number renewed. Never
+        raises: a worker that cannot reach Redis keeps running (Celery reconnects it)."""
+        tags = held_tags()
+        channels = [channel for channel in self.channels if not channel.closed]
+        if not tags or not channels:
+            return 0
+        channel = channels[0]
+        now = time.time()
+        try:
+            with channel.conn_or_acquire() as client:
+                pipe = client.pipeline(transaction=False)
+                for start in range(0, len(tags), _BATCH):
+                    batch = tags[start : start + _BATCH]
+                    pipe.zadd(
+                        channel.unacked_index_key, dict.fromkeys(batch, now), xx=True, ch=True
+                    )
+                renewed = sum(pipe.execute())
+        except Exception as error:  # a timer callback must not stop the worker's event loop
+            logger.warning(
+                "could not renew the leases of %d unacknowledged tasks: %s; other workers "
+                "take them over after %s s without renewal",
+                len(tags),
+                error,
+                self._visibility_timeout(connection),
+            )
+            # Our view of other workers' leases is as stale as theirs of ours.
+            self._restore_after = time.monotonic() + self._visibility_timeout(connection)
+            return 0
+        return renewed
+
+    @staticmethod
+    def _visibility_timeout(connection: Any) -> float:
+        options = connection.client.transport_options
+        return options.get("visibility_timeout", kombu_redis.Channel.visibility_timeout)
 
 
 def install() -> None:

@@ -338,13 +338,22 @@ class Settings:
     )
     visibility_timeout: int = _setting(
         Integer(minimum=1),
-        "Seconds before Redis redelivers an unacknowledged task; above the hard limit.",
-        "3600",
+        "Seconds an unacknowledged task's lease lasts unrenewed: a worker renews the leases of "
+        "the tasks it holds every BROKER_LEASE_INTERVAL, so this bounds how long a dead "
+        "worker's tasks wait (plus the restore interval); at least 3 lease intervals. Not tied "
+        "to task duration or retry countdowns, except on the solo pool (then above TIME_LIMIT).",
+        "60",
+    )
+    broker_lease_interval: int = _setting(
+        Integer(minimum=1),
+        "Seconds between a worker's renewals of the leases of the tasks it holds (running, "
+        "reserved and waiting for their ETA).",
+        "10",
     )
     broker_restore_interval: int = _setting(
         Integer(minimum=1),
-        "Seconds between sweeps that redeliver tasks of a lost worker.",
-        "30",
+        "Seconds between sweeps that redeliver tasks whose lease ran out (a lost worker's).",
+        "10",
     )
     result_expires: int = _setting(Integer(minimum=1), "Seconds task results are kept.", "3600")
     task_events: bool = _setting(
@@ -501,6 +510,13 @@ class Settings:
         "120",
     )
     health_timeout: float = _setting(Number(minimum=0.1), "Default `health` timeout (s).", "10")
+    worker_stuck_after: int = _setting(
+        Integer(minimum=30),
+        "`health worker` fails when the worker, answering pings, has had tasks waiting in its "
+        "queues and a free slot yet received nothing for this long (s), or stopped recording "
+        "its progress (every 10 s); at least 30.",
+        "60",
+    )
     # Flower
     flower_address: str = _setting(Text(), "Flower listen address.", "127.0.0.1")
     flower_port: int = _setting(Integer(minimum=1, maximum=65535), "Flower port.", "5555")
@@ -568,14 +584,23 @@ def _soft_below_hard(s: Settings) -> None:
         )
 
 
-def _visibility_above_limits(s: Settings) -> None:
-    # Redis redelivers any task unacknowledged this long: a running task or a retry countdown
-    # that outlives it would run twice.
+def _visibility_above_lease_interval(s: Settings) -> None:
+    # A lease that lapses between two renewals of a live worker hands its running task to another
+    # worker; three intervals let one renewal be late or fail (a Redis blip) without that.
+    if s.visibility_timeout < 3 * s.broker_lease_interval:
+        raise ConfigurationError(
+            f"{PREFIX}VISIBILITY_TIMEOUT ({s.visibility_timeout}) must be at least 3 x "
+            f"{PREFIX}BROKER_LEASE_INTERVAL ({3 * s.broker_lease_interval}): a live worker's "
+            "task would be redelivered after one late renewal"
+        )
+    # The solo pool runs a task in the event loop itself: no renewal until it ends, so the
+    # timeout has to outlast the task and any countdown, as without leases.
     longest = max(s.time_limit, s.retry_backoff_max)
-    if s.visibility_timeout <= longest:
+    if s.pool == "solo" and s.visibility_timeout <= longest:
         raise ConfigurationError(
             f"{PREFIX}VISIBILITY_TIMEOUT ({s.visibility_timeout}) must be above "
-            f"{PREFIX}TIME_LIMIT and {PREFIX}RETRY_BACKOFF_MAX ({longest})"
+            f"{PREFIX}TIME_LIMIT and {PREFIX}RETRY_BACKOFF_MAX ({longest}) with "
+            f"{PREFIX}POOL=solo, which cannot renew leases while a task runs"
         )
 
 
@@ -685,7 +710,7 @@ _RELATIONS: Final[tuple[Callable[[Settings], None], ...]] = (
     _soft_below_hard,
     _time_limits_above_mail_deadlines,
     _smtp_deadline_above_final_reply,
-    _visibility_above_limits,
+    _visibility_above_lease_interval,
     _stale_above_visibility,
     _retention_above_stale,
     _backoff_order,
