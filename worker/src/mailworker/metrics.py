@@ -175,7 +175,7 @@ class AppCollector(Collector):
             "standby.",
             labels=["beat", "role"],
         )
-        prefix = broker.keys.key(HEARTBEAT_PREFIX)
+        prefix = HEARTBEAT_PREFIX  # beat writes it outside kombu's key prefix (mailworker.beat)
         names = [raw for raw in broker.client.scan_iter(match=prefix + "*", count=500)]
         values = broker.client.mget(names) if names else []
         for raw_name, value in zip(names, values, strict=True):
