@@ -4,7 +4,7 @@
 set -euo pipefail
 
 lab=(docker.io debootstrap python3-venv python3-pip make git curl)
-test=(redis-server postgresql dovecot-imapd)
+test=(redis-server postgresql dovecot-imapd prometheus)
 
 case "${1:-lab}" in
   lab) wanted=("${lab[@]}") ;;

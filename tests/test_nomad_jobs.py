@@ -91,6 +91,9 @@ def rendered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         f"units_dir={out / 'units'}",
         "-e",
         f"nomad_jobs_output_dir={out / 'nomad'}",
+        # As with a monitoring group: the metrics endpoint runs beside Flower.
+        "-e",
+        "celery_units_metrics_enabled=true",
     ]
     env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"}
     result = subprocess.run(  # noqa: PLW1510 - the return code is asserted with the output
@@ -172,7 +175,8 @@ def test_one_group_per_unit_counted_by_the_hosts_that_run_it(rendered: Rendered)
     groups = rendered.groups()
     assert sorted(groups) == sorted(expected), "one task group per unit"
     services = [expected[name][0]["service"] for name in groups]
-    assert services == sorted(services, key=["worker", "beat", "flower"].index), "workers first"
+    order = ["worker", "beat", "flower", "metrics"]
+    assert services == sorted(services, key=order.index), "workers first"
     for name, (unit, hosts) in expected.items():
         assert groups[name]["count"] == len(hosts), name
         assert groups[name]["meta"] == [{"unit": unit["name"]}]
@@ -365,6 +369,19 @@ def test_flower_is_reserved_on_loopback_beside_the_proxy(rendered: Rendered) -> 
         "attribute": "${meta." + DEFAULTS["nomad_jobs_flower_node_meta"] + "}",
         "value": "true",
     } in group["constraint"]
+
+
+def test_the_metrics_endpoint_runs_beside_flower_and_the_proxy(rendered: Rendered) -> None:
+    (metrics,) = [
+        unit for unit, _hosts in rendered.units_by_name().values() if unit["service"] == "metrics"
+    ]
+    group = rendered.groups()["celery-metrics"]
+    assert "network" not in group  # loopback: Prometheus scrapes it on the same host
+    assert {
+        "attribute": "${meta." + DEFAULTS["nomad_jobs_flower_node_meta"] + "}",
+        "value": "true",
+    } in group["constraint"]
+    assert metrics["settings"]["MAILWORKER_METRICS_ADDRESS"] == "127.0.0.1"
 
 
 # --- client settings ----------------------------------------------------------------------------

@@ -40,9 +40,12 @@ def defaults() -> dict[str, Any]:
     return data
 
 
-def spec(groups: list[str] = ALL_GROUPS, **overrides: Any) -> dict[str, Any]:
-    """What roles/celery_units/vars/main.yml gives the filter, from the defaults + overrides."""
-    d = defaults() | overrides
+def spec(
+    groups: list[str] = ALL_GROUPS, *, monitoring: bool = False, **overrides: Any
+) -> dict[str, Any]:
+    """What roles/celery_units/vars/main.yml gives the filter, from the defaults + overrides;
+    `monitoring`: the inventory has a monitoring group (celery_units_metrics_enabled's default)."""
+    d = defaults() | {"celery_units_metrics_enabled": monitoring} | overrides
     return {
         "groups": groups,
         "paths": PATHS,
@@ -76,6 +79,10 @@ def spec(groups: list[str] = ALL_GROUPS, **overrides: Any) -> dict[str, Any]:
                 "cpu_quota",
                 "settings",
             )
+        },
+        "metrics": {
+            k: d[f"celery_units_metrics_{k}"]
+            for k in ("enabled", "address", "port", "memory_max", "cpu_quota", "settings")
         },
         "restart": {
             k: d[f"celery_units_{k}"]
@@ -125,6 +132,30 @@ def test_the_hosts_groups_choose_its_units():
     assert model.celery_units(spec(["redis"])) == []
 
 
+def test_the_metrics_endpoint_runs_beside_flower_when_a_monitoring_group_exists():
+    assert "{{ groups['monitoring']" in defaults()["celery_units_metrics_enabled"]
+    assert "celery-metrics" not in by_name(model.celery_units(spec()))
+    units = by_name(model.celery_units(spec(monitoring=True)))
+    assert list(units)[-1] == "celery-metrics"
+    metrics = units["celery-metrics"]
+    assert metrics["command"] == ["/opt/mailworker/venv/bin/mailworker", "run", "metrics"]
+    assert metrics["user"] == "celeryworker"
+    assert metrics["settings"] == {
+        "MAILWORKER_METRICS_ADDRESS": "127.0.0.1",
+        "MAILWORKER_METRICS_PORT": "9809",
+    }
+    assert metrics["origins"]["MAILWORKER_METRICS_PORT"] == "celery_units_metrics_port"
+    assert metrics["stop_timeout_sec"] == units["celery-flower"]["stop_timeout_sec"]
+    # Only where Flower runs, and as Ansible hands the templated default over ("True").
+    assert [u["name"] for u in model.celery_units(spec(["celery_beat"], monitoring=True))] == [
+        "celery-beat"
+    ]
+    on = model.celery_units(spec(["flower"], celery_units_metrics_enabled="True"))
+    assert [u["name"] for u in on] == ["celery-flower", "celery-metrics"]
+    off = model.celery_units(spec(["flower"], celery_units_metrics_enabled="False"))
+    assert [u["name"] for u in off] == ["celery-flower"]
+
+
 def test_an_instance_follows_the_main_worker_where_it_sets_nothing():
     instances = [{"name": "bulk", "queues": ["sync"], "memory_max": "1G"}]
     unit = by_name(model.celery_units(spec(celery_units_worker_instances=instances)))[
@@ -155,6 +186,10 @@ def test_an_instance_follows_the_main_worker_where_it_sets_nothing():
             "celery-worker@x listed more than once",
         ),
         ({"celery_units_flower_db": "/srv/flower.db"}, "celery_units_flower_db"),
+        (
+            {"celery_units_metrics_enabled": True, "celery_units_metrics_memory_max": "lots"},
+            "celery_units_metrics_memory_max",
+        ),
     ],
 )
 def test_bad_values_name_their_variable(overrides, message):

@@ -15,10 +15,16 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-SERVICES = ("worker", "beat", "flower")
-# The inventory group whose hosts run each service.
-SERVICE_GROUPS = {"worker": "celery_workers", "beat": "celery_beat", "flower": "flower"}
-# Beat and Flower finish their work in seconds; a worker waits for its running tasks.
+SERVICES = ("worker", "beat", "flower", "metrics")
+# The inventory group whose hosts run each service. The metrics endpoint reads the whole fleet's
+# state from Redis and PostgreSQL, so one beside Flower (the monitoring view) is enough.
+SERVICE_GROUPS = {
+    "worker": "celery_workers",
+    "beat": "celery_beat",
+    "flower": "flower",
+    "metrics": "flower",
+}
+# Beat, Flower and the metrics finish their work in seconds; a worker waits for its running tasks.
 OTHER_STOP_TIMEOUT_SEC = 30
 _SIZE = re.compile(r"^([0-9]+)([KMGT]?)$")
 _UNIT_FACTOR = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -261,8 +267,41 @@ def _flower_unit(spec: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
+def _metrics_unit(spec: Mapping[str, Any]) -> dict[str, Any]:
+    metrics = spec["metrics"]
+    own = {
+        "MAILWORKER_METRICS_ADDRESS": metrics["address"],
+        "MAILWORKER_METRICS_PORT": metrics["port"],
+    }
+    return _unit(
+        spec,
+        name="celery-metrics",
+        service="metrics",
+        description="mailworker metrics for Prometheus (queues, sync lag, outbox, beat's tick)",
+        settings=_settings(own, metrics.get("settings")),
+        memory_max=metrics["memory_max"],
+        memory_variable="celery_units_metrics_memory_max",
+        cpu_quota=metrics["cpu_quota"],
+        cpu_variable="celery_units_metrics_cpu_quota",
+        stop_timeout_sec=OTHER_STOP_TIMEOUT_SEC,
+        origins={
+            **{
+                key: f"celery_units_metrics_{key.removeprefix('MAILWORKER_METRICS_').lower()}"
+                for key in own
+            },
+            **dict.fromkeys(metrics.get("settings") or {}, "celery_units_metrics_settings"),
+        },
+    )
+
+
+def _enabled(value: object) -> bool:
+    # Ansible hands a templated default over as the string "True" or "False".
+    return value is True or str(value).strip().lower() in ("true", "yes", "1")
+
+
 def celery_units(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The units of one host, in start order: workers, beat, Flower (by its inventory groups)."""
+    """The units of one host, in start order: workers, beat, Flower, the metrics endpoint (by
+    its inventory groups; the metrics only with celery_units_metrics_enabled)."""
     groups = set(spec.get("groups") or [])
     units: list[dict[str, Any]] = []
     if SERVICE_GROUPS["worker"] in groups:
@@ -271,6 +310,9 @@ def celery_units(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
         units.append(_beat_unit(spec))
     if SERVICE_GROUPS["flower"] in groups:
         units.append(_flower_unit(spec))
+    metrics = spec.get("metrics") or {}
+    if SERVICE_GROUPS["metrics"] in groups and _enabled(metrics.get("enabled", False)):
+        units.append(_metrics_unit(spec))
     names = [unit["name"] for unit in units]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:

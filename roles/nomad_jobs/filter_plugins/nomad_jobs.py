@@ -17,8 +17,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-# Task groups in the order Nomad shows them: the workers, then beat, then Flower.
-SERVICE_ORDER = ("worker", "beat", "flower")
+# Task groups in the order Nomad shows them: the workers, beat, Flower, the metrics endpoint.
+SERVICE_ORDER = ("worker", "beat", "flower", "metrics")
 
 
 class NomadJobError(ValueError):

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from celery.schedules import schedule
 from kombu import Exchange, Queue
 
-from mailworker import keepalive, redis_transport
+from mailworker import keepalive, publish_time, redis_transport
 from mailworker.settings import QUEUES, Settings
 
 # Task name prefix -> queue. Each task module holds the tasks of one queue.
@@ -247,6 +247,7 @@ def explain_config(s: Settings) -> list[Entry]:
 
 def build_config(s: Settings) -> dict[str, Any]:
     """The Celery configuration for these settings."""
+    publish_time.install()
     return {entry.key: entry.value for entry in explain_config(s)}
 
 

@@ -15,7 +15,7 @@ from typing import Final
 from mailworker.errors import ConfigurationError
 from mailworker.settings import Settings
 
-SERVICES: Final = ("worker", "beat", "flower")
+SERVICES: Final = ("worker", "beat", "flower", "metrics")
 APP: Final = "mailworker.celery_app"
 
 
@@ -34,13 +34,15 @@ def worker_command() -> list[str]:
 
 
 def build_argv(service: str, settings: Settings) -> list[str]:
-    """The full command line of `service` (worker, beat or flower)."""
+    """The full command line of `service` (worker, beat, flower or metrics)."""
     if service == "worker":
         return _worker(settings)
     if service == "beat":
         return _beat(settings)
     if service == "flower":
         return _flower(settings)
+    if service == "metrics":
+        return [sys.executable, "-m", "mailworker", "metrics", "serve"]
     raise ValueError(f"unknown service {service!r} (expected one of {', '.join(SERVICES)})")
 
 

@@ -8,6 +8,7 @@ README's settings table are all generated from it, so they cannot drift apart.
 from __future__ import annotations
 
 import binascii
+import ipaddress
 import os
 import re
 from base64 import urlsafe_b64decode
@@ -140,6 +141,23 @@ class Text:
 
 
 @dataclass(frozen=True)
+class PrivateAddress:
+    """An IP address that is not reachable from the internet: loopback or a private range."""
+
+    kind: str = "loopback or private IP address"
+
+    def parse(self, raw: str) -> str:
+        value = raw.strip()
+        try:
+            address = ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"expected an IP address, got {raw!r}") from None
+        if not (address.is_loopback or address.is_private) or address.is_unspecified:
+            raise ValueError(f"must be a loopback or private address, got {value}")
+        return value
+
+
+@dataclass(frozen=True)
 class TextList:
     kind: str = "comma-separated list"
 
@@ -238,6 +256,7 @@ Parser = (
     | ChoiceList
     | Text
     | TextList
+    | PrivateAddress
     | Path
     | RedisUrl
     | DatabaseUrl
@@ -535,6 +554,15 @@ class Settings:
     )
     flower_read_only: bool = _setting(
         Boolean(), "Disable Flower's control operations; an older Flower refuses to start.", "true"
+    )
+    # Metrics
+    metrics_address: str = _setting(
+        PrivateAddress(),
+        "Address `mailworker metrics serve` listens on (loopback or a private address only).",
+        "127.0.0.1",
+    )
+    metrics_port: int = _setting(
+        Integer(minimum=1, maximum=65535), "Port of `mailworker metrics serve`.", "9809"
     )
 
 

@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "queue": "mailworker.cli.queue:queue",
     "clean": "mailworker.cli.clean:clean",
     "flower": "mailworker.cli.flower:flower",
+    "metrics": "mailworker.cli.metrics:metrics",
 }
 
 
