@@ -6,6 +6,11 @@ Building one copies redis-py's response-callback table (about 165 entries, redis
 cost paid several times per task. A client only wraps the channel's connection pool and is
 thread-safe, so the channel keeps one per pool (a new pool, after a fork or a reconnect, gets a
 new client). docs/benchmarks.md has the measured saving.
+
+The same holds for kombu's Sentinel channel (sentinel:// URLs): its pool is a Sentinel-managed
+pool that asks the Sentinels for the master on each new connection and drops its connections
+when the master turns into a replica, so one client per pool follows a failover as kombu's own
+per-call clients do.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ from typing import Any
 from kombu.transport import TRANSPORT_ALIASES, resolve_transport
 from kombu.transport import redis as kombu_redis
 
-SCHEMES = ("redis", "rediss")
+SCHEMES = ("redis", "rediss", "sentinel")
 
 
-class Channel(kombu_redis.Channel):
+class _OneSyncClient:
+    """Mixin for kombu's Redis channels: one synchronous client per connection pool."""
+
     _sync_client: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:
@@ -31,12 +38,27 @@ class Channel(kombu_redis.Channel):
         return client
 
 
+class Channel(_OneSyncClient, kombu_redis.Channel):
+    pass
+
+
 class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelChannel(_OneSyncClient, kombu_redis.SentinelChannel):
+    pass
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
+_TRANSPORTS = {"redis": "Transport", "rediss": "Transport", "sentinel": "SentinelTransport"}
+
+
 def install() -> None:
-    """Make redis:// and rediss:// URLs in this process use this transport.
+    """Make redis://, rediss:// and sentinel:// URLs in this process use this module's transports.
 
     Through kombu's public alias table rather than Celery's `broker_transport`, so URLs keep their
     scheme: `Connection.as_uri()` and Flower's broker page still see redis://. kombu reads the
@@ -47,10 +69,10 @@ def install() -> None:
     clients. A kombu that stops resolving the table's entries fails here, at import.
     """
     for scheme in SCHEMES:
-        TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+        TRANSPORT_ALIASES[scheme] = f"{__name__}:{_TRANSPORTS[scheme]}"
         resolved = resolve_transport(scheme)
-        if resolved is not Transport:
+        if resolved is not globals()[_TRANSPORTS[scheme]]:
             raise RuntimeError(
-                f"kombu resolves {scheme}:// to {resolved!r}, not {__name__}.Transport: it no "
+                f"kombu resolves {scheme}:// to {resolved!r}, not {__name__}: it no "
                 "longer reads kombu.transport.TRANSPORT_ALIASES; see mailworker.redis_transport"
             )
