@@ -184,7 +184,8 @@ def test_the_fleet_follows_a_sentinel_failover_under_load(
         # Beat: if its lease was lost with the master, it exits and its process manager starts it
         # again; either way a beat leads on the new master and periodic tasks are sent again.
         if beat.process is not None and beat.process.poll() is not None:
-            print(f"beat exited with {beat.process.returncode} after the failover; restarted")
+            reason = [line for line in beat.log.splitlines() if "lease" in line.lower()][-1:]
+            print(f"beat exited with {beat.process.returncode} ({reason}); restarted")
             beats.append(start_beat(env, tmp_path))
         new_master = group.client(group.replica)
         before = new_master.llen("periodic")
