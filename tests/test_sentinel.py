@@ -27,7 +27,7 @@ from flower.utils.broker import Broker
 from mailworker.beat import LEASE_KEY
 from mailworker.celery_config import build_config
 from mailworker.redis_client import redis_from_url
-from mailworker.settings import load_settings
+from mailworker.settings import Settings, load_settings
 from sqlalchemy import Engine, text
 
 from tests.fixtures.sentinel import MASTER_NAME, SentinelGroup
@@ -38,6 +38,9 @@ pytestmark = pytest.mark.slow
 
 RATE = 20  # tasks submitted per second
 BEFORE, AFTER = 4.0, 8.0  # seconds of submission before the kill and after the new master
+# How long before its death a master's acknowledged write may still be missing on its replica:
+# on loopback the lag is well under this, even on two busy cores.
+REPLICATION_WINDOW = 1.0
 SHORT_BEAT = {
     "MAILWORKER_SYNC_INTERVAL": "4",
     "MAILWORKER_SEND_SWEEP_INTERVAL": "4",
@@ -110,6 +113,7 @@ class Submitter(threading.Thread):
         self.app = client(env)
         self.run_id = run
         self.accepted: list[int] = []
+        self.accepted_at: dict[int, float] = {}  # monotonic time the publish returned
         self.refused: list[int] = []
         self.stopping = threading.Event()
 
@@ -122,6 +126,7 @@ class Submitter(threading.Thread):
                     "tests.sentinel.record", args=[self.run_id, number], queue="send"
                 )
                 self.accepted.append(number)
+                self.accepted_at[number] = time.monotonic()
             except Exception:
                 self.refused.append(number)
             number += 1
@@ -134,6 +139,27 @@ def runs(db_engine: Engine, run: str) -> Counter[int]:
             text(f"SELECT number FROM {TABLE} WHERE run = :run"), {"run": run}
         )
         return Counter(row.number for row in rows)
+
+
+def wait_for_runs(
+    db_engine: Engine, run: str, accepted: list[int], settings: Settings
+) -> tuple[Counter[int], list[int]]:
+    """The runs of each task once every accepted one ran or the visibility timeout passed, and
+    those that ran only after it.
+
+    Every accepted task runs, but those the master acknowledged and died before replicating. A
+    task the worker had reserved but not started when the connection broke comes back from its
+    unacked entry after the visibility timeout: wait that long."""
+    patience = settings.visibility_timeout + 2 * settings.broker_restore_interval + 5
+    deadline = time.monotonic() + patience
+    drained = time.monotonic() + 10
+    late: set[int] = set()
+    while time.monotonic() < deadline and not set(accepted) <= set(runs(db_engine, run)):
+        if time.monotonic() > drained and not late:
+            late = set(accepted) - set(runs(db_engine, run))
+        time.sleep(0.5)
+    done = runs(db_engine, run)
+    return done, sorted(late & set(done))
 
 
 def test_the_fleet_follows_a_sentinel_failover_under_load(
@@ -166,20 +192,21 @@ def test_the_fleet_follows_a_sentinel_failover_under_load(
         submitter.stopping.set()
         submitter.join(10)
         accepted, refused = submitter.accepted, submitter.refused
-        wait_until(
-            lambda: set(accepted) <= set(runs(db_engine, run)),
-            30,
-            f"every accepted task to run\n{worker.log[-4000:]}",
-        )
-        done = runs(db_engine, run)
+        done, redelivered = wait_for_runs(db_engine, run, accepted, load_settings(env))
         lost = sorted(set(accepted) - set(done))
         twice = sorted(number for number, count in done.items() if count > 1)
+        before_kill = [round(killed - submitter.accepted_at[number], 3) for number in lost]
         print(
             f"\nfailover: replica promoted {promoted:.1f} s after SIGKILL of the master; "
             f"submitted {len(accepted) + len(refused)} at {RATE}/s, accepted {len(accepted)}, "
-            f"publish refused {len(refused)}, ran {len(done)}, lost {len(lost)}, "
-            f"ran twice {len(twice)}"
+            f"publish refused {len(refused)}, ran {len(done)}, lost {len(lost)} (accepted "
+            f"{before_kill} s before the kill), ran twice {len(twice)}, ran only after the "
+            f"visibility timeout {len(redelivered)}"
         )
+        # Asynchronous replication may lose what the master acknowledged just before it died,
+        # and nothing else: no task accepted by the new master, none accepted a while before.
+        # (A publish's reply may reach the submitting thread a little after the kill returned.)
+        assert all(-0.5 <= gap <= REPLICATION_WINDOW for gap in before_kill), worker.log[-4000:]
 
         # Beat: if its lease was lost with the master, it exits and its process manager starts it
         # again; either way a beat leads on the new master and periodic tasks are sent again.
@@ -198,9 +225,10 @@ def test_the_fleet_follows_a_sentinel_failover_under_load(
         # The health checks reach the worker and beat through the Sentinels, as the monitoring user.
         checked = health(env, "worker", "--node", worker.node)
         assert checked.returncode == 0, checked.stdout + checked.stderr
+        checked = health(beats[-1].env, "beat")
+        assert checked.returncode == 0, checked.stdout + checked.stderr
         assert worker.process is not None
         assert worker.process.poll() is None, worker.log[-4000:]
-        assert not lost, f"lost {lost}\n{worker.log[-4000:]}"
     finally:
         worker.stop()
         for started in beats:
@@ -210,6 +238,8 @@ def test_the_fleet_follows_a_sentinel_failover_under_load(
 def test_the_monitoring_user_sees_queues_events_and_pings_but_takes_nothing(
     sentinel_group: SentinelGroup, sentinel_env: dict[str, str], tmp_path: Path
 ) -> None:
+    # One Sentinel group for both checks (starting one takes about 10 s).
+    check_sentinel_settings_reach_every_client(sentinel_group, sentinel_env)
     env = sentinel_env
     settings = load_settings(env)
     # A task in a queue no worker here consumes, a running task's entry, a result.
@@ -277,9 +307,10 @@ def test_the_monitoring_user_sees_queues_events_and_pings_but_takes_nothing(
         worker.stop()
 
 
-def test_sentinel_settings_reach_every_client(
+def check_sentinel_settings_reach_every_client(
     sentinel_group: SentinelGroup, sentinel_env: dict[str, str]
 ) -> None:
+    """The settings become kombu's sentinel:// URLs and options, and plain clients on the master."""
     settings = load_settings(sentinel_env)
     config = build_config(settings)
     password = sentinel_group.users.passwords["mailworker"]
