@@ -191,6 +191,7 @@ def test_the_fleet_follows_a_sentinel_failover_under_load(
         time.sleep(AFTER)
         submitter.stopping.set()
         submitter.join(10)
+        assert not submitter.is_alive(), "the submitter hangs in a publish"
         accepted, refused = submitter.accepted, submitter.refused
         done, redelivered = wait_for_runs(db_engine, run, accepted, load_settings(env))
         lost = sorted(set(accepted) - set(done))

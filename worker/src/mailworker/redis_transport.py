@@ -31,8 +31,16 @@ class _OneSyncClient:
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
             return super()._create_client(asynchronous=True)
-        pool = self.pool
         client = self._sync_client
+        if client is not None and self._pool is None and self.connection.client is None:
+            # Celery closes the connection after a connection error, and the channel's close
+            # restores its unacknowledged messages; kombu dropped the pool and the connection
+            # details already, so building a new pool raises AttributeError, which Celery calls
+            # unrecoverable: the worker exits (seen once in about eight Sentinel failovers in
+            # tests/test_sentinel.py). The last client still reaches Redis (a Sentinel-managed
+            # pool finds the new master), so the restore goes through it.
+            return client
+        pool = self.pool
         if client is None or client.connection_pool is not pool:
             client = self._sync_client = super()._create_client()
         return client
@@ -50,7 +58,11 @@ class SentinelChannel(_OneSyncClient, kombu_redis.SentinelChannel):
     pass
 
 
-class SentinelTransport(kombu_redis.SentinelTransport):
+class SentinelTransport(Transport):
+    """kombu's SentinelTransport is its Transport with these two attributes; deriving from ours
+    keeps whatever this module's Transport adds for sentinel:// too."""
+
+    default_port = kombu_redis.SentinelTransport.default_port
     Channel = SentinelChannel
 
 
