@@ -6,7 +6,6 @@ Celery's default); `build_config()` is the plain dict Celery reads.
 
 from __future__ import annotations
 
-import ssl
 from datetime import timedelta
 from typing import Any, NamedTuple
 
@@ -14,6 +13,7 @@ from celery.schedules import schedule
 from kombu import Exchange, Queue
 
 from mailworker import keepalive, publish_time, redis_transport
+from mailworker.redis_client import celery_url, sentinel_options, tls_options
 from mailworker.settings import QUEUES, Settings
 
 # Task name prefix -> queue. Each task module holds the tasks of one queue.
@@ -58,8 +58,18 @@ _BROKER_CONNECTION_REASON = (
 _RESTORE_MUTEX_EXPIRE = 30
 
 
-def explain_config(s: Settings) -> list[Entry]:
-    """(setting, value, reason) for every Celery setting the app sets."""
+# Keys of kombu's unacked sweep for a monitoring process (see explain_config).
+MONITOR_UNACKED_KEYS: dict[str, str] = {
+    "unacked_key": "mailworker:monitor:unacked",
+    "unacked_index_key": "mailworker:monitor:unacked_index",
+    "unacked_mutex_key": "mailworker:monitor:unacked_mutex",
+}
+
+
+def explain_config(s: Settings, *, monitor: bool = False) -> list[Entry]:
+    """(setting, value, reason) for every Celery setting the app sets; `monitor`: for Flower
+    and the health checks, as the monitoring Redis user."""
+    sentinel = sentinel_options(s, timeout=_BROKER_CONNECTION["socket_connect_timeout"])
     transport = {
         "visibility_timeout": s.visibility_timeout,
         redis_transport.LEASE_INTERVAL_OPTION: s.broker_lease_interval,
@@ -67,10 +77,25 @@ def explain_config(s: Settings) -> list[Entry]:
         "unacked_restore_throttle": 1,
         "unacked_mutex_expire": _RESTORE_MUTEX_EXPIRE,
         **_BROKER_CONNECTION,
+        **sentinel,
     }
+    if monitor and s.monitor_redis_user:
+        # kombu sweeps the unacked index on the first poll of any consumer, even one that only
+        # reads its own no-ack events and replies; the monitoring user may not read the app's
+        # unacked payloads, so its processes sweep keys of their own (always empty).
+        transport.update(MONITOR_UNACKED_KEYS)
     entries = [
-        Entry("broker_url", s.broker_url, "Redis database 0 carries the queues."),
-        Entry("result_backend", s.result_backend, "Results live apart from queues (DB 1)."),
+        Entry(
+            "broker_url",
+            celery_url(s.broker_url, s, monitor=monitor),
+            "Redis database 0 carries the queues; with Sentinels, kombu's sentinel:// form "
+            "(the master is whichever the Sentinels name).",
+        ),
+        Entry(
+            "result_backend",
+            celery_url(s.result_backend, s, monitor=monitor),
+            "Results live apart from queues (DB 1), on the same master.",
+        ),
         Entry(
             "broker_transport_options",
             transport,
@@ -82,9 +107,9 @@ def explain_config(s: Settings) -> list[Entry]:
         ),
         Entry(
             "result_backend_transport_options",
-            {"visibility_timeout": s.visibility_timeout},
-            "Kept equal to the broker's, as Celery's Redis documentation asks; the result "
-            "backend itself redelivers nothing.",
+            {"visibility_timeout": s.visibility_timeout, **sentinel},
+            "The result backend's Redis client must agree with the broker's visibility timeout "
+            "and follow the same Sentinels to the same master.",
         ),
         # The result backend takes its connection options from redis_* settings, not from
         # result_backend_transport_options; it has no keepalive options, so the timeout bounds it.
@@ -237,18 +262,22 @@ def explain_config(s: Settings) -> list[Entry]:
         Entry("enable_utc", True, "Schedules and timestamps in UTC."),
     ]
     if s.broker_url.startswith("rediss://"):
-        entries.append(Entry("broker_use_ssl", _tls(s), "Verify Redis's certificate on rediss://."))
+        entries.append(
+            Entry("broker_use_ssl", tls_options(s), "Verify Redis's certificate on rediss://.")
+        )
     if s.result_backend.startswith("rediss://"):
         entries.append(
-            Entry("redis_backend_use_ssl", _tls(s), "Verify Redis's certificate on rediss://.")
+            Entry(
+                "redis_backend_use_ssl", tls_options(s), "Verify Redis's certificate on rediss://."
+            )
         )
     return entries
 
 
-def build_config(s: Settings) -> dict[str, Any]:
+def build_config(s: Settings, *, monitor: bool = False) -> dict[str, Any]:
     """The Celery configuration for these settings."""
     publish_time.install()
-    return {entry.key: entry.value for entry in explain_config(s)}
+    return {entry.key: entry.value for entry in explain_config(s, monitor=monitor)}
 
 
 def beat_schedule(s: Settings) -> dict[str, dict[str, Any]]:
@@ -272,12 +301,3 @@ def beat_schedule(s: Settings) -> dict[str, dict[str, Any]]:
             "options": {"queue": "periodic", "expires": s.send_sweep_interval},
         },
     }
-
-
-def _tls(s: Settings) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "ssl_cert_reqs": ssl.CERT_REQUIRED if s.redis_tls_verify else ssl.CERT_NONE,
-    }
-    if s.redis_ca_file:
-        options["ssl_ca_certs"] = s.redis_ca_file
-    return options

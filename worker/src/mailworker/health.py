@@ -21,7 +21,7 @@ from kombu.exceptions import OperationalError
 
 from mailworker.beat import LEADER, STANDBY, BeatStatus, read_status
 from mailworker.progress import Progress, judge_progress, progress_key
-from mailworker.redis_client import redis_from_url
+from mailworker.redis_client import redis_from_url, sentinel_options
 from mailworker.settings import Settings, mask_url
 
 
@@ -41,14 +41,19 @@ class HealthReport:
 
 def check_worker(settings: Settings, *, timeout: float, node: str | None = None) -> HealthReport:
     """Ping `node` (default: this host's node name) and wait at most about `timeout` seconds."""
-    from mailworker.celery_app import app  # noqa: PLC0415 - keeps `config check` light
+    from mailworker.celery_app import monitor_app as app  # noqa: PLC0415 - keeps `config check` light
 
     name = host_format(node or settings.node_name)
-    transport = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
+    transport = {
+        **app.conf.broker_transport_options,
+        **sentinel_options(settings, timeout=timeout),
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+    }
     started = time.monotonic()
     try:
         with Connection(
-            settings.broker_url,
+            app.conf.broker_url,
             connect_timeout=timeout,
             transport_options=transport,
             ssl=app.conf.broker_use_ssl or False,
@@ -79,7 +84,8 @@ def check_beat(settings: Settings, *, timeout: float, max_age: int) -> HealthRep
     """This host's beat (MAILWORKER_BEAT_NAME) as the beats left it in Redis; see judge_beat."""
     name = host_format(settings.beat_name)
     try:
-        status = read_status(redis_from_url(settings.broker_url, settings, timeout=timeout), name)
+        client = redis_from_url(settings.broker_url, settings, timeout=timeout, monitor=True)
+        status = read_status(client, name)
     except redis.RedisError as error:
         return HealthReport(Health.UNKNOWN, f"cannot reach Redis at {_where(settings)}: {error}")
     # A standby tries for a free lease on every tick, at least once a loop.
@@ -133,4 +139,7 @@ def judge_beat(status: BeatStatus, *, max_age: int, patience: int) -> HealthRepo
 
 
 def _where(settings: Settings) -> str:
+    if settings.redis_sentinels:
+        sentinels = ",".join(f"{host}:{port}" for host, port in settings.redis_sentinels)
+        return f"master {settings.redis_master_name} of Sentinels {sentinels}"
     return mask_url(settings.broker_url)

@@ -17,6 +17,8 @@ from mailworker.settings import Settings
 
 SERVICES: Final = ("worker", "beat", "flower", "metrics")
 APP: Final = "mailworker.celery_app"
+# Flower connects as the monitoring Redis user (MAILWORKER_MONITOR_REDIS_USER).
+MONITOR_APP: Final = "mailworker.celery_app:monitor_app"
 
 
 def celery_command() -> list[str]:
@@ -96,7 +98,7 @@ def _flower(s: Settings) -> list[str]:
     # by itself and would fight logrotate.
     argv = [
         *celery_command(),
-        f"--app={APP}",
+        f"--app={MONITOR_APP}",
         "flower",
         f"--address={s.flower_address}",
         f"--port={s.flower_port}",

@@ -37,7 +37,7 @@ from typing import Any
 from kombu.transport import TRANSPORT_ALIASES, resolve_transport
 from kombu.transport import redis as kombu_redis
 
-SCHEMES = ("redis", "rediss")
+SCHEMES = ("redis", "rediss", "sentinel")
 LEASE_INTERVAL_OPTION = "unacked_lease_interval"
 _BATCH = 500
 
@@ -80,18 +80,31 @@ class QoS(kombu_redis.QoS):
             super().restore_visible(*args, **kwargs)
 
 
-class Channel(kombu_redis.Channel):
-    QoS = QoS
+class _OneSyncClient:
+    """Mixin for kombu's Redis channels: one synchronous client per connection pool."""
+
     _sync_client: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
             return super()._create_client(asynchronous=True)
-        pool = self.pool
         client = self._sync_client
+        if client is not None and self._pool is None and self.connection.client is None:
+            # Celery closes the connection after a connection error, and the channel's close
+            # restores its unacknowledged messages; kombu dropped the pool and the connection
+            # details already, so building a new pool raises AttributeError, which Celery calls
+            # unrecoverable: the worker exits (seen once in about eight Sentinel failovers in
+            # tests/test_sentinel.py). The last client still reaches Redis (a Sentinel-managed
+            # pool finds the new master), so the restore goes through it.
+            return client
+        pool = self.pool
         if client is None or client.connection_pool is not pool:
             client = self._sync_client = super()._create_client()
         return client
+
+
+class Channel(_OneSyncClient, kombu_redis.Channel):
+    QoS = QoS
 
 
 class Transport(kombu_redis.Transport):
@@ -154,8 +167,23 @@ class Transport(kombu_redis.Transport):
         return options.get("visibility_timeout", kombu_redis.Channel.visibility_timeout)
 
 
+class SentinelChannel(_OneSyncClient, kombu_redis.SentinelChannel):
+    QoS = QoS
+
+
+class SentinelTransport(Transport):
+    """kombu's SentinelTransport is its Transport with these two attributes; deriving from ours
+    keeps whatever this module's Transport adds for sentinel:// too."""
+
+    default_port = kombu_redis.SentinelTransport.default_port
+    Channel = SentinelChannel
+
+
+_TRANSPORTS = {"redis": "Transport", "rediss": "Transport", "sentinel": "SentinelTransport"}
+
+
 def install() -> None:
-    """Make redis:// and rediss:// URLs in this process use this transport.
+    """Make redis://, rediss:// and sentinel:// URLs in this process use this module's transports.
 
     Through kombu's public alias table rather than Celery's `broker_transport`, so URLs keep their
     scheme: `Connection.as_uri()` and Flower's broker page still see redis://. kombu reads the
@@ -166,10 +194,10 @@ def install() -> None:
     clients. A kombu that stops resolving the table's entries fails here, at import.
     """
     for scheme in SCHEMES:
-        TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+        TRANSPORT_ALIASES[scheme] = f"{__name__}:{_TRANSPORTS[scheme]}"
         resolved = resolve_transport(scheme)
-        if resolved is not Transport:
+        if resolved is not globals()[_TRANSPORTS[scheme]]:
             raise RuntimeError(
-                f"kombu resolves {scheme}:// to {resolved!r}, not {__name__}.Transport: it no "
+                f"kombu resolves {scheme}:// to {resolved!r}, not {__name__}: it no "
                 "longer reads kombu.transport.TRANSPORT_ALIASES; see mailworker.redis_transport"
             )

@@ -169,6 +169,23 @@ class TextList:
 
 
 @dataclass(frozen=True)
+class HostPorts:
+    kind: str = "comma-separated host:port"
+
+    def parse(self, raw: str) -> tuple[tuple[str, int], ...]:
+        found = []
+        for item in (item.strip() for item in raw.split(",") if item.strip()):
+            host, _, port = item.rpartition(":")
+            host = host.removeprefix("[").removesuffix("]")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:  # noqa: PLR2004
+                raise ValueError(f"expected host:port, got {item!r}")
+            found.append((host, int(port)))
+        if len(set(found)) != len(found):
+            raise ValueError("lists an address twice")
+        return tuple(found)
+
+
+@dataclass(frozen=True)
 class Path:
     kind: str = "path"
     optional: bool = False
@@ -257,6 +274,7 @@ Parser = (
     | Text
     | TextList
     | PrivateAddress
+    | HostPorts
     | Path
     | RedisUrl
     | DatabaseUrl
@@ -317,6 +335,31 @@ class Settings:
     )
     redis_ca_file: str = _setting(
         Path(optional=True), "CA bundle for rediss:// (empty: system store).", ""
+    )
+    redis_sentinels: tuple[tuple[str, int], ...] = _setting(
+        HostPorts(),
+        "Redis Sentinels (host:port) that name the current master; empty: no Sentinel. With "
+        "them, the host and port of the broker and result backend URLs are not used (their "
+        "scheme, user, password and database are): every Redis client asks the Sentinels.",
+        "",
+        default_note="empty (no Sentinel)",
+    )
+    redis_master_name: str = _setting(
+        Text(pattern=r"[A-Za-z0-9._-]+", hint="expected a Sentinel master name"),
+        "Name of the master the Sentinels monitor.",
+        "mailworker",
+    )
+    redis_sentinel_password: str = _setting(
+        Text(), "Password of the Sentinels (their requirepass); empty: none.", "", secret=True
+    )
+    monitor_redis_user: str = _setting(
+        Text(pattern=r"[^\s:@/]*", hint="expected an ACL user name"),
+        "Redis ACL user of Flower and `mailworker health` (reads queue lengths, events and "
+        "pings, cannot take or delete tasks); empty: they use the broker URL's user.",
+        "",
+    )
+    monitor_redis_password: str = _setting(
+        Text(), "Password of that monitoring user.", "", secret=True
     )
     # Worker process
     concurrency: int = _setting(Integer(minimum=1), "Pool processes or threads.", "4")
@@ -734,6 +777,23 @@ def _beat_lease_between_loop_and_periods(s: Settings) -> None:
         )
 
 
+def _monitor_user_with_password(s: Settings) -> None:
+    if bool(s.monitor_redis_user) != bool(s.monitor_redis_password):
+        raise ConfigurationError(
+            f"{PREFIX}MONITOR_REDIS_USER and {PREFIX}MONITOR_REDIS_PASSWORD: set both or neither"
+        )
+
+
+def _sentinel_result_backend_on_redis(s: Settings) -> None:
+    if s.redis_sentinels and s.result_backend.startswith("rediss://") != s.broker_url.startswith(
+        "rediss://"
+    ):
+        raise ConfigurationError(
+            f"{PREFIX}REDIS_SENTINELS: the broker and the result backend are the same Redis "
+            "master, so their URLs must both use redis:// or both rediss://"
+        )
+
+
 _RELATIONS: Final[tuple[Callable[[Settings], None], ...]] = (
     _soft_below_hard,
     _time_limits_above_mail_deadlines,
@@ -746,6 +806,8 @@ _RELATIONS: Final[tuple[Callable[[Settings], None], ...]] = (
     _beat_lease_between_loop_and_periods,
     _memory_budget_holds_a_message,
     _memory_per_child_on_prefork,
+    _monitor_user_with_password,
+    _sentinel_result_backend_on_redis,
 )
 
 
@@ -753,7 +815,9 @@ _RELATIONS: Final[tuple[Callable[[Settings], None], ...]] = (
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by a mask."""
+    """The URL with its password replaced by a mask (each address of a sentinel:// list)."""
+    if ";" in url:
+        return ";".join(mask_url(chunk) for chunk in url.split(";"))
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -765,16 +829,20 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def display_value(name: str, value: Any) -> str:
+def display_value(name: str, value: Any) -> str:  # noqa: PLR0911 - one return per kind
     """How `config check` shows a value: secrets masked, passwords cut out of URLs."""
     spec = SETTINGS[name]
+    if spec.secret and not isinstance(value, tuple):
+        return MASK if value else '""'
     if spec.secret:
-        count = len(value) if isinstance(value, tuple) else 1
+        count = len(value)
         return f"{MASK} ({count} key{'s' if count != 1 else ''})"
     if isinstance(spec.parser, RedisUrl | DatabaseUrl) or name == f"{PREFIX}RESULT_BACKEND":
         return mask_url(str(value))
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(spec.parser, HostPorts):
+        return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in value) or '""'
     if isinstance(value, tuple):
         return ",".join(value)
     if isinstance(value, float):

@@ -12,8 +12,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis
+import redis.sentinel
 from celery import Celery
 from kombu.exceptions import OperationalError
 from redis.backoff import NoBackoff
@@ -141,16 +143,50 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def plain_client(url: str, ssl_options: dict[str, Any] | None, timeout: float) -> redis.Redis:
-    """A redis-py client that tries once: redis-py's default retries with backoff for seconds."""
+def plain_client(
+    url: str,
+    ssl_options: dict[str, Any] | None,
+    timeout: float,
+    transport_options: dict[str, Any] | None = None,
+) -> redis.Redis:
+    """A redis-py client that tries once: redis-py's default retries with backoff for seconds.
+
+    `url` is what Celery got: redis(s)://, or sentinel://h1:p1;sentinel://h2:p2 with the master
+    named in `transport_options` (mailworker.redis_client builds both)."""
     options: dict[str, Any] = {
         "socket_connect_timeout": timeout,
         "socket_timeout": timeout,
         "retry": Retry(NoBackoff(), 0),
     }
+    if url.startswith("sentinel://"):
+        return _sentinel_master(url, transport_options or {}, ssl_options, options)
     if url.startswith("rediss://") and ssl_options:
         options.update(ssl_options)
     return redis.Redis.from_url(url, **options)
+
+
+def _sentinel_master(
+    url: str,
+    transport_options: dict[str, Any],
+    ssl_options: dict[str, Any] | None,
+    options: dict[str, Any],
+) -> redis.Redis:
+    chunks = [urlsplit(chunk) for chunk in url.split(";") if chunk]
+    first = chunks[0]
+    sentinel_kwargs = {**(transport_options.get("sentinel_kwargs") or {}), **options}
+    if ssl_options:
+        options = {**options, **ssl_options, "ssl": True}
+    sentinel = redis.sentinel.Sentinel(
+        [(chunk.hostname or "127.0.0.1", chunk.port or 26379) for chunk in chunks],
+        sentinel_kwargs=sentinel_kwargs,
+    )
+    return sentinel.master_for(
+        transport_options.get("master_name") or "mymaster",
+        db=int(first.path.lstrip("/") or 0),
+        username=unquote(first.username) if first.username else None,
+        password=unquote(first.password) if first.password else None,
+        **options,
+    )
 
 
 def command_timeout(app: Celery) -> float:
@@ -162,7 +198,9 @@ def command_timeout(app: Celery) -> float:
 def open_broker(app: Celery) -> Iterator[Broker]:
     """PING the broker's Redis (bounded by the command's timeout) and yield a client on it."""
     url = str(app.conf.broker_url)
-    client = plain_client(url, app.conf.broker_use_ssl, command_timeout(app))
+    client = plain_client(
+        url, app.conf.broker_use_ssl, command_timeout(app), app.conf.broker_transport_options
+    )
     try:
         client.ping()
         yield Broker(client=client, keys=BrokerKeys.from_app(app), url=url)
@@ -175,9 +213,14 @@ def open_broker(app: Celery) -> Iterator[Broker]:
 def result_backend_client(app: Celery) -> redis.Redis:
     """A PINGed client on the result backend's Redis, or Unreachable."""
     url = str(app.conf.result_backend or app.conf.broker_url)
-    if not url.startswith(("redis://", "rediss://")):
+    if not url.startswith(("redis://", "rediss://", "sentinel://")):
         raise Unreachable(f"the result backend {mask_url(url)} is not Redis; this reads Redis keys")
-    client = plain_client(url, app.conf.redis_backend_use_ssl, command_timeout(app))
+    client = plain_client(
+        url,
+        app.conf.redis_backend_use_ssl,
+        command_timeout(app),
+        app.conf.result_backend_transport_options,
+    )
     try:
         client.ping()
     except CONNECTION_ERRORS as exc:

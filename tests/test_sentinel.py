@@ -1,0 +1,329 @@
+"""Redis Sentinel: the fleet follows a failover, and the monitoring ACL user's limits.
+
+A master, a replica and three Sentinels on loopback (tests/fixtures/sentinel.py) with the redis
+role's ACL users. The failover test keeps a worker busy under a steady submission, kills the
+master with SIGKILL and counts, from rows in PostgreSQL, what was lost and what ran twice; beat
+and `mailworker health` must carry on through the Sentinels.
+
+Timings: the Sentinels declare the master down after 1 s (Debian ships 30 s: its failover
+takes that much longer, nothing else changes); the app's settings are app_env's short ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+from celery.utils.nodenames import host_format
+from flower.utils.broker import Broker
+from mailworker.beat import LEASE_KEY
+from mailworker.celery_config import build_config
+from mailworker.redis_client import redis_from_url
+from mailworker.settings import Settings, load_settings
+from sqlalchemy import Engine, text
+
+from tests.fixtures.sentinel import MASTER_NAME, SentinelGroup
+from tests.fixtures.servers import MAILWORKER, IncludingWorker, WorkerProcess, wait_until
+from tests.sentinel_tasks import TABLE
+
+pytestmark = pytest.mark.slow
+
+RATE = 20  # tasks submitted per second
+BEFORE, AFTER = 4.0, 8.0  # seconds of submission before the kill and after the new master
+# How long before its death a master's acknowledged write may still be missing on its replica:
+# on loopback the lag is well under this, even on two busy cores.
+REPLICATION_WINDOW = 1.0
+SHORT_BEAT = {
+    "MAILWORKER_SYNC_INTERVAL": "4",
+    "MAILWORKER_SEND_SWEEP_INTERVAL": "4",
+    "MAILWORKER_CLEANUP_INTERVAL": "5",
+    "MAILWORKER_BEAT_LEASE": "3",
+    "MAILWORKER_BEAT_MAX_LOOP_INTERVAL": "1",
+    "MAILWORKER_BEAT_HEARTBEAT_MAX_AGE": "5",
+}
+
+
+@pytest.fixture
+def effects_table(db_engine: Engine) -> str:
+    with db_engine.begin() as connection:
+        connection.execute(
+            text(f"CREATE TABLE IF NOT EXISTS {TABLE} (run text, number int, task_id text)")
+        )
+    return uuid.uuid4().hex
+
+
+def client(env: dict[str, str], *, monitor: bool = False) -> Celery:
+    app = Celery("mailworker-tests")
+    app.conf.update(build_config(load_settings(env), monitor=monitor))
+    return app
+
+
+def start_worker(env: dict[str, str], directory: Path) -> IncludingWorker:
+    node = f"sentinel-{uuid.uuid4().hex[:8]}@%h"
+    log_file = directory / f"{node.partition('@')[0]}.log"
+    worker = IncludingWorker(
+        {**env, "MAILWORKER_NODE_NAME": node, "MAILWORKER_LOG_FILE": str(log_file)},
+        log_file,
+        node,
+        include="tests.sentinel_tasks",
+    )
+    worker.start()
+    return worker
+
+
+def start_beat(env: dict[str, str], directory: Path) -> WorkerProcess:
+    name = f"beat-{uuid.uuid4().hex[:8]}"
+    log_file = directory / f"{name}.log"
+    beat_env = {
+        **env,
+        **SHORT_BEAT,
+        "MAILWORKER_BEAT_NAME": f"{name}@%h",
+        "MAILWORKER_LOG_FILE": str(log_file),
+    }
+    beat = WorkerProcess(beat_env, log_file, f"{name}@%h", service="beat")
+    beat.start(wait=False)
+    return beat
+
+
+def health(env: dict[str, str], *what: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [MAILWORKER, "health", *what],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+class Submitter(threading.Thread):
+    """Submits `record` tasks at RATE per second until stopped; remembers which publishes
+    returned (acknowledged by a master) and which raised."""
+
+    def __init__(self, env: dict[str, str], run: str) -> None:
+        super().__init__(daemon=True)
+        self.app = client(env)
+        self.run_id = run
+        self.accepted: list[int] = []
+        self.accepted_at: dict[int, float] = {}  # monotonic time the publish returned
+        self.refused: list[int] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        number = 0
+        started = time.monotonic()
+        while not self.stopping.is_set():
+            try:
+                self.app.send_task(
+                    "tests.sentinel.record", args=[self.run_id, number], queue="send"
+                )
+                self.accepted.append(number)
+                self.accepted_at[number] = time.monotonic()
+            except Exception:
+                self.refused.append(number)
+            number += 1
+            time.sleep(max(0.0, started + number / RATE - time.monotonic()))
+
+
+def runs(db_engine: Engine, run: str) -> Counter[int]:
+    with db_engine.connect() as connection:
+        rows = connection.execute(
+            text(f"SELECT number FROM {TABLE} WHERE run = :run"), {"run": run}
+        )
+        return Counter(row.number for row in rows)
+
+
+def wait_for_runs(
+    db_engine: Engine, run: str, accepted: list[int], settings: Settings
+) -> tuple[Counter[int], list[int]]:
+    """The runs of each task once every accepted one ran or the visibility timeout passed, and
+    those that ran only after it.
+
+    Every accepted task runs, but those the master acknowledged and died before replicating. A
+    task the worker had reserved but not started when the connection broke comes back from its
+    unacked entry after the visibility timeout: wait that long."""
+    patience = settings.visibility_timeout + 2 * settings.broker_restore_interval + 5
+    deadline = time.monotonic() + patience
+    drained = time.monotonic() + 10
+    late: set[int] = set()
+    while time.monotonic() < deadline and not set(accepted) <= set(runs(db_engine, run)):
+        if time.monotonic() > drained and not late:
+            late = set(accepted) - set(runs(db_engine, run))
+        time.sleep(0.5)
+    done = runs(db_engine, run)
+    return done, sorted(late & set(done))
+
+
+def test_the_fleet_follows_a_sentinel_failover_under_load(
+    sentinel_group: SentinelGroup,
+    sentinel_env: dict[str, str],
+    effects_table: str,
+    db_engine: Engine,
+    tmp_path: Path,
+) -> None:
+    group, env, run = sentinel_group, sentinel_env, effects_table
+    worker = start_worker(env, tmp_path)
+    beat = start_beat(env, tmp_path)
+    beats = [beat]
+    try:
+        master = group.client(group.master)
+        wait_until(lambda: master.get(LEASE_KEY), 20, f"beat to lead\n{beat.log}")
+        submitter = Submitter(env, run)
+        submitter.start()
+        time.sleep(BEFORE)
+
+        group.master.kill()
+        killed = time.monotonic()
+        wait_until(
+            lambda: group.master_port() == group.replica.port,
+            30,
+            f"the Sentinels to promote the replica\n{group.logs}",
+        )
+        promoted = time.monotonic() - killed
+        time.sleep(AFTER)
+        submitter.stopping.set()
+        submitter.join(10)
+        assert not submitter.is_alive(), "the submitter hangs in a publish"
+        accepted, refused = submitter.accepted, submitter.refused
+        done, redelivered = wait_for_runs(db_engine, run, accepted, load_settings(env))
+        lost = sorted(set(accepted) - set(done))
+        twice = sorted(number for number, count in done.items() if count > 1)
+        before_kill = [round(killed - submitter.accepted_at[number], 3) for number in lost]
+        print(
+            f"\nfailover: replica promoted {promoted:.1f} s after SIGKILL of the master; "
+            f"submitted {len(accepted) + len(refused)} at {RATE}/s, accepted {len(accepted)}, "
+            f"publish refused {len(refused)}, ran {len(done)}, lost {len(lost)} (accepted "
+            f"{before_kill} s before the kill), ran twice {len(twice)}, ran only after the "
+            f"visibility timeout {len(redelivered)}"
+        )
+        # Asynchronous replication may lose what the master acknowledged just before it died,
+        # and nothing else: no task accepted by the new master, none accepted a while before.
+        # (A publish's reply may reach the submitting thread a little after the kill returned.)
+        assert all(-0.5 <= gap <= REPLICATION_WINDOW for gap in before_kill), worker.log[-4000:]
+
+        # Beat: if its lease was lost with the master, it exits and its process manager starts it
+        # again; either way a beat leads on the new master and periodic tasks are sent again.
+        if beat.process is not None and beat.process.poll() is not None:
+            reason = [line for line in beat.log.splitlines() if "lease" in line.lower()][-1:]
+            print(f"beat exited with {beat.process.returncode} ({reason}); restarted")
+            beats.append(start_beat(env, tmp_path))
+        new_master = group.client(group.replica)
+        before = new_master.llen("periodic")
+        wait_until(
+            lambda: new_master.get(LEASE_KEY) and new_master.llen("periodic") > before,
+            20,
+            "beat to lead and send on the new master\n" + "\n".join(b.log[-3000:] for b in beats),
+        )
+
+        # The health checks reach the worker and beat through the Sentinels, as the monitoring user.
+        checked = health(env, "worker", "--node", worker.node)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        checked = health(beats[-1].env, "beat")
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert worker.process is not None
+        assert worker.process.poll() is None, worker.log[-4000:]
+    finally:
+        worker.stop()
+        for started in beats:
+            started.stop()
+
+
+def test_the_monitoring_user_sees_queues_events_and_pings_but_takes_nothing(
+    sentinel_group: SentinelGroup, sentinel_env: dict[str, str], tmp_path: Path
+) -> None:
+    # One Sentinel group for both checks (starting one takes about 10 s).
+    check_sentinel_settings_reach_every_client(sentinel_group, sentinel_env)
+    env = sentinel_env
+    settings = load_settings(env)
+    # A task in a queue no worker here consumes, a running task's entry, a result.
+    app_client = redis_from_url(settings.broker_url, settings)
+    app_client.lpush("spam", b'{"body": "a payload"}')
+    app_client.hset("unacked", "tag", b'{"body": "a running payload"}')
+    redis_from_url(settings.result_backend, settings).set("celery-task-meta-x", b"a result")
+    worker = start_worker(env, tmp_path)
+    try:
+        # `mailworker health worker` pings through the Sentinels as the monitoring user.
+        checked = health(env, "worker", "--node", worker.node)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+
+        # Flower's broker page: its own Sentinel client, LLEN of every priority list.
+        monitor = client(env, monitor=True)
+        assert monitor.conf.broker_url.startswith("sentinel://monitor:")
+        broker = Broker(
+            monitor.connection().as_uri(include_password=True),
+            broker_options=monitor.conf.broker_transport_options,
+        )
+        lengths = asyncio.run(broker.queues(["spam"]))
+        assert lengths == [{"name": "spam", "messages": 1}]
+
+        # Flower's event stream (pub/sub) and its inspect calls (pidbox).
+        seen: list[str] = []
+        with monitor.connection() as connection:
+            receiver = monitor.events.Receiver(
+                connection, handlers={"*": lambda event: seen.append(event["type"])}
+            )
+            # The count includes messages that are not events (a wakeup's): capture until one.
+            deadline = time.monotonic() + 10
+            while not seen and time.monotonic() < deadline:
+                receiver.capture(limit=1, timeout=10, wakeup=True)
+        assert "worker-heartbeat" in seen, seen
+        node = host_format(worker.node)
+        queues = monitor.control.inspect(destination=[node], timeout=5).active_queues()
+        assert [queue["name"] for queue in (queues or {}).get(node, [])] == ["send"], queues
+
+        # What the monitoring user may not do.
+        mon = redis_from_url(settings.broker_url, settings, monitor=True)
+        results = redis_from_url(settings.result_backend, settings, monitor=True)
+        refused = {
+            "DEL spam": lambda: mon.delete("spam"),
+            "LRANGE spam": lambda: mon.lrange("spam", 0, -1),
+            "RPOP spam": lambda: mon.rpop("spam"),
+            "BRPOP spam": lambda: mon.brpop(["spam"], 1),
+            "LMOVE spam": lambda: mon.lmove("spam", "celeryev.x"),
+            "HGETALL unacked": lambda: mon.hgetall("unacked"),
+            "GET a result": lambda: results.get("celery-task-meta-x"),
+            "SADD a binding of send": lambda: mon.sadd("_kombu.binding.send", "x"),
+            "FLUSHDB": mon.flushdb,
+            "PUBLISH elsewhere": lambda: mon.publish("celery-task-meta-x", "x"),
+            "LPUSH spam": lambda: mon.lpush("spam", "x"),
+        }
+        allowed = []
+        for name, command in refused.items():
+            try:
+                command()
+            except redis.exceptions.NoPermissionError:
+                continue
+            allowed.append(name)
+        assert not allowed, f"the monitoring user may {allowed}"
+        assert app_client.llen("spam") == 1
+    finally:
+        worker.stop()
+
+
+def check_sentinel_settings_reach_every_client(
+    sentinel_group: SentinelGroup, sentinel_env: dict[str, str]
+) -> None:
+    """The settings become kombu's sentinel:// URLs and options, and plain clients on the master."""
+    settings = load_settings(sentinel_env)
+    config = build_config(settings)
+    password = sentinel_group.users.passwords["mailworker"]
+    first, *others = (node.port for node in sentinel_group.sentinels)
+    tail = "".join(f";sentinel://127.0.0.1:{port}/0" for port in others)
+    assert config["broker_url"] == f"sentinel://mailworker:{password}@127.0.0.1:{first}/0{tail}"
+    assert config["result_backend"] == config["broker_url"].replace("/0", "/1")
+    for options in ("broker_transport_options", "result_backend_transport_options"):
+        assert config[options]["master_name"] == MASTER_NAME
+        assert config[options]["sentinel_kwargs"]["password"] == settings.redis_sentinel_password
+    monitor = build_config(settings, monitor=True)
+    assert monitor["broker_url"].startswith("sentinel://monitor:")
+    # The plain clients (beat's lease, result cleanup) ask the same Sentinels for the master.
+    client = redis_from_url(settings.broker_url, settings)
+    assert client.connection_pool.get_master_address() == ("127.0.0.1", sentinel_group.master.port)
