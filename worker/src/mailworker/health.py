@@ -68,7 +68,7 @@ def check_worker(settings: Settings, *, timeout: float, node: str | None = None)
     if not any(name in reply for reply in replies):
         return HealthReport(Health.UNHEALTHY, f"{name} did not answer within {timeout:g} s")
     try:
-        client = redis_from_url(settings.broker_url, settings, timeout=timeout)
+        client = redis_from_url(settings.broker_url, settings, timeout=timeout, monitor=True)
         raw = client.hgetall(progress_key(name))
     except redis.RedisError as error:
         return HealthReport(Health.UNKNOWN, f"cannot reach Redis at {_where(settings)}: {error}")

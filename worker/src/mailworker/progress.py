@@ -83,7 +83,7 @@ class ProgressStep(bootsteps.StartStopStep):
         settings = load_settings()
         if not self.queues:  # as started (-Q); cancel_consumer deselects from the live list
             self.queues = tuple(sorted(c.app.amqp.queues.consume_from or settings.queues))
-        self.client = redis_from_url(c.app.conf.broker_url, settings, timeout=5)
+        self.client = redis_from_url(settings.broker_url, settings, timeout=5)
         self.node = c.hostname
         self.expire = 3 * settings.worker_stuck_after
         if not _received["at"]:
