@@ -21,9 +21,15 @@ ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA public GRANT USAGE ON SEQUEN
 """
 
 
-def mailworker(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+def mailworker(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [MAILWORKER, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        [MAILWORKER, *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -49,26 +55,27 @@ def split_roles(postgres_server, app_env):
 
 
 def test_migrations_run_as_the_owner(split_roles, postgres_server):
-    current = mailworker(split_roles, "db", "current")
-    assert current.returncode == 0, current.stdout + current.stderr
-    # The workers' role alone cannot create the schema in a fresh database set up the same way.
     owner = split_roles["MAILWORKER_MIGRATION_DATABASE_URL"].split("//")[1].split("@")[0]
     app = split_roles["MAILWORKER_DATABASE_URL"].split("//")[1].split("@")[0]
     fresh = f"fresh_{uuid.uuid4().hex[:8]}"
     postgres_server.psql(f"CREATE DATABASE {fresh} OWNER {owner}")
     postgres_server.psql(PRIVILEGES.format(owner=owner, app=app), database=fresh)
-    url = postgres_server.url(fresh).replace("postgres@", f"{app}@")
-    as_app = {
+    url = postgres_server.url(fresh)
+    env = {
         **split_roles,
-        "MAILWORKER_DATABASE_URL": url,
+        "MAILWORKER_DATABASE_URL": url.replace("postgres@", f"{app}@"),
         "MAILWORKER_MIGRATION_DATABASE_URL": "",
     }
+    # As the playbook does it: the owner's URL on standard input, in no file and no environment.
+    stdin = f'MAILWORKER_MIGRATION_DATABASE_URL="{url.replace("postgres@", f"{owner}@")}"\n'
     try:
-        refused = mailworker(as_app, "db", "upgrade")
+        refused = mailworker(env, "db", "upgrade")
+        migrated = mailworker(env, "--env-file", "-", "db", "upgrade", stdin=stdin)
     finally:
         postgres_server.psql(f"DROP DATABASE {fresh} WITH (FORCE)")
     assert refused.returncode != 0
     assert "permission denied for schema public" in refused.stdout + refused.stderr
+    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
 
 
 @pytest.mark.parametrize(
