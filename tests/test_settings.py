@@ -45,6 +45,7 @@ def test_defaults_follow_the_contract():
     assert (s.beat_name, s.beat_lease, s.beat_max_loop_interval) == ("celery-beat@%h", 30, 5)
     assert (s.flower_address, s.flower_port, s.flower_url_prefix) == ("127.0.0.1", 5555, "flower")
     assert s.encryption_keys == (KEY,)
+    assert s.migration_database_url == s.database_url  # no separate owner unless set
 
 
 def test_every_contract_variable_is_declared():
@@ -112,6 +113,10 @@ def test_every_contract_variable_is_declared():
             {"MAILWORKER_POOL": "solo"},
             r"^MAILWORKER_VISIBILITY_TIMEOUT \(60\) must be above .* \(1260\) with .*=solo",
         ),
+        (
+            {"MAILWORKER_MIGRATION_DATABASE_URL": "mysql://o:pw@db/mw"},
+            r"^MAILWORKER_MIGRATION_DATABASE_URL: expected postgresql",
+        ),
         ({"MAILWORKER_FLOWER_PORT": "70000"}, r"^MAILWORKER_FLOWER_PORT: must be at most 65535"),
         (
             {"MAILWORKER_POOL": "threads", "MAILWORKER_MAX_MEMORY_PER_CHILD_KIB": "90000"},
@@ -133,8 +138,10 @@ def test_secrets_never_appear_in_errors_or_output():
         load_settings(bad)
     assert "brokerpw" not in str(raised.value)
 
-    shown = "\n".join(f"{name}={value}" for name, value in effective(load_settings(base_env())))
-    for secret in ("brokerpw", "dbpw", KEY):
+    owner = "postgresql+psycopg2://owner:ownerpw@127.0.0.1:5432/mw"
+    env = base_env(MAILWORKER_MIGRATION_DATABASE_URL=owner)
+    shown = "\n".join(f"{name}={value}" for name, value in effective(load_settings(env)))
+    for secret in ("brokerpw", "dbpw", "ownerpw", KEY):
         assert secret not in shown
     assert "MAILWORKER_ENCRYPTION_KEYS=******** (1 key)" in shown
 

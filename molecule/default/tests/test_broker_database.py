@@ -64,9 +64,30 @@ def test_postgresql_stores_the_app_password_as_scram(host):
     assert result.stdout.strip() == "t", result.stderr
 
 
-def test_postgresql_database_is_owned_by_the_app_role(host):
+def test_postgresql_database_and_tables_are_owned_by_the_owner_role(host):
     query = "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'mailworker'"
-    assert host.run(f'runuser -u postgres -- psql -Atc "{query}"').stdout.strip() == "mailworker"
+    owner = host.run(f'runuser -u postgres -- psql -Atc "{query}"').stdout.strip()
+    assert owner == "mailworker_owner"
+    query = "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public'"
+    owners = host.run(f'runuser -u postgres -- psql -d mailworker -Atc "{query}"').stdout.split()
+    assert owners == ["mailworker_owner"]
+
+
+def test_postgresql_workers_role_cannot_change_the_schema(host):
+    # As the workers' role over loopback, with the password the units use.
+    url = host.run("grep ^MAILWORKER_DATABASE_URL= /etc/mailworker/mailworker.env").stdout
+    password = url.split("//", 1)[1].split("@", 1)[0].split(":", 1)[1]
+    create = host.run(
+        f"PGPASSWORD='{password}' psql -h 127.0.0.1 -U mailworker -d mailworker "
+        "-Atc 'CREATE TABLE intruder (id int)'"
+    )
+    assert create.rc != 0
+    assert "permission denied for schema public" in create.stderr
+    select = host.run(
+        f"PGPASSWORD='{password}' psql -h 127.0.0.1 -U mailworker -d mailworker "
+        "-Atc 'SELECT count(*) FROM tenants'"
+    )
+    assert select.rc == 0, select.stderr
 
 
 def test_postgresql_refuses_a_wrong_password(host):

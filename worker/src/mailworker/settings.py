@@ -229,9 +229,12 @@ class RedisUrl:
 @dataclass(frozen=True)
 class DatabaseUrl:
     kind: str = "postgresql+psycopg2:// URL"
+    optional: bool = False
 
     def parse(self, raw: str) -> str:
         value = raw.strip()
+        if not value and self.optional:
+            return ""
         parts = urlsplit(value)
         if not parts.scheme.startswith("postgresql") or not (parts.hostname or parts.query):
             raise ValueError(
@@ -325,6 +328,13 @@ class Settings:
         default_note="the broker URL with database 1",
     )
     database_url: str = _setting(DatabaseUrl(), "PostgreSQL for accounts and messages.")
+    migration_database_url: str = _setting(
+        DatabaseUrl(optional=True),
+        "PostgreSQL as the schema's owner, for `mailworker db upgrade` and `db current` only (the "
+        "workers' role cannot change the schema).",
+        "",
+        default_note="MAILWORKER_DATABASE_URL",
+    )
     encryption_keys: tuple[str, ...] = _setting(
         FernetKeys(),
         "Fernet keys for mail passwords; the first encrypts, all decrypt (rotation).",
@@ -636,6 +646,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         values[_ATTRIBUTE[name]] = value
     if not values["result_backend"]:
         values["result_backend"] = _with_database(values["broker_url"], 1)
+    if not values["migration_database_url"]:
+        values["migration_database_url"] = values["database_url"]
     settings = Settings(**values)
     for check in _RELATIONS:
         check(settings)

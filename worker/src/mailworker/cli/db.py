@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import click
 
 from mailworker.errors import PermanentError
-from mailworker.settings import load_settings, mask_url
+from mailworker.settings import Settings, load_settings, mask_url
 
 # Alembic and SQLAlchemy are imported inside the commands, so other commands stay quick.
 
@@ -13,6 +15,12 @@ from mailworker.settings import load_settings, mask_url
 @click.group()
 def db() -> None:
     """The PostgreSQL schema."""
+
+
+def owner_settings() -> Settings:
+    """The settings with the schema owner's URL (MAILWORKER_MIGRATION_DATABASE_URL) in place."""
+    settings = load_settings()
+    return replace(settings, database_url=settings.migration_database_url)
 
 
 @db.command("upgrade")
@@ -24,7 +32,7 @@ def upgrade_command(revision: str) -> None:
     from mailworker.db.engine import database_errors  # noqa: PLC0415
     from mailworker.db.migrate import current_revision, upgrade  # noqa: PLC0415
 
-    settings = load_settings()
+    settings = owner_settings()
     with database_errors(settings):
         try:
             upgrade(settings, revision)
@@ -40,7 +48,7 @@ def current() -> None:
     from mailworker.db.engine import database_errors  # noqa: PLC0415
     from mailworker.db.migrate import current_revision, head_revision  # noqa: PLC0415
 
-    settings = load_settings()
+    settings = owner_settings()
     with database_errors(settings):
         now = current_revision(settings)
     head = head_revision()

@@ -61,8 +61,9 @@ class Group(click.Group):
     "--env-file",
     "env_files",
     multiple=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Read variables from this file (systemd EnvironmentFile syntax) before the command; "
+    type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+    help="Read variables from this file (systemd EnvironmentFile syntax; - is standard input) "
+    "before the command; "
     "repeat it: later files win, as a unit's own settings file wins over mailworker.env.",
 )
 def cli(env_files: tuple[Path, ...]) -> None:

@@ -7,6 +7,7 @@ continuation. Values are never echoed in errors: the file holds secrets.
 
 import os
 import re
+import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 
@@ -64,9 +65,12 @@ def parse_env_file(text: str, source: str = "environment file") -> dict[str, str
 
 
 def load_env_file(path: Path, environ: MutableMapping[str, str], *, override: bool) -> None:
-    """Copy the file's variables into environ; an explicit file wins over the environment."""
+    """Copy the file's variables into environ; an explicit file wins over the environment.
+
+    `-` is standard input: how root hands the service user a secret without a file it could read.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
     except PermissionError:
         raise OpsError(
             f"cannot read {path}: permission denied (run as root or celeryworker)"
