@@ -1,0 +1,96 @@
+"""The second host lost (docker pause: no FIN, no RST, as a host that froze or lost its link)
+while it leads beat: the first host keeps consuming every task submitted meanwhile, takes over
+beat within the lease (MAILWORKER_BEAT_LEASE + one loop), its periodic tasks keep firing, and no
+entry fires twice for one schedule slot, even after the frozen leader wakes up (fencing)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+
+import pytest
+from conftest import (
+    WORKER_A,
+    WORKER_B,
+    Load,
+    assert_exactly_once,
+    docker,
+    host,
+    setting,
+    wait_for,
+    workers_answer,
+)
+
+pytestmark = pytest.mark.units("celery-beat.service", "celery-worker.service")
+LEASE_HOLDER = (
+    "import os, pathlib;"
+    "from mailworker.ops.envfile import load_env_file;"
+    "load_env_file(pathlib.Path('/etc/mailworker/mailworker.env'), os.environ, override=True);"
+    "from mailworker.settings import load_settings;"
+    "from mailworker.redis_client import redis_from_url;"
+    "from mailworker.beat import LEASE_KEY, lease_holder;"
+    "s = load_settings();"
+    "print(lease_holder(redis_from_url(s.broker_url, s).get(LEASE_KEY)) or '')"
+)
+SENT = re.compile(r"^(\d+)\.\d+ \S+ \S+ .*Sending due task (\S+) ")
+
+
+def leader() -> str:
+    out = host(WORKER_A).check_output(f'/opt/mailworker/venv/bin/python -c "{LEASE_HOLDER}"')
+    return out.strip()
+
+
+def beat_sends(name: str, since: int) -> list[tuple[int, str]]:
+    """(time, entry) of every run beat on host NAME sent since the epoch second SINCE."""
+    journal = (
+        host(name)
+        .run(f"journalctl -u celery-beat.service -o short-unix --no-pager --since @{since}")
+        .stdout
+    )
+    return [(int(m.group(1)), m.group(2)) for m in map(SENT.match, journal.splitlines()) if m]
+
+
+def test_losing_the_beat_leaders_host_keeps_consuming_and_scheduling_once():
+    lease = setting("BEAT_LEASE", "30")
+    loop = setting("BEAT_MAX_LOOP_INTERVAL", "5")
+    interval = setting("SEND_SWEEP_INTERVAL", "60")
+    if leader() != f"celery-beat@{WORKER_B}":
+        # A graceful stop releases the lease: the other beat takes it within one loop.
+        host(WORKER_A).run("systemctl restart celery-beat.service")
+        assert wait_for(lambda: leader() == f"celery-beat@{WORKER_B}", lease + 2 * loop)
+    since = int(time.time()) - 2 * interval
+    paused_at = time.time()
+    docker("pause", WORKER_B)
+    try:
+        load = Load("host-lost", rate=4, count=20, seconds=10)
+        counts = load.counts(wait=60)
+        assert wait_for(lambda: leader() == f"celery-beat@{WORKER_A}", lease + 2 * loop)
+        takeover = round(time.time() - paused_at, 1)
+        fired = wait_for(
+            lambda: [t for t, _ in beat_sends(WORKER_A, int(paused_at)) if t >= paused_at],
+            lease + loop + interval + 10,
+        )
+        first_run = round(fired[0] - paused_at, 1) if fired else None
+    finally:
+        docker("unpause", WORKER_B)
+    print(f"\nbeat: lease taken over after {takeover} s, first run after {first_run} s", flush=True)
+    assert_exactly_once(counts)
+    assert fired, f"no periodic task sent by {WORKER_A} within {lease + loop + interval + 10} s"
+    time.sleep(2 * loop)  # the woken leader finds its lease gone and stands by, sending nothing
+    runs: dict[str, list[int]] = {}
+    for name in (WORKER_A, WORKER_B):
+        for at, entry in beat_sends(name, since):
+            runs.setdefault(entry, []).append(at)
+    intervals = {
+        "resubmit-due-sends": interval,
+        "sync-all-accounts": setting("SYNC_INTERVAL", "300"),
+        "cleanup-stale-tasks": setting("CLEANUP_INTERVAL", "3600"),
+    }
+    for entry, times in runs.items():
+        times.sort()
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        # Timestamps are whole seconds: one second of rounding either side.
+        assert all(gap >= intervals.get(entry, interval) - 2 for gap in gaps), (entry, times)
+    assert leader() == f"celery-beat@{WORKER_A}"
+    assert wait_for(lambda: workers_answer(WORKER_B), 90)
