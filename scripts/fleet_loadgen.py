@@ -46,7 +46,6 @@ def _load_env(files: list[Path]) -> None:
 
 def submit(args: argparse.Namespace) -> dict[str, Any]:
     from mailworker.celery_app import app  # noqa: PLC0415 - the settings come first
-    from mailworker.errors import MailworkerError  # noqa: PLC0415
     from mailworker.services import outbox  # noqa: PLC0415
     from mailworker.settings import load_settings  # noqa: PLC0415
 
@@ -80,7 +79,7 @@ def submit(args: argparse.Namespace) -> dict[str, Any]:
         }
         try:
             stored = outbox.submit_send(settings, tenant, user, account, spec, publish=publish)
-        except MailworkerError as error:  # the database refused it: the caller was told
+        except Exception as error:  # the database was unreachable: the caller was told
             refused.append(f"send {number}: {type(error).__name__}")
             continue
         sends.append({"outbox_id": str(stored.outbox_id), "message_id": stored.message_id})

@@ -69,6 +69,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 f"journalctl -u {shlex.quote(unit)} -n {JOURNAL_LINES} --no-pager"
             )
             report.sections.append((f"{name}: journalctl -u {unit}", journal.stdout))
+        # The units' own output goes to /var/log/mailworker (worker.log, worker-io.log, beat.log).
+        logs = host(name).run(f"tail -n {JOURNAL_LINES} /var/log/mailworker/*.log")
+        report.sections.append((f"{name}: /var/log/mailworker", logs.stdout))
 
 
 def settings_of(name: str = WORKER_A) -> dict[str, str]:
