@@ -174,7 +174,7 @@ def count(args: argparse.Namespace) -> dict[str, Any]:
     waited = round(time.monotonic() - started, 1)
     password = os.environ["LOADGEN_IMAP_PASSWORD"]
     delivered = _deliveries(args.imap_host, args.imap_port, args.imap_user, password)
-    final_sync = _final_sync(run, max(30.0, deadline - time.monotonic()))
+    final_sync = _final_sync(run, args.final_wait)
     rows = _stored_rows(run)
     message_ids = [send["message_id"] for send in run["sends"]]
     statuses = Counter(sends.get(send["outbox_id"], "missing") for send in run["sends"])
@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("count", help="Wait for the run's tasks; count their effects.")
     check.add_argument("run", help="The run file `submit` wrote.")
     check.add_argument("--wait", type=float, default=120.0, help="Most seconds to wait.")
+    check.add_argument(
+        "--final-wait", type=float, default=120.0, help="Most seconds for the last sync."
+    )
     check.add_argument("--imap-host", required=True)
     check.add_argument("--imap-port", type=int, default=1143)
     check.add_argument("--imap-user", default="alice@example.test")

@@ -37,6 +37,7 @@ WORKER_A, WORKER_B = APP_HOSTS[0], APP_HOSTS[1]
 VENV_PYTHON = "/opt/mailworker/venv/bin/python"
 LOADGEN = "/root/fleet_loadgen.py"
 ENV_FILE = "/etc/mailworker/mailworker.env"
+SINK_MAILDIR = "/srv/testmail/mail/alice@example.test"
 TEST_PASSWORD = "lab-only-imap"  # the TEST-ONLY mail user of prepare.yml
 PLAYBOOK_TIMEOUT = 900
 JOURNAL_LINES = 40
@@ -129,6 +130,9 @@ class Load:
 
     def __init__(self, tag: str, rate: float, count: int, seconds: float) -> None:
         self.tag = tag
+        # The sink's mailbox starts empty: every run's account syncs only the run's own mail (the
+        # previous run has been counted).
+        host(DATA).run(f"find {SINK_MAILDIR}/cur {SINK_MAILDIR}/new -type f -delete")
         self.account = new_account()
         run = f"/root/fleet-run-{tag}-{uuid.uuid4().hex[:6]}"
         self.run_file = f"{run}.json"
