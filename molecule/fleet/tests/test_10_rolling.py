@@ -10,9 +10,11 @@ import time
 import pytest
 from conftest import Load, assert_exactly_once, playbook
 
-pytestmark = pytest.mark.units(
-    "celery-worker.service", "celery-worker@io.service", "celery-beat.service"
-)
+pytestmark = [
+    pytest.mark.units("celery-worker.service", "celery-worker@io.service", "celery-beat.service"),
+    # Above pytest.ini's 300 s: a playbook run on both hosts, then the count.
+    pytest.mark.timeout(900),
+]
 SETTING = "MAILWORKER_SYNC_BATCH_SIZE"
 
 

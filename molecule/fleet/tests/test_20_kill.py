@@ -21,7 +21,11 @@ from conftest import (
     workers_answer,
 )
 
-pytestmark = pytest.mark.units("celery-worker.service", "celery-worker@io.service")
+pytestmark = [
+    pytest.mark.units("celery-worker.service", "celery-worker@io.service"),
+    # The main-process kill waits the promised redelivery delay (at most LONGEST_WAIT) + 60 s.
+    pytest.mark.timeout(900),
+]
 UNITS = ("celery-worker.service", "celery-worker@io.service")
 # Past this the test would hold `make test` too long: the delay must come down first.
 LONGEST_WAIT = 600

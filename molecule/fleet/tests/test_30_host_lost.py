@@ -23,7 +23,10 @@ from conftest import (
     workers_answer,
 )
 
-pytestmark = pytest.mark.units("celery-beat.service", "celery-worker.service")
+pytestmark = [
+    pytest.mark.units("celery-beat.service", "celery-worker.service"),
+    pytest.mark.timeout(600),
+]
 LEASE_HOLDER = (
     "import os, pathlib;"
     "from mailworker.ops.envfile import load_env_file;"

@@ -21,7 +21,11 @@ from conftest import (
     workers_answer,
 )
 
-pytestmark = pytest.mark.units("celery-worker.service", "celery-worker@io.service")
+pytestmark = [
+    pytest.mark.units("celery-worker.service", "celery-worker@io.service"),
+    # The outage or the keepalive bound, then the retries' recovery and the count.
+    pytest.mark.timeout(600),
+]
 OUTAGE = 30
 # postgresql_tcp_user_timeout / keepalives (idle 60 + 3 x 10): a dead peer's session ends by then.
 KEEPALIVE_BOUND = 90
