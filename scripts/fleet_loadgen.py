@@ -118,7 +118,9 @@ def _deliveries(host: str, port: int, user: str, password: str) -> Counter[str]:
     seen: Counter[str] = Counter()
     with imaplib.IMAP4(host, port, timeout=30) as imap:
         imap.login(user, password)
-        imap.select("INBOX", readonly=True)
+        _, exists = imap.select("INBOX", readonly=True)
+        if int(exists[0] or 0) == 0:  # FETCH 1:* of an empty mailbox is an error
+            return seen
         _, data = imap.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
         for item in data:
             if isinstance(item, tuple):
