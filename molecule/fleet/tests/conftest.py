@@ -1,0 +1,232 @@
+"""Shared helpers for the fleet scenario: the hosts, load under a fault, and its counts.
+
+The checks run on the controller. They reach the hosts through testinfra (Ansible's docker
+connection) and inject faults with the Docker CLI (the containers are the hosts). Load comes from
+scripts/fleet_loadgen.py, run with the deployed virtualenv on the first worker host: `submit` runs
+in the background while a fault happens, `count` waits for every accepted task and prints the
+counts, which the test prints too (`molecule verify` shows them with -s).
+A test marked `@pytest.mark.units("celery-worker", ...)` prints those units' journal on every app
+host when it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import testinfra
+import testinfra.utils.ansible_runner
+
+ROOT = Path(__file__).resolve().parents[3]
+INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+_inventory = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
+DATA = _inventory.get_hosts("postgresql")[0]
+APP_HOSTS = _inventory.get_hosts("celery_workers")
+WORKER_A, WORKER_B = APP_HOSTS[0], APP_HOSTS[1]
+VENV_PYTHON = "/opt/mailworker/venv/bin/python"
+LOADGEN = "/root/fleet_loadgen.py"
+ENV_FILE = "/etc/mailworker/mailworker.env"
+SINK_MAILDIR = "/srv/testmail/mail/alice@example.test"
+TEST_PASSWORD = "lab-only-imap"  # the TEST-ONLY mail user of prepare.yml
+PLAYBOOK_TIMEOUT = 900
+JOURNAL_LINES = 40
+
+
+def host(name: str) -> Any:
+    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
+
+
+def docker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["docker", *args], capture_output=True, text=True, timeout=timeout, check=True
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "units(*names): print these units' journal on failure")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    marker = item.get_closest_marker("units")
+    if report.when != "call" or not report.failed or marker is None:
+        return
+    for name in APP_HOSTS:
+        for unit in marker.args:
+            journal = host(name).run(
+                f"journalctl -u {shlex.quote(unit)} -n {JOURNAL_LINES} --no-pager"
+            )
+            report.sections.append((f"{name}: journalctl -u {unit}", journal.stdout))
+        # The units' own output goes to /var/log/mailworker (worker.log, worker-io.log, beat.log).
+        logs = host(name).run(f"tail -n {JOURNAL_LINES} /var/log/mailworker/*.log")
+        report.sections.append((f"{name}: /var/log/mailworker", logs.stdout))
+
+
+def settings_of(name: str = WORKER_A) -> dict[str, str]:
+    """The deployed settings file of a worker host (what `count` and the delays rely on)."""
+    text = host(name).file(ENV_FILE).content_string
+    return dict(re.findall(r'^(MAILWORKER_[A-Z0-9_]+)="?([^"\n]*)"?$', text, re.MULTILINE))
+
+
+def setting(name: str, default: str) -> int:
+    """A deployed setting, else the app's default (the settings file lists only what it sets)."""
+    return int(settings_of().get(f"MAILWORKER_{name}", default))
+
+
+def redelivery_delay() -> int:
+    """The promised delay before a dead worker's tasks run again: the visibility timeout, then at
+    most one restore sweep."""
+    return setting("VISIBILITY_TIMEOUT", "3600") + setting("BROKER_RESTORE_INTERVAL", "30")
+
+
+@dataclass(frozen=True)
+class Account:
+    tenant_id: str
+    user_id: str
+    account_id: str
+
+    def args(self) -> list[str]:
+        return [self.tenant_id, self.user_id, self.account_id]
+
+
+def new_account() -> Account:
+    """A fresh tenant with one mailbox on the data host's test IMAP/SMTP servers."""
+    tenant = f"fleet-{uuid.uuid4().hex[:8]}"
+    command = " ".join(
+        shlex.quote(arg)
+        for arg in (
+            *("mailworker", "account", "add", "--tenant", tenant, "--user", "alice@example.test"),
+            *("--imap-host", DATA, "--imap-port", "1143", "--imap-security", "plain"),
+            *("--smtp-host", DATA, "--smtp-port", "2525", "--smtp-security", "plain"),
+            "--password-stdin",
+        )
+    )
+    result = host(WORKER_A).run(f"printf '%s\\n' {TEST_PASSWORD} | {command}")
+    assert result.rc == 0, result.stderr
+    ids = dict(line.split("=", 1) for line in result.stdout.split())
+    return Account(ids["tenant_id"], ids["user_id"], ids["account_id"])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def loadgen_installed() -> None:
+    docker("cp", str(ROOT / "scripts" / "fleet_loadgen.py"), f"{WORKER_A}:{LOADGEN}")
+
+
+class Load:
+    """One run of the load generator: `submit` in the background, then `count`."""
+
+    def __init__(self, tag: str, rate: float, count: int, seconds: float) -> None:
+        self.tag = tag
+        # The sink's mailbox starts empty: every run's account syncs only the run's own mail (the
+        # previous run has been counted).
+        host(DATA).run(f"find {SINK_MAILDIR}/cur {SINK_MAILDIR}/new -type f -delete")
+        self.account = new_account()
+        run = f"/root/fleet-run-{tag}-{uuid.uuid4().hex[:6]}"
+        self.run_file = f"{run}.json"
+        self.stop_file = f"{run}.stop"
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            [
+                *("docker", "exec", WORKER_A, VENV_PYTHON, LOADGEN, "submit"),
+                *("--account", *self.account.args()),
+                *("--rate", str(rate), "--count", str(count), "--seconds", str(seconds)),
+                *("--tag", tag, "--out", self.run_file, "--stop-file", self.stop_file),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def stop(self) -> None:
+        """Stop submitting now (before --count or --seconds)."""
+        host(WORKER_A).run(f"touch {self.stop_file}")
+
+    def submitted(self, timeout: float = 300) -> dict[str, Any]:
+        """Wait for `submit` to finish; what it submitted."""
+        out, err = self.process.communicate(timeout=timeout)
+        assert self.process.returncode == 0, f"loadgen submit failed:\n{out}\n{err}"
+        return json.loads(out)
+
+    def counts(self, wait: float) -> dict[str, Any]:
+        """Wait for the tasks (at most `wait` s), count their effects and print the counts."""
+        self.submitted()
+        result = subprocess.run(
+            [
+                *("docker", "exec", "-e", f"LOADGEN_IMAP_PASSWORD={TEST_PASSWORD}", WORKER_A),
+                *(VENV_PYTHON, LOADGEN, "count", self.run_file),
+                *("--wait", str(wait), "--imap-host", DATA),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=wait + 180,
+            check=False,
+        )
+        assert result.stdout.strip(), f"loadgen count printed nothing:\n{result.stderr}"
+        counts = json.loads(result.stdout)
+        counts["phase_seconds"] = round(time.monotonic() - self.started, 1)
+        print(f"\nfleet counts [{self.tag}]: {json.dumps(counts, sort_keys=True)}", flush=True)
+        sys.stdout.flush()
+        return counts
+
+
+def assert_exactly_once(counts: dict[str, Any]) -> None:
+    assert counts["submitted_sends"] > 0, counts
+    assert counts["lost"] == 0, counts
+    assert counts["doubled"] == 0, counts
+    assert counts["ok"], counts
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, step: float = 1.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result or time.monotonic() >= deadline:
+            return result
+        time.sleep(step)
+
+
+def playbook(name: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`ansible-playbook playbooks/NAME` from the controller against this scenario's instance."""
+    command = [
+        str(Path(sys.executable).parent / "ansible-playbook"),
+        *("-i", INVENTORY, *extra, str(ROOT / "playbooks" / name)),
+    ]
+    env = {
+        **os.environ,
+        "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+    }
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT, env=env, check=False
+    )
+
+
+def workers_answer(name: str) -> bool:
+    """Every worker unit of the host answers `mailworker health worker`."""
+    return host(name).run("mailworker health worker").rc == 0
+
+
+def psql(query: str) -> str:
+    result = host(DATA).run(f"runuser -u postgres -- psql -d mailworker -Atc {shlex.quote(query)}")
+    assert result.rc == 0, result.stderr
+    return result.stdout.strip()
+
+
+def address_of(name: str) -> str:
+    return docker(
+        "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", name
+    ).stdout.strip()

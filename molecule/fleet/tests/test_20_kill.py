@@ -1,0 +1,70 @@
+"""kill -9 under load: of a worker's main process (every worker unit of the second host) and of a
+prefork pool child (first host). The unit comes back (systemd), and the tasks the dead process
+held run again: a pool child's at once (acks_late + reject_on_worker_lost), a main process's once
+the deployed visibility timeout has passed and a restore sweep found them (the promised delay,
+read from the settings file: MAILWORKER_VISIBILITY_TIMEOUT + MAILWORKER_BROKER_RESTORE_INTERVAL).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import (
+    WORKER_A,
+    WORKER_B,
+    Load,
+    assert_exactly_once,
+    host,
+    redelivery_delay,
+    wait_for,
+    workers_answer,
+)
+
+pytestmark = [
+    pytest.mark.units("celery-worker.service", "celery-worker@io.service"),
+    # The main-process kill waits the promised redelivery delay (at most LONGEST_WAIT) + 60 s.
+    pytest.mark.timeout(900),
+]
+UNITS = ("celery-worker.service", "celery-worker@io.service")
+# Past this the test would hold `make test` too long: the delay must come down first.
+LONGEST_WAIT = 600
+
+
+def main_pid(name: str, unit: str) -> int:
+    return int(host(name).check_output(f"systemctl show -p MainPID --value {unit}"))
+
+
+def test_a_killed_pool_child_loses_no_task():
+    load = Load("kill-child", rate=4, count=40, seconds=20)
+    time.sleep(5)
+    parent = main_pid(WORKER_A, "celery-worker.service")
+    children = host(WORKER_A).check_output(f"pgrep -P {parent}").split()
+    assert children, "the prefork worker has no pool process"
+    host(WORKER_A).run(f"kill -9 {children[0]}")
+    counts = load.counts(wait=120)
+    assert_exactly_once(counts)
+    assert workers_answer(WORKER_A)
+
+
+def test_a_killed_main_process_has_its_tasks_run_again_within_the_promised_delay():
+    delay = redelivery_delay()
+    if delay > LONGEST_WAIT:
+        pytest.skip(
+            f"the deployed redelivery delay is {delay} s (visibility timeout + restore sweep), "
+            f"above this test's {LONGEST_WAIT} s"
+        )
+    load = Load("kill-main", rate=4, count=40, seconds=20)
+    time.sleep(5)
+    before = {unit: main_pid(WORKER_B, unit) for unit in UNITS}
+    for pid in before.values():
+        host(WORKER_B).run(f"kill -9 {pid}")
+    killed = time.monotonic()
+    assert wait_for(
+        lambda: all(main_pid(WORKER_B, unit) not in (0, before[unit]) for unit in UNITS), 60
+    ), "systemd did not restart the killed workers"
+    counts = load.counts(wait=delay + 60)
+    counts["seconds_after_kill"] = round(time.monotonic() - killed, 1)
+    print(f"redelivery delay promised: {delay} s; counts: {counts}", flush=True)
+    assert_exactly_once(counts)
+    assert wait_for(lambda: workers_answer(WORKER_B), 60)

@@ -1,0 +1,111 @@
+"""The second host lost (docker pause: no FIN, no RST, as a host that froze or lost its link)
+while it leads beat: the first host keeps consuming every task submitted meanwhile, takes over
+beat within the lease (MAILWORKER_BEAT_LEASE + one loop), its periodic tasks keep firing, and no
+entry fires twice for one schedule slot, even after the frozen leader wakes up (fencing)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from datetime import UTC, datetime
+
+import pytest
+from conftest import (
+    WORKER_A,
+    WORKER_B,
+    Load,
+    assert_exactly_once,
+    docker,
+    host,
+    setting,
+    wait_for,
+    workers_answer,
+)
+
+pytestmark = [
+    pytest.mark.units("celery-beat.service", "celery-worker.service"),
+    pytest.mark.timeout(600),
+]
+LEASE_HOLDER = (
+    "import os, pathlib;"
+    "from mailworker.ops.envfile import load_env_file;"
+    "load_env_file(pathlib.Path('/etc/mailworker/mailworker.env'), os.environ, override=True);"
+    "from mailworker.settings import load_settings;"
+    "from mailworker.redis_client import redis_from_url;"
+    "from mailworker.beat import LEASE_KEY, lease_holder;"
+    "s = load_settings();"
+    "print(lease_holder(redis_from_url(s.broker_url, s).get(LEASE_KEY)) or '')"
+)
+# beat.log's lines (the units log to /var/log/mailworker, in UTC, as the containers run).
+SENT = re.compile(
+    r"^\[([0-9-]+ [0-9:]+),(\d+): INFO/MainProcess\] Scheduler: Sending due task (\S+) "
+)
+
+
+def leader() -> str:
+    out = host(WORKER_A).check_output(f'/opt/mailworker/venv/bin/python -c "{LEASE_HOLDER}"')
+    return out.strip()
+
+
+def beat_sends(name: str, since: float) -> list[tuple[float, str]]:
+    """(time, entry) of every run beat on host NAME sent since the epoch time SINCE."""
+    log = host(name).run("grep -h 'Sending due task' /var/log/mailworker/beat.log").stdout
+    sends = []
+    for found in map(SENT.match, log.splitlines()):
+        if found:
+            stamp = datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+            at = stamp.timestamp() + int(found.group(2)) / 1000
+            if at >= since:
+                sends.append((at, found.group(3)))
+    return sends
+
+
+def test_losing_the_beat_leaders_host_keeps_consuming_and_scheduling_once():
+    lease = setting("BEAT_LEASE", "30")
+    loop = setting("BEAT_MAX_LOOP_INTERVAL", "5")
+    interval = setting("SEND_SWEEP_INTERVAL", "60")
+    if leader() != f"celery-beat@{WORKER_B}":
+        # A graceful stop releases the lease: the other beat takes it within one loop.
+        host(WORKER_A).run("systemctl restart celery-beat.service")
+        assert wait_for(lambda: leader() == f"celery-beat@{WORKER_B}", lease + 2 * loop)
+    since = time.time() - 2 * interval
+    paused_at = time.time()
+    docker("pause", WORKER_B)
+    try:
+        load = Load("host-lost", rate=4, count=20, seconds=10)
+        counts = load.counts(wait=60)
+        assert wait_for(lambda: leader() == f"celery-beat@{WORKER_A}", lease + 2 * loop)
+        takeover = round(time.time() - paused_at, 1)
+        fired = wait_for(
+            lambda: [at for at, _ in beat_sends(WORKER_A, paused_at)],
+            lease + loop + interval + 10,
+        )
+        first_run = round(fired[0] - paused_at, 1) if fired else None
+    finally:
+        docker("unpause", WORKER_B)
+    print(f"\nbeat: lease taken over after {takeover} s, first run after {first_run} s", flush=True)
+    assert_exactly_once(counts)
+    # The promise: a standby leads within lease + one loop of the last renewal; what came due
+    # meanwhile runs at once, the rest on time. So a run within lease + loop + interval.
+    bound = lease + loop + interval
+    assert fired, f"no periodic task sent by {WORKER_A} within {bound + 10} s"
+    assert first_run is not None
+    assert first_run <= bound + 5, f"first run {first_run} s after the pause, above {bound} s"
+    time.sleep(2 * loop)  # the woken leader finds its lease gone and stands by, sending nothing
+    runs: dict[str, list[float]] = {}
+    for name in (WORKER_A, WORKER_B):
+        for at, entry in beat_sends(name, since):
+            runs.setdefault(entry, []).append(at)
+    intervals = {
+        "resubmit-due-sends": interval,
+        "sync-all-accounts": setting("SYNC_INTERVAL", "300"),
+        "cleanup-stale-tasks": setting("CLEANUP_INTERVAL", "3600"),
+    }
+    for entry, times in runs.items():
+        times.sort()
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        # Two runs of one slot would be seconds apart, not an interval.
+        assert all(gap >= intervals.get(entry, interval) - 1 for gap in gaps), (entry, times)
+    assert leader() == f"celery-beat@{WORKER_A}"
+    assert wait_for(lambda: workers_answer(WORKER_B), 90)

@@ -1,0 +1,258 @@
+"""Load for the fleet scenario's faults: submit real tasks at a steady rate, then count effects.
+
+Runs on an application host with the deployed virtualenv's Python and the units' settings file:
+    /opt/mailworker/venv/bin/python fleet_loadgen.py submit --account T U A --out run.json
+    /opt/mailworker/venv/bin/python fleet_loadgen.py count run.json --imap-host HOST
+`submit` stores each message in the outbox and queues send_email for it (as `mailworker task
+send-email` does), with one sync_mailbox every --sync-every sends, at --rate tasks a second, until
+--count tasks, --seconds or --stop-file, whichever comes first. A submission the app refused (the
+database was down) was never accepted: it is counted apart, not as lost. `count` waits until every
+accepted task has finished or --wait seconds have passed, then checks each one's effects:
+- each send's outbox row is `sent` (else lost), and the SMTP sink's mailbox, read over IMAP,
+  holds exactly one message with its Message-ID (two: sent twice);
+- after one last sync, the `messages` table holds exactly one row per Message-ID (no duplicate);
+- each sync task ended in SUCCESS (else lost).
+It prints the counts as one JSON object and exits 1 when any task was lost or doubled.
+The IMAP password is read from the environment (LOADGEN_IMAP_PASSWORD), never from arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import imaplib
+import json
+import os
+import re
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+DEFAULT_ENV_FILE = Path("/etc/mailworker/mailworker.env")
+SEND_EMAIL = "mailworker.tasks.send.send_email"
+SYNC_MAILBOX = "mailworker.tasks.sync.sync_mailbox"
+FINAL_STATES = {"SUCCESS", "FAILURE", "REVOKED"}
+MESSAGE_ID = re.compile(rb"^Message-ID:\s*(<[^>]+>)", re.IGNORECASE | re.MULTILINE)
+
+
+def _load_env(files: list[Path]) -> None:
+    from mailworker.ops.envfile import load_env_file  # noqa: PLC0415 - after sys.path is set
+
+    for path in files:
+        load_env_file(path, os.environ, override=True)
+
+
+def submit(args: argparse.Namespace) -> dict[str, Any]:
+    from mailworker.celery_app import app  # noqa: PLC0415 - the settings come first
+    from mailworker.services import outbox  # noqa: PLC0415
+    from mailworker.settings import load_settings  # noqa: PLC0415
+
+    settings = load_settings()
+    tenant, user, account = (uuid.UUID(value) for value in args.account)
+    ids = [str(tenant), str(user), str(account)]
+    sends: list[dict[str, str]] = []
+    syncs: list[str] = []
+    refused: list[str] = []
+    started = time.monotonic()
+    for number in range(args.count):
+        due = started + number / args.rate
+        if due - started > args.seconds or (args.stop_file and args.stop_file.exists()):
+            break
+        time.sleep(max(0.0, due - time.monotonic()))
+        if args.sync_every and number % args.sync_every == args.sync_every - 1:
+            try:
+                syncs.append(app.send_task(SYNC_MAILBOX, args=ids, retry=False).id)
+            except Exception as error:  # the broker refused it: counted, not lost
+                refused.append(f"sync {number}: {type(error).__name__}")
+            continue
+        published: list[str] = []
+
+        def publish(task_args: list[str], published: list[str] = published) -> None:
+            published.append(app.send_task(SEND_EMAIL, args=task_args, retry=False).id)
+
+        spec = {
+            "to": ["bob@example.test"],
+            "subject": f"{args.tag} {number}",
+            "body": f"fleet load {args.tag} message {number}",
+        }
+        try:
+            stored = outbox.submit_send(settings, tenant, user, account, spec, publish=publish)
+        except Exception as error:  # the database was unreachable: the caller was told
+            refused.append(f"send {number}: {type(error).__name__}")
+            continue
+        sends.append({"outbox_id": str(stored.outbox_id), "message_id": stored.message_id})
+    return {
+        "account": ids,
+        "tag": args.tag,
+        "sends": sends,
+        "syncs": syncs,
+        "refused": refused,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def _send_states(run: dict[str, Any]) -> dict[str, str]:
+    from mailworker.db.engine import session_scope  # noqa: PLC0415
+    from mailworker.db.models import SentMessage  # noqa: PLC0415
+    from mailworker.settings import load_settings  # noqa: PLC0415
+    from sqlalchemy import select  # noqa: PLC0415
+
+    wanted = [uuid.UUID(send["outbox_id"]) for send in run["sends"]]
+    with session_scope(load_settings()) as session:
+        rows = session.execute(
+            select(SentMessage.id, SentMessage.status).where(SentMessage.id.in_(wanted))
+        ).all()
+    return {str(row_id): status for row_id, status in rows}
+
+
+def _sync_states(run: dict[str, Any]) -> Counter[str]:
+    from mailworker.celery_app import app  # noqa: PLC0415
+
+    return Counter(app.AsyncResult(task_id).state for task_id in run["syncs"])
+
+
+def _deliveries(host: str, port: int, user: str, password: str) -> Counter[str]:
+    """Message-IDs in the sink's INBOX over IMAP (one FETCH of that header for all messages)."""
+    seen: Counter[str] = Counter()
+    with imaplib.IMAP4(host, port, timeout=30) as imap:
+        imap.login(user, password)
+        _, exists = imap.select("INBOX", readonly=True)
+        if int(exists[0] or 0) == 0:  # FETCH 1:* of an empty mailbox is an error
+            return seen
+        _, data = imap.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+        for item in data:
+            if isinstance(item, tuple):
+                found = MESSAGE_ID.search(item[1])
+                if found:
+                    seen[found.group(1).decode()] += 1
+    return seen
+
+
+def _stored_rows(run: dict[str, Any]) -> Counter[str]:
+    from mailworker.db.engine import session_scope  # noqa: PLC0415
+    from mailworker.db.models import Message  # noqa: PLC0415
+    from mailworker.settings import load_settings  # noqa: PLC0415
+    from sqlalchemy import func, select  # noqa: PLC0415
+
+    wanted = [send["message_id"] for send in run["sends"]]
+    with session_scope(load_settings()) as session:
+        rows = session.execute(
+            select(Message.message_id, func.count())
+            .where(
+                Message.account_id == uuid.UUID(run["account"][2]),
+                Message.message_id.in_(wanted),
+            )
+            .group_by(Message.message_id)
+        ).all()
+    return Counter({message_id: count for message_id, count in rows})
+
+
+def _final_sync(run: dict[str, Any], timeout: float) -> str:
+    from mailworker.celery_app import app  # noqa: PLC0415
+
+    result = app.send_task(SYNC_MAILBOX, args=run["account"], retry=False)
+    try:
+        result.get(timeout=timeout, propagate=False)
+    except Exception as error:  # reported in the counts
+        return type(error).__name__
+    return str(result.state)
+
+
+def count(args: argparse.Namespace) -> dict[str, Any]:
+    run = json.loads(Path(args.run).read_text(encoding="utf-8"))
+    started = time.monotonic()
+    deadline = started + args.wait
+    while True:
+        sends = _send_states(run)
+        syncs = _sync_states(run)
+        pending = sum(1 for status in sends.values() if status != "sent") + sum(
+            number for state, number in syncs.items() if state not in FINAL_STATES
+        )
+        if pending == 0 or time.monotonic() >= deadline:
+            break
+        time.sleep(2)
+    waited = round(time.monotonic() - started, 1)
+    password = os.environ["LOADGEN_IMAP_PASSWORD"]
+    delivered = _deliveries(args.imap_host, args.imap_port, args.imap_user, password)
+    final_sync = _final_sync(run, args.final_wait)
+    rows = _stored_rows(run)
+    message_ids = [send["message_id"] for send in run["sends"]]
+    statuses = Counter(sends.get(send["outbox_id"], "missing") for send in run["sends"])
+    counts = {
+        "tag": run["tag"],
+        "submitted_sends": len(run["sends"]),
+        "submitted_syncs": len(run["syncs"]),
+        "refused_at_submission": len(run["refused"]),
+        "submit_seconds": run["seconds"],
+        "wait_seconds": waited,
+        "send_status": dict(statuses),
+        "delivered_once": sum(1 for mid in message_ids if delivered[mid] == 1),
+        "delivered_twice_or_more": sum(1 for mid in message_ids if delivered[mid] > 1),
+        "not_delivered": sum(1 for mid in message_ids if delivered[mid] == 0),
+        "final_sync": final_sync,
+        "rows_once": sum(1 for mid in message_ids if rows[mid] == 1),
+        "rows_duplicated": sum(1 for mid in message_ids if rows[mid] > 1),
+        "rows_missing": sum(1 for mid in message_ids if rows[mid] == 0),
+        "sync_states": dict(syncs),
+    }
+    sends_lost = len(message_ids) - statuses.get("sent", 0)
+    syncs_lost = len(run["syncs"]) - syncs.get("SUCCESS", 0)
+    counts["lost"] = sends_lost + syncs_lost
+    counts["doubled"] = counts["delivered_twice_or_more"] + counts["rows_duplicated"]
+    counts["ok"] = (
+        counts["lost"] == 0
+        and counts["doubled"] == 0
+        and counts["delivered_once"] == len(message_ids)
+        and counts["rows_once"] == len(message_ids)
+    )
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--env-file", type=Path, action="append", help=f"Settings file (default {DEFAULT_ENV_FILE})"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("submit", help="Submit tasks at a steady rate; write the run file.")
+    run.add_argument("--account", nargs=3, metavar=("TENANT", "USER", "ACCOUNT"), required=True)
+    run.add_argument("--rate", type=float, default=2.0, help="Tasks a second.")
+    run.add_argument("--count", type=int, default=40, help="Most tasks submitted.")
+    run.add_argument("--seconds", type=float, default=30.0, help="Most seconds spent submitting.")
+    run.add_argument("--stop-file", type=Path, help="Stop submitting once this file exists.")
+    run.add_argument("--sync-every", type=int, default=5, help="One sync in this many tasks.")
+    run.add_argument("--tag", default=uuid.uuid4().hex[:8], help="Subject prefix of the run.")
+    run.add_argument("--out", type=Path, required=True, help="Run file (JSON) for `count`.")
+    check = commands.add_parser("count", help="Wait for the run's tasks; count their effects.")
+    check.add_argument("run", help="The run file `submit` wrote.")
+    check.add_argument("--wait", type=float, default=120.0, help="Most seconds to wait.")
+    check.add_argument(
+        "--final-wait", type=float, default=120.0, help="Most seconds for the last sync."
+    )
+    check.add_argument("--imap-host", required=True)
+    check.add_argument("--imap-port", type=int, default=1143)
+    check.add_argument("--imap-user", default="alice@example.test")
+    options = parser.parse_args(argv)
+    _load_env(options.env_file or [DEFAULT_ENV_FILE])
+    if options.command == "submit":
+        result = submit(options)
+        options.out.write_text(json.dumps(result), encoding="utf-8")
+        print(
+            json.dumps(
+                {
+                    key: len(value) if isinstance(value, list) else value
+                    for key, value in result.items()
+                    if key != "account"
+                }
+            )
+        )
+        return 0
+    counts = count(options)
+    print(json.dumps(counts, sort_keys=True))
+    return 0 if counts["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
