@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""TEST-ONLY SMTP sink for the Molecule scenario.
+"""TEST-ONLY SMTP sink of the Molecule scenarios.
 
-Accepts every message on 127.0.0.1:2525 from the test user (AUTH PLAIN/LOGIN without TLS, on
-loopback only) and delivers it into the INBOX (a Maildir) of the test IMAP user, so that a `send`
-task can be followed by a `sync` task that finds it. A message for slow@example.test is held
-SMTP_SINK_SLOW_SECONDS before the 250 reply: a task that runs long enough to stop its worker in
-the middle of it.
+Listens on SMTP_SINK_ADDRESS, port 2525 (127.0.0.1 unless set: the fleet scenario's data host
+sets it, so that its workers reach the sink over the scenario's private network). Accepts every
+message from the test user (AUTH PLAIN/LOGIN without TLS: loopback or a lab-only network) and
+delivers it into the INBOX (a Maildir) of the test IMAP user, so that a `send` task can be
+followed by a `sync` task that finds it, and a duplicate delivery shows as two files with one
+Message-ID. A message for slow@example.test is held SMTP_SINK_SLOW_SECONDS before the 250 reply:
+a task that runs long enough to stop its worker in the middle of it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 MAILDIR = "/srv/testmail/mail/alice@example.test"
 SLOW_RECIPIENT = "slow@example.test"
 SLOW_SECONDS = float(os.environ.get("SMTP_SINK_SLOW_SECONDS", "20"))
+ADDRESS = os.environ.get("SMTP_SINK_ADDRESS", "127.0.0.1")
 USERS = {b"alice@example.test": b"lab-only-imap"}
 
 
@@ -42,7 +45,7 @@ class Deliver:
 def main() -> None:
     controller = Controller(
         Deliver(),
-        hostname="127.0.0.1",
+        hostname=ADDRESS,
         port=2525,
         authenticator=authenticate,
         auth_required=True,
