@@ -1,7 +1,7 @@
 """Shared helpers for the default scenario's checklist.
 
 A test marked `@pytest.mark.units("celery-worker", ...)` prints the journal of those units when
-it fails: the first thing an operator would look at.
+it fails (and the health checks' journal): the first thing an operator would look at.
 """
 
 from __future__ import annotations
@@ -30,6 +30,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "units(*names): print these units' journal on failure")
 
 
+def give_playbooks_their_time(items: list[pytest.Item]) -> None:
+    """A test of a module that runs playbooks may take as long as one playbook is allowed
+    (PLAYBOOK_TIMEOUT) and then some, not pytest.ini's 300 s: the playbook's own bound decides."""
+    for item in items:
+        module = getattr(item, "module", None)
+        if getattr(module, "playbook", None) is not None and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(PLAYBOOK_TIMEOUT + 120))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    give_playbooks_their_time(items)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
@@ -41,6 +54,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     for unit in marker.args:
         journal = host.run(f"journalctl -u {shlex.quote(unit)} -n {JOURNAL_LINES} --no-pager")
         report.sections.append((f"journalctl -u {unit}", journal.stdout + journal.stderr))
+    # A unit restarted from outside the test: the health checks are the first suspects.
+    health = "journalctl -u 'celery-*-health.service' -u 'celery-health-recover@*' -n 30 --no-pager"
+    journal = host.run(health)
+    report.sections.append(("health checks", journal.stdout + journal.stderr))
 
 
 def eventually(

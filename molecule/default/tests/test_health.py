@@ -188,6 +188,31 @@ def test_a_broker_outage_restarts_no_worker(host):
     assert wait_for(lambda: worker_healthy(host), timeout=90), journal(host, unit)
 
 
+def test_a_check_that_cannot_finish_in_time_is_not_counted(host):
+    # Only a host too busy to start Python gets past the check's own limit (every wait inside it is
+    # shorter): restarting the unit would add load, not health. `sleep` stands in for that check.
+    needs(host, "celery_workers")
+    state = host.run_expect([0], "mktemp -d").stdout.strip()
+    try:
+        for _ in range(2):
+            result = host.run(
+                f"STATE_DIRECTORY={state} /usr/local/libexec/celery-health/celery-health-check "
+                "celery-test.service 1 1 sleep 10"
+            )
+            assert result.rc == 0, result.stdout + result.stderr
+            assert "cannot check celery-test.service, not counted" in result.stdout, result.stdout
+            assert "did not finish within 1 s" in result.stdout, result.stdout
+        # A real failure at the same threshold of 1 hands the unit over at once.
+        failed = host.run(
+            f"STATE_DIRECTORY={state} /usr/local/libexec/celery-health/celery-health-check "
+            "celery-test.service 1 5 false"
+        )
+        assert failed.rc == 1, failed.stdout
+        assert "handing it over for a restart" in failed.stdout, failed.stdout
+    finally:
+        host.run(f"rm -rf {state}")
+
+
 @pytest.mark.units("celery-health-test-hung")
 def test_the_restart_kills_a_main_process_that_ignores_sigterm(host):
     # A hung main process never finishes a warm shutdown; the restart's stop SIGKILLs it after the

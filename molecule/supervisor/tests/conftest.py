@@ -59,6 +59,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "programs(*names): print their output files on failure")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    _default.give_playbooks_their_time(items)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
