@@ -14,7 +14,7 @@ import uuid
 import pytest
 import redis
 from celery.utils.nodenames import host_format
-from mailworker.progress import INTERVAL, Progress, judge_progress
+from mailworker.progress import INTERVAL, Progress, judge_progress, progress_key
 from mailworker.settings import load_settings
 
 from tests.fixtures.servers import MAILWORKER, wait_until
@@ -80,6 +80,34 @@ def test_a_worker_that_stopped_consuming_is_unhealthy_a_busy_one_is_not(default_
     assert broker.llen(f"stuck-{run}") == 0  # it really took nothing
 
 
+@pytest.mark.slow
+def test_a_restarted_worker_replaces_its_previous_process_record_at_once(default_fleet):
+    # A node's record outlives its process (3 x WORKER_STUCK_AFTER): a worker started again after
+    # a longer stop must not look stuck until its first interval.
+    settings = load_settings(default_fleet.env)
+    worker = default_fleet.start_worker(wait=False, include=TASKS, MAILWORKER_QUEUES="periodic")
+    broker = redis.Redis.from_url(default_fleet.env["MAILWORKER_BROKER_URL"])
+    key = progress_key(host_format(worker.node))
+    stale = time.time() - settings.worker_stuck_after - 30
+    broker.hset(
+        key,
+        mapping={
+            "recorded_at": stale,
+            "received_at": stale,
+            "active": 0,
+            "concurrency": 1,
+            "waiting": 0,
+            "queues": "periodic",
+            "starved_since": 0,
+        },
+    )
+    worker.wait_ready(60)
+    record = Progress.from_hash(broker.hgetall(key))
+    assert record.recorded_at > stale + settings.worker_stuck_after, record
+    code, line = health(worker)
+    assert code == 0, line
+
+
 def _record(**changes) -> Progress:
     now = 1000.0
     values = {
@@ -97,7 +125,7 @@ def _record(**changes) -> Progress:
 @pytest.mark.parametrize(
     ("record", "verdict"),
     [
-        (None, None),  # no record yet (the first one comes 10 s after the start)
+        (None, None),  # no record yet (a worker still starting)
         (_record(), None),  # idle, not starved: nothing waited through a whole record interval
         (_record(starved_since=1000.0 - 59), None),
         (_record(starved_since=1000.0 - 61), "takes no tasks: 3 waiting in periodic, 4 of 4"),

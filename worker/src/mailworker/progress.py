@@ -88,6 +88,9 @@ class ProgressStep(bootsteps.StartStopStep):
         self.expire = 3 * settings.worker_stuck_after
         if not _received["at"]:
             _received["at"] = time.time()  # idle since the start
+        # At once: a record left by this node's previous process, stopped for a while, would
+        # otherwise look like a stuck worker to the health check until the first interval.
+        self.record(c)
         self.tref = c.timer.call_repeatedly(INTERVAL, self.record, (c,), priority=10)
 
     def stop(self, c: Any) -> None:
