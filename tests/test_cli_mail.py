@@ -1,7 +1,7 @@
 """`mailworker mail ls` as an operator runs it: a subprocess against the session's PostgreSQL.
 
 Rows are written the way sync and classify_spam leave them; the listing must show headers and
-verdicts, filter by verdict and folder, and never print a body. About 3 s (4 subprocesses).
+verdicts, filter by verdict and folder, and never print a body. About 3 s (5 subprocesses).
 """
 
 import json
@@ -98,6 +98,12 @@ def test_mail_ls_lists_headers_and_verdicts_never_bodies(app_env, migrated_db, d
     )  # fmt: skip
     shown = json.loads(limited.stdout)
     assert (shown["total"], [m["uid"] for m in shown["messages"]]) == (2, [3])
+
+    present = mailworker(
+        "mail", "ls", "--account", address, "--state", "present", "--verdict", "ham", "--json",
+        env=app_env,
+    )  # fmt: skip
+    assert [m["uid"] for m in json.loads(present.stdout)["messages"]] == [1]
 
     unknown = mailworker("mail", "ls", "--account", "nobody@lab.test", env=app_env)
     assert unknown.returncode == 1

@@ -44,6 +44,11 @@ def mail() -> None:
     help="Only messages with this spam verdict.",
 )
 @click.option(
+    "--state",
+    type=click.Choice(["present", "trashed", "junk", "expunged", "skipped"]),
+    help="Only messages in this state (present: still where sync found it).",
+)
+@click.option(
     "--limit",
     type=click.IntRange(min=1),
     default=50,
@@ -57,6 +62,7 @@ def list_messages(
     tenant_name: str | None,
     folder: str | None,
     verdict: str | None,
+    state: str | None,
     limit: int,
     as_json: bool,
 ) -> None:
@@ -106,6 +112,8 @@ def list_messages(
             query = query.where(Message.is_spam.is_(False))
         elif verdict == "unclassified":
             query = query.where(Message.is_spam.is_(None))
+        if state:
+            query = query.where(Message.state == state)
         total = session.scalar(select(func.count()).select_from(query.subquery()))
         rows = [
             _row(item._asdict())
