@@ -62,7 +62,7 @@ def build(
     sent = datetime.now(UTC) - timedelta(minutes=rng.randint(5, 30 * 24 * 60))
     spam = (index + 1) % spam_every == 0
     if spam:
-        subject, sender = SPAM[index % len(SPAM)]
+        subject, sender = SPAM[index // spam_every % len(SPAM)]
         message["From"] = sender
         message["Reply-To"] = f"reply@collect-{index % 7}.example"
         message.set_content(SPAM_BODY.format(n=index % 250 + 1))
