@@ -125,9 +125,10 @@ test-molecule: $(STAMPS)/venv image wheelhouse ## Every Molecule scenario on loc
 test: lint test-python test-molecule ## Everything CI runs
 
 .PHONY: lab
-lab: $(STAMPS)/venv image wheelhouse ## Deploy the whole stack into local containers and print Flower's URL
+lab: $(STAMPS)/venv image wheelhouse ## Deploy the whole stack and a lab mail server into local containers and print Flower's URL
 	$(BIN)/ansible-playbook playbooks/lab.yml
 	$(BIN)/ansible-playbook -i inventories/lab playbooks/site.yml
+	$(BIN)/ansible-playbook -i inventories/lab playbooks/lab-mail.yml
 	$(BIN)/ansible-playbook -i inventories/lab playbooks/lab-info.yml
 
 .PHONY: lab-destroy

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "config": "mailworker.cli.config:config",
     "db": "mailworker.cli.db:db",
     "account": "mailworker.cli.account:account",
+    "mail": "mailworker.cli.mail:mail",
     "health": "mailworker.cli.health:health",
     "run": "mailworker.cli.run:run",
     "worker": "mailworker.cli.worker:worker",
