@@ -416,6 +416,29 @@ def test_sentinel_monitoring_user_and_tls_follow_the_inventory(rendered: Rendere
         assert secret["MAILWORKER_MONITOR_REDIS_PASSWORD"] == f"nomad/jobs/{JOB}"
 
 
+def test_a_vault_that_cannot_be_read_fails_the_run_instead_of_dropping_the_monitoring_user(
+    tmp_path: Path,
+) -> None:
+    """production.example without its vault: whether the monitoring user is on is unknown."""
+    command = [
+        _ansible_playbook(),
+        "-i",
+        "inventories/production.example",
+        "playbooks/nomad.yml",
+        "-e",
+        f"nomad_jobs_output_dir={tmp_path / 'nomad'}",
+        "-e",
+        f"tls_ca_dir={tmp_path / 'tls'}",
+    ]
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"}
+    result = subprocess.run(  # noqa: PLW1510 - the return code is asserted with the output
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0, result.stdout
+    assert "'vault_redis_monitor_password' is undefined" in result.stdout + result.stderr
+    assert not (tmp_path / "nomad").exists(), "no job file written"
+
+
 def _inventory_secrets(inventory_dir: Path) -> set[str]:
     """Every string of the inventory's secret files (the lab's fixed values, the vault example)."""
     found: set[str] = set()
