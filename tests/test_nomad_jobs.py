@@ -5,7 +5,8 @@ test machines). For each inventory the playbook writes the job without contactin
 job is parsed with python-hcl2 (the structure, blocks in order) and with pygohcl (HashiCorp's Go
 HCL library, the parser Nomad itself uses, which also gives the template text exactly as Nomad
 receives it), and every fact it must carry is compared with the unit model that
-playbooks/units.yml writes for the same inventory.
+playbooks/units.yml writes for the same inventory, and every setting with the mailworker.env
+that roles/mailworker_app writes for the same hosts (tests/data/nomad/mailworker_env.yml).
 """
 
 from __future__ import annotations
@@ -30,13 +31,36 @@ import yaml
 from hcl2.utils import SerializationOptions
 
 ROOT = Path(__file__).resolve().parents[1]
-INVENTORIES = ("lab", "production.example")
+# lab: two hosts (TLS to Redis and PostgreSQL, no Sentinel, no monitoring user);
+# production.example: Sentinel, the monitoring user and TLS, its vault from vault.yml.example;
+# one-host: the lab's settings with every service on one host (plain, as Molecule's default).
+INVENTORIES = ("lab", "production.example", "one-host")
 ROLE = ROOT / "roles" / "nomad_jobs"
 DEFAULTS = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
 JOB = DEFAULTS["nomad_jobs_job_name"]
 MIB = 1 << 20
-# What the exec driver sets NOMAD_ALLOC_DIR to inside the task's chroot.
+# What the exec driver sets NOMAD_ALLOC_DIR and NOMAD_TASK_DIR to inside the task's chroot.
 ALLOC_DIR = "/alloc"
+TASK_DIR = "/local"
+# The settings of mailworker.env that hold secrets: the job reads them from its Variable.
+SECRET_SETTINGS = {
+    "MAILWORKER_BROKER_URL",
+    "MAILWORKER_DATABASE_URL",
+    "MAILWORKER_ENCRYPTION_KEYS",
+    "MAILWORKER_REDIS_SENTINEL_PASSWORD",
+    "MAILWORKER_MONITOR_REDIS_PASSWORD",
+}
+# What Sentinel, the monitoring user and TLS add to mailworker.env (besides rediss://).
+FEATURE_SETTINGS = {
+    "MAILWORKER_REDIS_SENTINELS",
+    "MAILWORKER_REDIS_MASTER_NAME",
+    "MAILWORKER_REDIS_SENTINEL_PASSWORD",
+    "MAILWORKER_MONITOR_REDIS_USER",
+    "MAILWORKER_MONITOR_REDIS_PASSWORD",
+    "MAILWORKER_REDIS_CA_FILE",
+    "PGSSLMODE",
+    "PGSSLROOTCERT",
+}
 
 
 def _filter_module() -> Any:
@@ -50,10 +74,13 @@ def _filter_module() -> Any:
 @dataclass
 class Rendered:
     inventory: str
+    inventory_dir: Path
     files: dict[str, str]  # file name -> text, everything the playbook wrote
     job: dict[str, Any]  # python-hcl2: the job's body, blocks as lists
     go_job: dict[str, Any]  # pygohcl: the same job as Go's HCL evaluates it
     units: dict[str, list[dict[str, Any]]]  # host -> its units (playbooks/units.yml)
+    env: dict[str, dict[str, str]]  # host -> its mailworker.env (roles/mailworker_app)
+    ca_file: Path  # where roles/tls_ca keeps the fleet's CA on the controller
 
     def groups(self) -> dict[str, dict[str, Any]]:
         return {name: body for group in self.job["group"] for name, body in group.items()}
@@ -61,6 +88,17 @@ class Rendered:
     def task(self, group: str) -> dict[str, Any]:
         ((_name, body),) = self.groups()[group]["task"][0].items()
         return body
+
+    def templates(self, group: str) -> list[dict[str, Any]]:
+        """The task's template blocks as Nomad receives them (pygohcl: strings unescaped)."""
+        ((task,),) = [self.go_job["group"][group]["task"].values()]
+        found = task["template"]
+        return found if isinstance(found, list) else [found]
+
+    def environment(self, group: str) -> tuple[dict[str, str], dict[str, str]]:
+        """The task's env template: (plain settings, secret setting -> Variable path)."""
+        (template,) = [found for found in self.templates(group) if found.get("env")]
+        return _environment(template["data"])
 
     def units_by_name(self) -> dict[str, tuple[dict[str, Any], list[str]]]:
         found: dict[str, tuple[dict[str, Any], list[str]]] = {}
@@ -77,24 +115,61 @@ def _ansible_playbook() -> str:
     return found
 
 
+def _one_host_inventory(directory: Path) -> Path:
+    """The lab's settings and secrets with Redis, PostgreSQL and the units on one host."""
+    directory.mkdir()
+    groups = ("redis", "postgresql", "celery_workers", "celery_beat", "flower")
+    hosts = {"all": {"children": {group: {"hosts": {"solo": None}} for group in groups}}}
+    (directory / "hosts.yml").write_text(yaml.safe_dump(hosts))
+    (directory / "group_vars").symlink_to(ROOT / "inventories" / "lab" / "group_vars")
+    return directory
+
+
+def _read_env_file(text: str) -> dict[str, str]:
+    """KEY="value" lines as mailworker.env.j2 writes them (a backslash before \\, ", $, `)."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, _, quoted = line.partition("=")
+        assert re.fullmatch(r'".*"', quoted), line
+        found[name] = re.sub(r"\\(.)", r"\1", quoted[1:-1])
+    return found
+
+
 @pytest.fixture(scope="module", params=INVENTORIES)
 def rendered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Rendered:
     inventory = request.param
     out = tmp_path_factory.mktemp(inventory.replace(".", "-"))
+    if inventory == "one-host":
+        inventory_dir = _one_host_inventory(out / inventory)
+    else:
+        inventory_dir = ROOT / "inventories" / inventory
+    (out / "env").mkdir(mode=0o700)
     command = [
         _ansible_playbook(),
         "-i",
-        f"inventories/{inventory}",
+        str(inventory_dir),
         "playbooks/units.yml",
         "playbooks/nomad.yml",
+        "tests/data/nomad/mailworker_env.yml",
         "-e",
         f"units_dir={out / 'units'}",
         "-e",
         f"nomad_jobs_output_dir={out / 'nomad'}",
+        "-e",
+        f"env_dir={out / 'env'}",
+        # The CA the job carries is made here, not in the project's build/tls/.
+        "-e",
+        f"tls_ca_dir={out / 'tls'}",
         # As with a monitoring group: the metrics endpoint runs beside Flower.
         "-e",
         "celery_units_metrics_enabled=true",
     ]
+    vault = inventory_dir / "group_vars" / "all" / "vault.yml.example"
+    if vault.is_file():
+        # A real inventory's vault: with it, the monitoring user is on (its password is set).
+        command += ["-e", f"@{vault}"]
     env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"}
     result = subprocess.run(  # noqa: PLW1510 - the return code is asserted with the output
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
@@ -109,12 +184,18 @@ def rendered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     units = {
         path.stem: json.loads(path.read_text()) for path in sorted((out / "units").glob("*.json"))
     }
+    env = {
+        path.stem: _read_env_file(path.read_text()) for path in sorted((out / "env").glob("*.env"))
+    }
     return Rendered(
         inventory=inventory,
+        inventory_dir=inventory_dir,
         files=files,
         job=job,
         go_job=pygohcl.loads(files[f"{JOB}.nomad.hcl"])["job"][JOB],
         units=units,
+        env=env,
+        ca_file=out / "tls" / "ca.crt",
     )
 
 
@@ -149,6 +230,7 @@ def _environment(data: str) -> tuple[dict[str, str], dict[str, str]]:
             secret[name] = variable
             continue
         value = value.replace('{{ env "NOMAD_ALLOC_DIR" }}', ALLOC_DIR)
+        value = value.replace('{{ env "NOMAD_TASK_DIR" }}', TASK_DIR)
         value = value.replace('{{ "{{" }}', "{{")
         assert "{{" not in value, f"unexpected template action in {line!r}"
         plain[name] = json.loads(value)
@@ -229,14 +311,12 @@ def test_the_release_is_mounted_read_only_from_a_host_volume(rendered: Rendered)
 def test_settings_are_the_units_own_and_secrets_come_from_nomad_variables(
     rendered: Rendered,
 ) -> None:
-    for name, (unit, _hosts) in rendered.units_by_name().items():
+    for name, (unit, hosts) in rendered.units_by_name().items():
         group = name.replace("@", "-")
-        ((template,),) = [rendered.task(group)["template"]]
-        assert template["env"] is True
+        (template,) = [found for found in rendered.task(group)["template"] if found.get("env")]
         assert template["destination"].startswith("secrets/")
         assert template["error_on_missing_key"] is True
-        data = rendered.go_job["group"][group]["task"][unit["service"]]["template"]["data"]
-        plain, secret = _environment(data)
+        plain, secret = rendered.environment(group)
         for setting, value in unit["settings"].items():
             if setting == "MAILWORKER_LOG_FILE":
                 assert plain[setting] == "", "Nomad keeps the task's logs: stderr"
@@ -245,17 +325,124 @@ def test_settings_are_the_units_own_and_secrets_come_from_nomad_variables(
             else:
                 assert plain[setting] == value, (group, setting)
         assert plain["MAILWORKER_LOG_LEVEL"] == "INFO"  # mailworker_app's, shared by every unit
-        expected_secret = dict.fromkeys(DEFAULTS["nomad_jobs_secret_settings"], f"nomad/jobs/{JOB}")
+        expected_secret = dict.fromkeys(
+            SECRET_SETTINGS & set(rendered.env[hosts[0]]), f"nomad/jobs/{JOB}"
+        )
+        assert set(DEFAULTS["nomad_jobs_secret_settings"]) <= set(expected_secret)
         if unit["service"] == "flower":
             expected_secret["FLOWER_BASIC_AUTH"] = f"nomad/jobs/{JOB}/{group}"
         assert secret == expected_secret, group
         assert not set(plain) & set(secret)
 
 
-def _inventory_secrets(inventory: str) -> set[str]:
+def test_every_setting_of_mailworker_env_is_in_the_job_the_secrets_as_variable_items(
+    rendered: Rendered,
+) -> None:
+    """Parity with systemd: what mailworker.env gives a unit, its task gets from the inventory."""
+    for name, (unit, hosts) in rendered.units_by_name().items():
+        group = name.replace("@", "-")
+        plain, secret = rendered.environment(group)
+        for host in hosts:
+            env = rendered.env[host]
+            for setting, value in env.items():
+                if setting in unit["settings"]:
+                    continue  # the unit's own file wins (checked above)
+                if setting in SECRET_SETTINGS:
+                    assert secret.get(setting) == f"nomad/jobs/{JOB}", (group, setting)
+                elif setting == "MAILWORKER_REDIS_CA_FILE":
+                    assert plain[setting] == f"{TASK_DIR}/ca.crt", "the allocation's copy"
+                else:
+                    assert plain.get(setting) == value, (group, setting)
+            database_tls = "sslmode=verify-full" in env["MAILWORKER_DATABASE_URL"]
+            # libpq's defaults for a URL without sslmode and sslrootcert (the Variable's).
+            expected_pg = (
+                {"PGSSLMODE": "verify-full", "PGSSLROOTCERT": f"{TASK_DIR}/ca.crt"}
+                if database_tls
+                else {}
+            )
+            assert {key: plain[key] for key in plain if key.startswith("PG")} == expected_pg
+            extra = set(plain) - set(env) - set(unit["settings"]) - set(expected_pg)
+            assert not extra, f"{group}: settings mailworker.env does not have: {sorted(extra)}"
+
+
+def test_the_fleets_ca_is_delivered_into_each_task_that_verifies_a_server(
+    rendered: Rendered,
+) -> None:
+    for name, (_unit, hosts) in rendered.units_by_name().items():
+        group = name.replace("@", "-")
+        env = rendered.env[hosts[0]]
+        needs_ca = "MAILWORKER_REDIS_CA_FILE" in env or "sslmode=verify-full" in env.get(
+            "MAILWORKER_DATABASE_URL", ""
+        )
+        plain, _secret = rendered.environment(group)
+        files = [found for found in rendered.templates(group) if not found.get("env")]
+        if not needs_ca:
+            assert not files, group
+            continue
+        (ca,) = files
+        # The same certificate roles/tls_ca gives the Redis and PostgreSQL servers.
+        assert ca["data"] == rendered.ca_file.read_text(), group
+        assert ca["data"].startswith("-----BEGIN CERTIFICATE-----\n")
+        assert ca["perms"] == "644"
+        # Written into the task directory, which the exec driver mounts at NOMAD_TASK_DIR.
+        assert ca["destination"].startswith("local/")
+        inside = f"{TASK_DIR}/{ca['destination'].removeprefix('local/')}"
+        for setting in ("MAILWORKER_REDIS_CA_FILE", "PGSSLROOTCERT"):
+            if setting in plain:
+                assert plain[setting] == inside, (group, setting)
+
+
+def test_sentinel_monitoring_user_and_tls_follow_the_inventory(rendered: Rendered) -> None:
+    expected = {
+        # Sentinel (three hosts), the monitoring user (its vault password) and TLS both ways.
+        "production.example": FEATURE_SETTINGS,
+        # Redis and PostgreSQL on another host: TLS; no Sentinel, no monitoring user.
+        "lab": {"MAILWORKER_REDIS_CA_FILE", "PGSSLMODE", "PGSSLROOTCERT"},
+        # Everything on one host: loopback, none of them.
+        "one-host": set(),
+    }[rendered.inventory]
+    for group in rendered.groups():
+        plain, secret = rendered.environment(group)
+        assert FEATURE_SETTINGS & (set(plain) | set(secret)) == expected, group
+        assert FEATURE_SETTINGS & set(secret) <= SECRET_SETTINGS
+        assert bool(expected) == any(not found.get("env") for found in rendered.templates(group))
+    if rendered.inventory == "production.example":
+        plain, secret = rendered.environment("celery-worker")
+        assert plain["MAILWORKER_REDIS_SENTINELS"] == (
+            "10.0.10.11:26379,10.0.10.12:26379,10.0.10.31:26379"
+        )
+        assert plain["MAILWORKER_REDIS_MASTER_NAME"] == "mailworker"
+        assert plain["MAILWORKER_MONITOR_REDIS_USER"] == "monitor"
+        assert secret["MAILWORKER_MONITOR_REDIS_PASSWORD"] == f"nomad/jobs/{JOB}"
+
+
+def test_a_vault_that_cannot_be_read_fails_the_run_instead_of_dropping_the_monitoring_user(
+    tmp_path: Path,
+) -> None:
+    """production.example without its vault: whether the monitoring user is on is unknown."""
+    command = [
+        _ansible_playbook(),
+        "-i",
+        "inventories/production.example",
+        "playbooks/nomad.yml",
+        "-e",
+        f"nomad_jobs_output_dir={tmp_path / 'nomad'}",
+        "-e",
+        f"tls_ca_dir={tmp_path / 'tls'}",
+    ]
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"}
+    result = subprocess.run(  # noqa: PLW1510 - the return code is asserted with the output
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0, result.stdout
+    assert "'vault_redis_monitor_password' is undefined" in result.stdout + result.stderr
+    assert not (tmp_path / "nomad").exists(), "no job file written"
+
+
+def _inventory_secrets(inventory_dir: Path) -> set[str]:
     """Every string of the inventory's secret files (the lab's fixed values, the vault example)."""
     found: set[str] = set()
-    directory = ROOT / "inventories" / inventory / "group_vars" / "all"
+    directory = inventory_dir / "group_vars" / "all"
     for path in directory.iterdir():
         if not re.search(r"secret|vault", path.name):
             continue
@@ -275,7 +462,7 @@ def _inventory_secrets(inventory: str) -> set[str]:
 
 
 def test_no_secret_of_the_inventory_is_written(rendered: Rendered) -> None:
-    secrets = _inventory_secrets(rendered.inventory)
+    secrets = _inventory_secrets(rendered.inventory_dir)
     assert secrets, f"no secret values found in inventories/{rendered.inventory}"
     for name, text in rendered.files.items():
         leaked = sorted(secret for secret in secrets if secret in text)

@@ -2,10 +2,12 @@
 
 `nomad_job_groups(hostvars, hosts)` reads, for each host, the list of units roles/celery_units
 built for it (`celery_units_list`) and what its units share (`nomad_jobs_host`: mailworker_app's
-non-secret settings and the release directory), and returns one task group per unit name: the
+non-secret settings, the names of the secret settings its features add, whether the database
+is reached with TLS, and the release directory), and returns one task group per unit name: the
 unit, its full settings (the shared ones, then the unit's own, which win, as with the two env
-files under systemd), the release directory, and the hosts that run it, whose number is the
-group's count. A unit whose facts differ between hosts cannot be one task group: that is an error
+files under systemd), those secret names, the database TLS flag, whether the task needs the
+fleet's CA, the release directory, and the hosts that run it, whose number is the group's
+count. A unit whose facts differ between hosts cannot be one task group: that is an error
 naming the unit, the hosts of each variant and what differs.
 
 Plain Python with no Ansible import, so that the tests can call it directly.
@@ -19,6 +21,8 @@ from typing import Any
 
 # Task groups in the order Nomad shows them: the workers, beat, Flower, the metrics endpoint.
 SERVICE_ORDER = ("worker", "beat", "flower", "metrics")
+# Set (to the host's copy of the fleet's CA) when the units reach Redis over TLS.
+CA_SETTING = "MAILWORKER_REDIS_CA_FILE"
 
 
 class NomadJobError(ValueError):
@@ -39,6 +43,8 @@ def _shape(unit: Mapping[str, Any], shared: Mapping[str, Any]) -> dict[str, Any]
     return {
         "unit": dict(unit),
         "settings": dict(sorted(settings.items())),
+        "secret_settings": [str(name) for name in shared.get("secret_settings", [])],
+        "database_tls": bool(shared.get("database_tls", False)),
         "release_home": str(shared["release_home"]),
     }
 
@@ -61,7 +67,11 @@ def nomad_job_groups(hostvars: Mapping[str, Any], hosts: Sequence[str]) -> list[
         if len(variants[name]) > 1:
             raise NomadJobError(_differences(name, variants[name], shapes))
         ((key, unit_hosts),) = variants[name].items()
-        groups.append({"name": group_name(name), **shapes[key], "hosts": unit_hosts})
+        shape = shapes[key]
+        needs_ca = shape["database_tls"] or CA_SETTING in shape["settings"]
+        groups.append(
+            {"name": group_name(name), **shape, "needs_ca": needs_ca, "hosts": unit_hosts}
+        )
     names = [group["name"] for group in groups]
     clashes = sorted({name for name in names if names.count(name) > 1})
     if clashes:
@@ -74,7 +84,13 @@ def _differences(
 ) -> str:
     found = [shapes[key] for key in variants]
     flat = [
-        {**shape["unit"], **shape["settings"], "release_home": shape["release_home"]}
+        {
+            **shape["unit"],
+            **shape["settings"],
+            "secret_settings": shape["secret_settings"],
+            "database_tls": shape["database_tls"],
+            "release_home": shape["release_home"],
+        }
         for shape in found
     ]
     differing = sorted(
