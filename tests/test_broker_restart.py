@@ -8,6 +8,8 @@ whose IMAP traffic the test holds back while Redis restarts, so the restart land
 from __future__ import annotations
 
 import subprocess
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 import redis
 from mailworker.db.models import Message, TaskAttempt
 from mailworker.mail.imap import ImapSession
+from mailworker.settings import load_settings
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -121,3 +124,42 @@ def test_redis_restart_during_a_prefork_task_neither_cancels_nor_repeats_it(
     client = persistent_redis.client()
     wait_until(lambda: client.hlen("unacked") == 0, 10, "the ack to reach Redis")
     assert client.llen("sync") == 0
+
+
+HOLD = "tests.redelivery.hold"
+
+
+def test_a_task_waiting_for_its_countdown_through_a_redis_restart_still_runs_once(
+    default_fleet, persistent_redis
+):
+    # At the defaults. On the connection loss Celery drops the requests it had not started (here
+    # one waiting for its countdown, as a retry does) without telling the transport; the worker
+    # must stop renewing their leases, so Redis redelivers them after the visibility timeout
+    # instead of leaving them until the worker restarts.
+    broker = f"redis://127.0.0.1:{persistent_redis.port}"
+    default_fleet.configure(
+        MAILWORKER_BROKER_URL=f"{broker}/0", MAILWORKER_RESULT_BACKEND=f"{broker}/1"
+    )
+    settings = load_settings(default_fleet.env)
+    worker = default_fleet.start_worker(include="tests.redelivery_tasks")
+    key = f"countdown-{uuid.uuid4().hex}"
+    result = default_fleet.client().send_task(
+        HOLD, args=[key, 0, 0], queue=settings.queues[0], countdown=5
+    )
+    client = persistent_redis.client()
+    wait_until(lambda: client.hlen("unacked") == 1, 30, "the worker to take the task")
+
+    persistent_redis.stop()
+    wait_until(lambda: "Connection to broker lost" in worker.log, 10, "the worker to notice")
+    persistent_redis.start()
+    restarted = time.monotonic()
+
+    # Back after the worker's wait (one visibility timeout after it reconnects) and one sweep.
+    promised = settings.visibility_timeout + settings.broker_restore_interval
+    assert result.get(timeout=promised + 60) == 1, worker.log[-3000:]
+    delay = time.monotonic() - restarted
+    print(f"\ncountdown task run {delay:.0f} s after the Redis restart (promised <= {promised} s)")
+    assert delay <= promised + 15, worker.log[-3000:]
+    assert "no longer held by this worker" in worker.log, worker.log[-3000:]
+    assert client.llen(key) == 1  # once
+    wait_until(lambda: client.hlen("unacked") == 0, 15, "the ack to reach Redis")

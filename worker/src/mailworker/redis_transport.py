@@ -10,7 +10,11 @@ main process sets the score of each tag it still holds to the current time (ZADD
 acknowledged or restored meanwhile is never added back). The timeout then only has to outlast a
 few missed renewals, and a dead worker's tasks come back within about timeout + restore interval.
 The tags live in a registry of the process, not in the channel's QoS, because a channel closed on
-a connection loss forgets its tags while their tasks still run and are acknowledged later.
+a connection loss forgets its tags while their tasks still run and are acknowledged later. In a
+worker, only the tags of requests Celery still holds (reserved, running or waiting for their ETA)
+are renewed: on a connection loss Celery drops the requests it had not started (prefetched, or
+waiting for a retry's countdown) without a word to the transport, and their messages must then
+come back after the timeout, not wait for the worker's restart.
 
 Only a process that renews leases sweeps (kombu lets any consumer do it: the CLI, a health
 check's ping, Flower). A process that does not renew leases has no business judging whether
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kombu.transport import TRANSPORT_ALIASES, resolve_transport
@@ -50,6 +55,19 @@ _held: dict[str, str] = {}
 def held_tags() -> list[str]:
     """The delivery tags this process holds unacknowledged (taken, not yet acked or restored)."""
     return list(_held)
+
+
+def celery_request_tags() -> set[str]:
+    """The delivery tags of the requests this worker holds: reserved (prefetched or running) and
+    scheduled (waiting for their ETA)."""
+    from celery.worker import state  # noqa: PLC0415 - a worker's module, imported in workers only
+
+    requests = [*state.reserved_requests, *state.active_requests, *state.scheduled_requests]
+    return {
+        tag
+        for request in requests
+        if (tag := getattr(getattr(request, "message", None), "delivery_tag", None)) is not None
+    }
 
 
 class QoS(kombu_redis.QoS):
@@ -112,6 +130,8 @@ class Transport(kombu_redis.Transport):
     _lease_tref: Any = None
     # monotonic time from which this process may sweep; None: it renews no leases, never sweeps.
     _restore_after: float | None = None
+    # In a worker: the tags Celery still holds requests for (None: every tag held, as in a test).
+    _still_held: Callable[[], set[str]] | None = None
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         """What a worker's consumer calls in its main process: kombu's timers, plus the leases."""
@@ -125,6 +145,7 @@ class Transport(kombu_redis.Transport):
             self._restore_after = time.monotonic()
             return
         self._restore_after = time.monotonic() + self._visibility_timeout(connection)
+        self._still_held = celery_request_tags
         self._lease_tref = loop.call_repeatedly(interval, self.renew_leases, connection)
 
     def may_restore(self) -> bool:
@@ -134,6 +155,18 @@ class Transport(kombu_redis.Transport):
         """Set the lease of every tag this process holds to now; the number renewed. Never
         raises: a worker that cannot reach Redis keeps running (Celery reconnects it)."""
         tags = held_tags()
+        if self._still_held is not None and tags:
+            requested = self._still_held()
+            dropped = [tag for tag in tags if tag not in requested]
+            for tag in dropped:  # its lease runs out: the message comes back after the timeout
+                _held.pop(tag, None)
+            if dropped:
+                logger.info(
+                    "%d unacknowledged task(s) no longer held by this worker (dropped on a "
+                    "connection loss): their leases are not renewed, Redis redelivers them",
+                    len(dropped),
+                )
+            tags = [tag for tag in tags if tag in requested]
         channels = [channel for channel in self.channels if not channel.closed]
         if not tags or not channels:
             return 0
