@@ -5,6 +5,10 @@ role's ACL users. The failover test keeps a worker busy under a steady submissio
 master with SIGKILL and counts, from rows in PostgreSQL, what was lost and what ran twice; beat
 and `mailworker health` must carry on through the Sentinels.
 
+The TLS variant runs the same group with the role's TLS lines (its templates rendered: no
+plaintext port on any node, TLS between Sentinels, to the data nodes and for replication) and
+checks that the application's clients verify the certificate and follow a failover.
+
 Timings: the Sentinels declare the master down after 1 s (Debian ships 30 s: its failover
 takes that much longer, nothing else changes); the app's settings are app_env's short ones.
 """
@@ -26,10 +30,11 @@ from celery.utils.nodenames import host_format
 from flower.utils.broker import Broker
 from mailworker.beat import LEASE_KEY
 from mailworker.celery_config import build_config
-from mailworker.redis_client import redis_from_url
+from mailworker.redis_client import redis_from_url, sentinel_options
 from mailworker.settings import Settings, load_settings
 from sqlalchemy import Engine, text
 
+from tests.fixtures.mailservers import make_certificates
 from tests.fixtures.sentinel import MASTER_NAME, SentinelGroup
 from tests.fixtures.servers import MAILWORKER, IncludingWorker, WorkerProcess, wait_until
 from tests.sentinel_tasks import TABLE
@@ -327,3 +332,134 @@ def check_sentinel_settings_reach_every_client(
     # The plain clients (beat's lease, result cleanup) ask the same Sentinels for the master.
     client = redis_from_url(settings.broker_url, settings)
     assert client.connection_pool.get_master_address() == ("127.0.0.1", sentinel_group.master.port)
+
+
+def test_the_app_follows_a_sentinel_failover_over_tls_with_verification(
+    sentinel_tls_group: SentinelGroup,
+    app_env: dict[str, str],
+    effects_table: str,
+    db_engine: Engine,
+    tmp_path: Path,
+) -> None:
+    """About 25 s: the group, a worker, 2 s of tasks, the failover, 3 s of tasks, the checks
+    (55 s when a task is left in `unacked`: the wait for it outlasts the visibility timeout)."""
+    group, run = sentinel_tls_group, effects_table
+    env = {**app_env, **group.settings(), "MAILWORKER_QUEUES": "send"}
+    settings = load_settings(env)
+    assert settings.broker_url.startswith("rediss://")
+    rendered = {node.port: node.config for node in group.sentinels}
+    check_tls_only_and_verified(group, env, tmp_path)
+
+    worker = start_worker(env, tmp_path)
+    try:
+        submitter = Submitter(env, run)
+        submitter.start()
+        time.sleep(2)
+        group.master.kill()
+        killed = time.monotonic()
+        # Polled every 0.5 s: each poll is three TLS handshakes in this process, which would
+        # otherwise hold the submitting thread up and skew its timestamps.
+        wait_until(
+            lambda: group.master_port() == group.replica.port,
+            30,
+            f"the Sentinels to promote the replica over TLS\n{group.logs}",
+            interval=0.5,
+        )
+        promoted = time.monotonic() - killed
+        time.sleep(3)
+        submitter.stopping.set()
+        submitter.join(10)
+        assert not submitter.is_alive(), "the submitter hangs in a publish"
+        done, _ = wait_for_runs(db_engine, run, submitter.accepted, settings)
+        lost = sorted(set(submitter.accepted) - set(done))
+        twice = sorted(number for number, count in done.items() if count > 1)
+        after_kill = [round(submitter.accepted_at[number] - killed, 3) for number in lost]
+        print(
+            f"\nfailover over TLS: replica promoted {promoted:.1f} s after SIGKILL; accepted "
+            f"{len(submitter.accepted)}, refused {len(submitter.refused)}, ran {len(done)}, "
+            f"not run {len(lost)} (accepted {after_kill} s after the kill), ran twice "
+            f"{len(twice)}; on the new master: {keys_and_sizes(group)}"
+        )
+        # A task whose publish returned while there was no master to accept it (between the kill
+        # and the promotion: the dying master's reply) may be lost by replication, or stay in
+        # `unacked` when the worker had reserved it and dropped it on the connection loss (its
+        # lease is renewed: docs/operations.md, "With TLS"). One accepted before that interval
+        # or by the new master must run.
+        assert all(-REPLICATION_WINDOW <= gap <= promoted for gap in after_kill), (
+            f"{worker.log[-4000:]}\nkeys on the new master: {keys_and_sizes(group)}"
+        )
+        after = [n for n in submitter.accepted if submitter.accepted_at[n] > killed + promoted]
+        assert after, "no task was accepted by the new master"
+        check_clients_on_the_new_master(group, env, worker)
+    finally:
+        worker.stop()
+
+    # Sentinel rewrote its file (at start and in the failover) and kept the role's TLS lines as
+    # written: tasks/configure.yml's lineinfile finds them unchanged on the next run.
+    for node in group.sentinels:
+        tls_lines = [
+            line for line in rendered[node.port].splitlines() if line.startswith(("tls-", "port "))
+        ]
+        current = (node.directory / "sentinel.conf").read_text().splitlines()
+        assert "# Generated by CONFIG REWRITE" in current
+        assert [line for line in tls_lines if line not in current] == []
+
+
+def keys_and_sizes(group: SentinelGroup) -> dict[str, int]:
+    """Where a lost task may still be: each list and hash of the new master and its length."""
+    admin = group.client(group.replica)
+    sizes = {}
+    for key in admin.scan_iter(count=1000):
+        kind = admin.type(key)
+        if kind == b"list":
+            sizes[key.decode()] = admin.llen(key)
+        elif kind == b"hash":
+            sizes[key.decode()] = admin.hlen(key)
+    return sizes
+
+
+def check_tls_only_and_verified(group: SentinelGroup, env: dict[str, str], tmp_path: Path) -> None:
+    """No node answers in plaintext, and a client trusting another CA is refused."""
+    for node in [group.master, group.replica, group.sentinels[0]]:
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis(port=node.port, socket_timeout=2, retry=None).ping()
+    directory = tmp_path / "stranger-ca"
+    directory.mkdir()
+    stranger = make_certificates(directory).ca_file
+    # The app's options for the Sentinels (kombu's, Celery's and the plain clients' alike).
+    sentinel = group.sentinels[0].port
+    trusting = sentinel_options(load_settings(env), timeout=2)["sentinel_kwargs"]
+    assert redis.Redis(port=sentinel, retry=None, **trusting).ping()
+    untrusting = load_settings({**env, "MAILWORKER_REDIS_CA_FILE": str(stranger)})
+    kwargs = sentinel_options(untrusting, timeout=2)["sentinel_kwargs"]
+    with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+        redis.Redis(port=sentinel, retry=None, **kwargs).ping()
+
+
+def check_clients_on_the_new_master(
+    group: SentinelGroup, env: dict[str, str], worker: IncludingWorker
+) -> None:
+    """After the failover, over TLS: the plain clients, the result backend, Flower, the CLI."""
+    settings = load_settings(env)
+    # The plain clients (beat's lease, progress, result cleanup) land on the new master.
+    plain = redis_from_url(settings.broker_url, settings)
+    assert plain.connection_pool.get_master_address() == ("127.0.0.1", group.replica.port)
+    plain.set("mailworker:test:tls", "1")
+    assert group.client(group.replica).get("mailworker:test:tls") == b"1"
+    # The result backend (Celery's Sentinel backend with redis_backend_use_ssl).
+    app = client(env)
+    app.backend.store_result("tls-result", 42, "SUCCESS")
+    assert app.backend.get_task_meta("tls-result")["result"] == 42
+    # Flower's broker page as Flower builds it (broker_use_ssl), as the monitoring user.
+    monitor = client(env, monitor=True)
+    broker = Broker(
+        monitor.connection().as_uri(include_password=True),
+        broker_options=monitor.conf.broker_transport_options,
+        broker_use_ssl=monitor.conf.broker_use_ssl,
+    )
+    assert asyncio.run(broker.queues(["send"])) == [{"name": "send", "messages": 0}]
+    # The CLI's health check pings the worker through the Sentinels, as the monitoring user.
+    checked = health(env, "worker", "--node", worker.node)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert worker.process is not None
+    assert worker.process.poll() is None, worker.log[-4000:]
