@@ -342,7 +342,8 @@ def test_the_app_follows_a_sentinel_failover_over_tls_with_verification(
     tmp_path: Path,
 ) -> None:
     """About 25 s: the group, a worker, 2 s of tasks, the failover, 3 s of tasks, the checks
-    (55 s when a task is left in `unacked`: the wait for it outlasts the visibility timeout)."""
+    (55 s when the worker dropped a reserved task on the connection loss: it comes back after
+    the visibility timeout)."""
     group, run = sentinel_tls_group, effects_table
     env = {**app_env, **group.settings(), "MAILWORKER_QUEUES": "send"}
     settings = load_settings(env)
@@ -381,10 +382,9 @@ def test_the_app_follows_a_sentinel_failover_over_tls_with_verification(
             f"{len(twice)}; on the new master: {keys_and_sizes(group)}"
         )
         # A task whose publish returned while there was no master to accept it (between the kill
-        # and the promotion: the dying master's reply) may be lost by replication, or stay in
-        # `unacked` when the worker had reserved it and dropped it on the connection loss (its
-        # lease is renewed: docs/operations.md, "With TLS"). One accepted before that interval
-        # or by the new master must run.
+        # and the promotion: the dying master's reply) may be lost by replication. One accepted
+        # before that interval or by the new master must run (one the worker had reserved and
+        # dropped on the connection loss after the visibility timeout: wait_for_runs waits).
         assert all(-REPLICATION_WINDOW <= gap <= promoted for gap in after_kill), (
             f"{worker.log[-4000:]}\nkeys on the new master: {keys_and_sizes(group)}"
         )
