@@ -147,6 +147,20 @@ def runs(db_engine: Engine, run: str) -> Counter[int]:
         return Counter(row.number for row in rows)
 
 
+def kill_the_master(group: SentinelGroup, how: str, interval: float) -> tuple[float, float]:
+    """SIGKILL the master and wait for the Sentinels to promote the replica: the kill's
+    monotonic time and the seconds the promotion took."""
+    group.master.kill()
+    killed = time.monotonic()
+    wait_until(
+        lambda: group.master_port() == group.replica.port,
+        30,
+        f"the Sentinels to promote the replica{how}\n{group.logs}",
+        interval=interval,
+    )
+    return killed, time.monotonic() - killed
+
+
 def wait_for_runs(
     db_engine: Engine, run: str, accepted: list[int], settings: Settings
 ) -> tuple[Counter[int], list[int]]:
@@ -186,14 +200,7 @@ def test_the_fleet_follows_a_sentinel_failover_under_load(
         submitter.start()
         time.sleep(BEFORE)
 
-        group.master.kill()
-        killed = time.monotonic()
-        wait_until(
-            lambda: group.master_port() == group.replica.port,
-            30,
-            f"the Sentinels to promote the replica\n{group.logs}",
-        )
-        promoted = time.monotonic() - killed
+        killed, promoted = kill_the_master(group, "", interval=0.1)
         time.sleep(AFTER)
         submitter.stopping.set()
         submitter.join(10)
@@ -359,17 +366,9 @@ def test_the_app_follows_a_sentinel_failover_over_tls_with_verification(
         submitter = Submitter(env, run)
         submitter.start()
         time.sleep(2)
-        group.master.kill()
-        killed = time.monotonic()
         # Polled every 0.5 s: each poll is three TLS handshakes in this process, which would
         # otherwise hold the submitting thread up and skew its timestamps.
-        wait_until(
-            lambda: group.master_port() == group.replica.port,
-            30,
-            f"the Sentinels to promote the replica over TLS\n{group.logs}",
-            interval=0.5,
-        )
-        promoted = time.monotonic() - killed
+        killed, promoted = kill_the_master(group, " over TLS", interval=0.5)
         time.sleep(3)
         submitter.stopping.set()
         submitter.join(10)
