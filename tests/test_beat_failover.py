@@ -62,8 +62,9 @@ SHORT = {
     "MAILWORKER_BEAT_MAX_LOOP_INTERVAL": str(LOOP),
     "MAILWORKER_BEAT_HEARTBEAT_MAX_AGE": "5",
 }
-# What a test allows on top of a promised delay: process start-up and polling, on 2 busy cores.
-SLACK = 1.0
+# What a test allows on top of a promised delay: process start-up and polling, on 2 busy cores
+# (1 s was outrun once by 0.11 s while the whole suite ran).
+SLACK = 2.5
 
 
 @dataclass(frozen=True)
