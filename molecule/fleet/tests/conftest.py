@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
+from mailworker.settings import SETTINGS
 
 ROOT = Path(__file__).resolve().parents[3]
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
@@ -81,15 +82,19 @@ def settings_of(name: str = WORKER_A) -> dict[str, str]:
     return dict(re.findall(r'^(MAILWORKER_[A-Z0-9_]+)="?([^"\n]*)"?$', text, re.MULTILINE))
 
 
-def setting(name: str, default: str) -> int:
-    """A deployed setting, else the app's default (the settings file lists only what it sets)."""
-    return int(settings_of().get(f"MAILWORKER_{name}", default))
+def setting(name: str) -> int:
+    """A deployed setting, else the app's own default from its settings table (the settings file
+    lists only what the inventory sets; a default copied here would go stale)."""
+    key = f"MAILWORKER_{name}"
+    default = SETTINGS[key].default
+    assert default is not None, f"{key} has no default"
+    return int(settings_of().get(key, default))
 
 
 def redelivery_delay() -> int:
     """The promised delay before a dead worker's tasks run again: the visibility timeout, then at
     most one restore sweep."""
-    return setting("VISIBILITY_TIMEOUT", "3600") + setting("BROKER_RESTORE_INTERVAL", "30")
+    return setting("VISIBILITY_TIMEOUT") + setting("BROKER_RESTORE_INTERVAL")
 
 
 @dataclass(frozen=True)

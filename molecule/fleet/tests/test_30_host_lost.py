@@ -62,9 +62,9 @@ def beat_sends(name: str, since: float) -> list[tuple[float, str]]:
 
 
 def test_losing_the_beat_leaders_host_keeps_consuming_and_scheduling_once():
-    lease = setting("BEAT_LEASE", "30")
-    loop = setting("BEAT_MAX_LOOP_INTERVAL", "5")
-    interval = setting("SEND_SWEEP_INTERVAL", "60")
+    lease = setting("BEAT_LEASE")
+    loop = setting("BEAT_MAX_LOOP_INTERVAL")
+    interval = setting("SEND_SWEEP_INTERVAL")
     if leader() != f"celery-beat@{WORKER_B}":
         # A graceful stop releases the lease: the other beat takes it within one loop.
         host(WORKER_A).run("systemctl restart celery-beat.service")
@@ -99,8 +99,8 @@ def test_losing_the_beat_leaders_host_keeps_consuming_and_scheduling_once():
             runs.setdefault(entry, []).append(at)
     intervals = {
         "resubmit-due-sends": interval,
-        "sync-all-accounts": setting("SYNC_INTERVAL", "300"),
-        "cleanup-stale-tasks": setting("CLEANUP_INTERVAL", "3600"),
+        "sync-all-accounts": setting("SYNC_INTERVAL"),
+        "cleanup-stale-tasks": setting("CLEANUP_INTERVAL"),
     }
     for entry, times in runs.items():
         times.sort()
