@@ -128,8 +128,14 @@ class Submitter(threading.Thread):
         started = time.monotonic()
         while not self.stopping.is_set():
             try:
+                # ignore_result, as the task declares: no result subscription, whose
+                # unsubscribe (from AsyncResult.__del__, maybe in a later test) would retry a
+                # stopped group for 20 s.
                 self.app.send_task(
-                    "tests.sentinel.record", args=[self.run_id, number], queue="send"
+                    "tests.sentinel.record",
+                    args=[self.run_id, number],
+                    queue="send",
+                    ignore_result=True,
                 )
                 self.accepted.append(number)
                 self.accepted_at[number] = time.monotonic()
