@@ -57,6 +57,20 @@ def held_tags() -> list[str]:
     return list(_held)
 
 
+def forget_dropped(requested: set[str]) -> None:
+    """Stop holding the tags Celery no longer holds a request for: their leases run out and
+    Redis redelivers the messages after the visibility timeout."""
+    dropped = [tag for tag in held_tags() if tag not in requested]
+    for tag in dropped:
+        _held.pop(tag, None)
+    if dropped:
+        logger.info(
+            "%d unacknowledged task(s) no longer held by this worker (dropped on a connection "
+            "loss): their leases are not renewed, Redis redelivers them",
+            len(dropped),
+        )
+
+
 def celery_request_tags() -> set[str]:
     """The delivery tags of the requests this worker holds: reserved (prefetched or running) and
     scheduled (waiting for their ETA)."""
@@ -154,19 +168,9 @@ class Transport(kombu_redis.Transport):
     def renew_leases(self, connection: Any) -> int:
         """Set the lease of every tag this process holds to now; the number renewed. Never
         raises: a worker that cannot reach Redis keeps running (Celery reconnects it)."""
+        if self._still_held is not None and _held:
+            forget_dropped(self._still_held())
         tags = held_tags()
-        if self._still_held is not None and tags:
-            requested = self._still_held()
-            dropped = [tag for tag in tags if tag not in requested]
-            for tag in dropped:  # its lease runs out: the message comes back after the timeout
-                _held.pop(tag, None)
-            if dropped:
-                logger.info(
-                    "%d unacknowledged task(s) no longer held by this worker (dropped on a "
-                    "connection loss): their leases are not renewed, Redis redelivers them",
-                    len(dropped),
-                )
-            tags = [tag for tag in tags if tag in requested]
         channels = [channel for channel in self.channels if not channel.closed]
         if not tags or not channels:
             return 0
