@@ -49,9 +49,25 @@ def host(name: str) -> Any:
 
 
 def docker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["docker", *args], capture_output=True, text=True, timeout=timeout, check=True
+    done = subprocess.run(
+        ["docker", *args], capture_output=True, text=True, timeout=timeout, check=False
     )
+    assert done.returncode == 0, f"docker {' '.join(args)}: {done.stderr.strip()}"
+    return done
+
+
+def pause(name: str, tries: int = 5) -> None:
+    """`docker pause`, tried again: cgroup v1's freezer gives up ("unable to freeze") when
+    processes fork while it freezes them (runc#2791), as the host's health checks do."""
+    for _ in range(tries - 1):
+        done = subprocess.run(
+            ["docker", "pause", name], capture_output=True, text=True, timeout=60, check=False
+        )
+        if done.returncode == 0:
+            return
+        print(f"\ndocker pause {name}: {done.stderr.strip()}; trying again", flush=True)
+        time.sleep(1)
+    docker("pause", name)
 
 
 def pytest_configure(config: pytest.Config) -> None:
