@@ -202,13 +202,41 @@ def test_a_check_that_cannot_finish_in_time_is_not_counted(host):
             assert result.rc == 0, result.stdout + result.stderr
             assert "cannot check celery-test.service, not counted" in result.stdout, result.stdout
             assert "did not finish within 1 s" in result.stdout, result.stdout
-        # A real failure at the same threshold of 1 hands the unit over at once.
+        # A real failure at the same threshold of 1 hands the unit over at once (counted even on
+        # a busy CI host: the CPU pressure rule is the next test's).
         failed = host.run(
-            f"STATE_DIRECTORY={state} /usr/local/libexec/celery-health/celery-health-check "
-            "celery-test.service 1 5 false"
+            f"STATE_DIRECTORY={state} CELERY_HEALTH_CPU_PRESSURE_LIMIT=0 "
+            "/usr/local/libexec/celery-health/celery-health-check celery-test.service 1 5 false"
         )
         assert failed.rc == 1, failed.stdout
         assert "handing it over for a restart" in failed.stdout, failed.stdout
+    finally:
+        host.run(f"rm -rf {state}")
+
+
+def test_a_failure_on_a_saturated_cpu_is_counted_only_after_threshold_such_failures(host):
+    # At the shipped limit: six busy loops on the host's CPUs for 4 s, then the check fails. The
+    # first such failure is not counted (threshold 1); the next one is, so a hung unit on a busy
+    # host is still restarted.
+    needs(host, "celery_workers")
+    state = host.run_expect([0], "mktemp -d").stdout.strip()
+    starving = (
+        'sh -c \'for i in 1 2 3 4 5 6; do timeout 4 sh -c "while :; do :; done" & done; '
+        "wait; exit 1'"
+    )
+    check = (
+        f"STATE_DIRECTORY={state} /usr/local/libexec/celery-health/celery-health-check "
+        f"celery-test.service 1 20 {starving}"
+    )
+    try:
+        held = host.run(check)
+        assert held.rc == 0, held.stdout + held.stderr
+        assert "not counted (1 of 1 in a row): the host's CPU is saturated" in held.stdout, (
+            held.stdout
+        )
+        counted = host.run(check)
+        assert counted.rc == 1, counted.stdout + counted.stderr
+        assert "handing it over for a restart" in counted.stdout, counted.stdout
     finally:
         host.run(f"rm -rf {state}")
 
