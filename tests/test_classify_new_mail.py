@@ -133,13 +133,24 @@ def test_a_lost_classify_publish_is_caught_by_the_sweep(
     client.send_task(SWEEP).get(timeout=30)
     assert all(m.classify_queued_at is None for m in rows(db_engine, account))
 
+    past_grace = func.now() - timedelta(seconds=settings.classify_grace + 1)
     with Session(db_engine) as session, session.begin():
         session.execute(
             update(Message)
             .where(Message.account_id == account.account_id)
-            .values(synced_at=func.now() - timedelta(seconds=settings.classify_grace + 1))
+            .values(synced_at=past_grace)
         )
-    assert client.send_task(SWEEP).get(timeout=30)["queued"] >= 4
+        # And one spam message whose classification died between its verdict and its move.
+        first_spam = min(m.id for m in rows(db_engine, account) if "LOTTERY" in m.subject)
+        session.execute(
+            update(Message)
+            .where(Message.id == first_spam)
+            .values(spam_score=9.0, is_spam=True, spam_reasons=[], classified_at=past_grace)
+        )
+    swept = client.send_task(SWEEP).get(timeout=30)
+    assert swept["unscored"] >= 3
+    assert swept["spam_not_moved"] >= 1
+    assert swept["queued"] >= 4
     stamps = [m.classify_queued_at for m in rows(db_engine, account)]
     assert None not in stamps
     # Queued and not yet classified (a backlog): not queued again before another grace.
@@ -151,7 +162,7 @@ def test_a_lost_classify_publish_is_caught_by_the_sweep(
     default_fleet.start_worker(MAILWORKER_QUEUES="spam")
     wait_until(lambda: classified_and_moved(db_engine, account, 2), 120, "the swept classification")
     assert_spam_in_junk_once(db_engine, dovecot, account, count=2)
-    assert "still unscored 600 s after they were stored" in sweeper.log
+    assert "600 s after the sync or the verdict" in sweeper.log
 
 
 def test_a_doubled_classification_moves_each_spam_message_once(

@@ -115,11 +115,12 @@ class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (
         UniqueConstraint("account_id", "folder", "uidvalidity", "uid", name="uq_messages_uid"),
-        # The classify sweep's query (services/spam.py): only rows not scored yet are indexed.
+        # The classify sweep's query (services/spam.py): only rows not scored yet, or spam
+        # still in place, are indexed.
         Index(
             "ix_messages_unclassified",
             "synced_at",
-            postgresql_where=text("classified_at IS NULL AND state = 'present'"),
+            postgresql_where=text("state = 'present' AND (classified_at IS NULL OR is_spam)"),
         ),
     )
 

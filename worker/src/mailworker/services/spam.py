@@ -235,30 +235,32 @@ def _move_group(
 
 def queue_unclassified(settings: Settings, publish: Publish) -> dict[str, int]:
     """Queue classify_spam for present messages still unscored CLASSIFY_GRACE after they were
-    stored (or after this sweep last queued them): the sync's own publish was lost.
+    stored (the sync's own publish was lost), and for spam scored that long ago yet neither
+    moved nor claimed (its classification died between storing the verdict and claiming).
 
     Only rows of active accounts, users and tenants (classify_spam rejects the others, and the
     sweep would queue them forever), in the folders classified automatically. Each row queued is
     stamped first, so a backlog in the spam queue is queued again once per grace, not per sweep;
     what a failed publish leaves is unstamped again for the next sweep. A doubled
-    classification is harmless: same verdicts, and each move to Junk is claimed once.
+    classification is harmless: same verdicts, and each move to Junk is claimed once. Spam whose
+    move failed (action_state `failed`) is an operator's to look at, not queued again.
     """
-    grace = timedelta(seconds=settings.classify_grace)
+    before = func.now() - timedelta(seconds=settings.classify_grace)
     skipped = (settings.junk_folder, settings.sent_folder, settings.trash_folder)
+    unscored = and_(Message.classified_at.is_(None), Message.synced_at < before)
+    unmoved = and_(
+        Message.is_spam.is_(True),
+        Message.action_state.is_(None),
+        Message.classified_at < before,
+    )
     with session_scope(settings) as session:
         rows = session.execute(
-            select(Message.id, Message.tenant_id, MailAccount.user_id)
+            select(Message.id, Message.tenant_id, MailAccount.user_id, Message.classified_at)
             .join(MailAccount, MailAccount.id == Message.account_id)
             .join(User, User.id == MailAccount.user_id)
             .join(Tenant, Tenant.id == Message.tenant_id)
-            .where(Message.classified_at.is_(None), Message.state == "present")
-            .where(Message.synced_at < func.now() - grace)
-            .where(
-                or_(
-                    Message.classify_queued_at.is_(None),
-                    Message.classify_queued_at < func.now() - grace,
-                )
-            )
+            .where(Message.state == "present", or_(unscored, unmoved))
+            .where(or_(Message.classify_queued_at.is_(None), Message.classify_queued_at < before))
             .where(Message.folder.not_in(skipped))
             .where(MailAccount.active, User.active, Tenant.active)
             .order_by(Message.tenant_id, MailAccount.user_id, Message.synced_at)
@@ -266,7 +268,7 @@ def queue_unclassified(settings: Settings, publish: Publish) -> dict[str, int]:
             .with_for_update(of=Message, skip_locked=True)
         ).all()
         groups: dict[tuple[uuid.UUID, uuid.UUID], list[uuid.UUID]] = defaultdict(list)
-        for message_id, tenant_id, user_id in rows:
+        for message_id, tenant_id, user_id, _ in rows:
             groups[(tenant_id, user_id)].append(message_id)
         if rows:
             session.execute(
@@ -293,11 +295,18 @@ def queue_unclassified(settings: Settings, publish: Publish) -> dict[str, int]:
             )
             break
         queued += len(ids)
+    summary = {
+        "unscored": sum(1 for row in rows if row[3] is None),
+        "spam_not_moved": sum(1 for row in rows if row[3] is not None),
+        "queued": queued,
+    }
     if rows:
         logger.warning(
-            "classify sweep: %d message(s) still unscored %d s after they were stored, %d queued",
-            len(rows),
+            "classify sweep: %d message(s) still unscored and %d spam message(s) not moved "
+            "%d s after the sync or the verdict; %d queued for classify_spam",
+            summary["unscored"],
+            summary["spam_not_moved"],
             settings.classify_grace,
             queued,
         )
-    return {"unscored": len(rows), "queued": queued}
+    return summary

@@ -1,4 +1,5 @@
-"""messages.classify_queued_at and the index of unscored messages, for the classify sweep
+"""messages.classify_queued_at and the index of unscored messages and unmoved spam, for the
+classify sweep
 
 Revision ID: 0005
 Revises: 0004
@@ -25,7 +26,7 @@ def upgrade() -> None:
         "messages",
         ["synced_at"],
         unique=False,
-        postgresql_where=sa.text("classified_at IS NULL AND state = 'present'"),
+        postgresql_where=sa.text("state = 'present' AND (classified_at IS NULL OR is_spam)"),
     )
 
 
@@ -33,6 +34,6 @@ def downgrade() -> None:
     op.drop_index(
         "ix_messages_unclassified",
         table_name="messages",
-        postgresql_where=sa.text("classified_at IS NULL AND state = 'present'"),
+        postgresql_where=sa.text("state = 'present' AND (classified_at IS NULL OR is_spam)"),
     )
     op.drop_column("messages", "classify_queued_at")
