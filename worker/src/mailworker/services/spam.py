@@ -248,8 +248,9 @@ def queue_unclassified(settings: Settings, publish: Publish) -> dict[str, int]:
     before = func.now() - timedelta(seconds=settings.classify_grace)
     skipped = (settings.junk_folder, settings.sent_folder, settings.trash_folder)
     unscored = and_(Message.classified_at.is_(None), Message.synced_at < before)
+    # `is_spam` as is, not IS TRUE: PostgreSQL then proves the partial index's predicate.
     unmoved = and_(
-        Message.is_spam.is_(True),
+        Message.is_spam,
         Message.action_state.is_(None),
         Message.classified_at < before,
     )
