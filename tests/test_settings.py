@@ -207,6 +207,7 @@ def test_each_task_is_routed_to_its_own_queue():
         "mailworker.tasks.spam.classify_spam": "spam",
         "mailworker.tasks.periodic.sync_all_accounts": "periodic",
         "mailworker.tasks.periodic.cleanup_stale_tasks": "periodic",
+        "mailworker.tasks.periodic.classify_unscored": "periodic",
     }
     routed = {name: app.amqp.router.route({}, name)["queue"].name for name in expected}
     assert routed == expected
@@ -214,6 +215,7 @@ def test_each_task_is_routed_to_its_own_queue():
     assert {entry["options"]["queue"] for entry in schedule.values()} == {"periodic"}
     assert schedule["sync-all-accounts"]["schedule"].run_every.total_seconds() == 300
     assert schedule["cleanup-stale-tasks"]["schedule"].run_every.total_seconds() == 3600
+    assert schedule["classify-unscored"]["schedule"].run_every.total_seconds() == 300
 
 
 RETRY_WINDOWS = """

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tests.fixtures.outbox import submit
-from tests.fixtures.servers import celery_client
+from tests.fixtures.servers import celery_client, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -82,9 +82,12 @@ def test_send_arrives_sync_classify_delete(client, app_settings, make_account, m
     assert run_ok(client, SYNC, *bob.ids)["stored"] == 0
     assert len(messages(db_engine, bob.account_id)) == 2
 
-    # classify: the spam goes to Junk, the ham stays
-    value = run_ok(client, CLASSIFY, bob.tenant_id, bob.user_id, [str(m.id) for m in stored])
-    assert (value["classified"], value["spam"], value["moved_to_junk"]) == (2, 1, 1)
+    # classified without being asked (the sync queued it): the spam goes to Junk, the ham stays
+    wait_until(
+        lambda: [m.state for m in messages(db_engine, bob.account_id)] == ["present", "junk"],
+        30,
+        "the sync's classification",
+    )
     ham_row, spam_row = messages(db_engine, bob.account_id)
     assert (ham_row.is_spam, ham_row.state) == (False, "present")
     assert (spam_row.is_spam, spam_row.state, spam_row.moved_to) == (True, "junk", "Junk")
@@ -92,6 +95,11 @@ def test_send_arrives_sync_classify_delete(client, app_settings, make_account, m
     assert "subject_keywords" in spam_row.spam_reasons
     assert [m.message_id for m in mail.dovecot.mailbox(bob.address, "Junk")] == [spam_id]
     assert [m.message_id for m in mail.dovecot.mailbox(bob.address)] == [ham_id]
+    # classifying again by hand: same verdicts, and the spam is already in Junk, not moved twice
+    value = run_ok(client, CLASSIFY, bob.tenant_id, bob.user_id, [str(m.id) for m in stored])
+    assert (value["classified"], value["spam"], value["moved_to_junk"]) == (2, 1, 0)
+    assert (value["already_in_junk"], value["not_moved"]) == (1, {})
+    assert [m.message_id for m in mail.dovecot.mailbox(bob.address, "Junk")] == [spam_id]
 
     # delete: the ham goes to Trash and its row says so
     value = run_ok(client, DELETE, *bob.ids, [str(ham_row.id)])

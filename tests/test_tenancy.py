@@ -28,13 +28,24 @@ def client(app_env, shared_worker):
 
 
 @pytest.fixture(scope="module")
-def victim(make_account, dovecot, client):
+def victim(make_account, dovecot, client, db_engine):
     """Tenant B: a synced mailbox with two messages, which tenant A must never reach."""
     account = make_account()
     for number in range(2):
-        dovecot.deliver(account.address, f"Subject: private {number}\r\n\r\nsecret\r\n".encode())
+        private = (
+            f"From: Ann <ann@example.org>\r\nTo: {account.address}\r\n"
+            f"Message-ID: <private{number}@example.org>\r\nSubject: private {number}\r\n\r\n"
+            "secret\r\n"
+        )
+        dovecot.deliver(account.address, private.encode())
     result = client.send_task(SYNC, args=account.ids)
     assert result.get(timeout=30)["stored"] == 2
+    # The sync queued their classification: wait for it, so nothing changes them afterwards.
+    wait_until(
+        lambda: None not in [score for *_, score in untouched(db_engine, account)],
+        30,
+        "the classification",
+    )
     return account
 
 
@@ -96,7 +107,10 @@ def test_foreign_account_is_rejected_for_every_task(
     rejections, db_engine, dovecot, victim, intruder
 ):
     before = untouched(db_engine, victim)
-    assert before == [("private 0", "present", None), ("private 1", "present", None)]
+    assert [(subject, state) for subject, state, _ in before] == [
+        ("private 0", "present"),
+        ("private 1", "present"),
+    ]
     foreign = [intruder.tenant_id, intruder.user_id, victim.account_id]
 
     message = rejections.check(SYNC, foreign)

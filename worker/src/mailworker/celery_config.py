@@ -28,6 +28,7 @@ TASK_MODULES: tuple[str, ...] = tuple(pattern.removesuffix(".*") for pattern in 
 SYNC_ALL_ACCOUNTS = "mailworker.tasks.periodic.sync_all_accounts"
 CLEANUP_STALE_TASKS = "mailworker.tasks.periodic.cleanup_stale_tasks"
 RESUBMIT_DUE_SENDS = "mailworker.tasks.periodic.resubmit_due_sends"
+CLASSIFY_UNSCORED = "mailworker.tasks.periodic.classify_unscored"
 
 
 class Entry(NamedTuple):
@@ -299,5 +300,11 @@ def beat_schedule(s: Settings) -> dict[str, dict[str, Any]]:
             "task": RESUBMIT_DUE_SENDS,
             "schedule": schedule(timedelta(seconds=s.send_sweep_interval)),
             "options": {"queue": "periodic", "expires": s.send_sweep_interval},
+        },
+        # Syncs queue classify_spam themselves; this queues what a lost publish left unscored.
+        "classify-unscored": {
+            "task": CLASSIFY_UNSCORED,
+            "schedule": schedule(timedelta(seconds=s.classify_sweep_interval)),
+            "options": {"queue": "periodic", "expires": s.classify_sweep_interval},
         },
     }

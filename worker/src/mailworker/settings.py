@@ -548,6 +548,18 @@ class Settings:
     cleanup_interval: int = _setting(
         Integer(minimum=1), "Seconds between `cleanup_stale_tasks` runs.", "3600"
     )
+    classify_sweep_interval: int = _setting(
+        Integer(minimum=1),
+        "Seconds between sweeps that queue `classify_spam` for synced messages still unscored "
+        "CLASSIFY_GRACE after they were stored (the sync's own publish was lost).",
+        "300",
+    )
+    classify_grace: int = _setting(
+        Integer(minimum=60),
+        "Seconds a synced message may stay unscored before the sweep queues it again: above a "
+        "normal classification's wait in the spam queue, so the sweep rarely doubles one.",
+        "600",
+    )
     stale_after: int = _setting(
         Integer(minimum=1),
         "Seconds after which unfinished task state counts as stuck; above the visibility timeout.",
@@ -765,7 +777,12 @@ def _heartbeat_above_loop(s: Settings) -> None:
 
 # The settings behind celery_config.beat_schedule's intervals (tests/test_settings.py checks
 # that the schedule uses exactly these).
-PERIODIC_INTERVALS: Final = ("SYNC_INTERVAL", "CLEANUP_INTERVAL", "SEND_SWEEP_INTERVAL")
+PERIODIC_INTERVALS: Final = (
+    "SYNC_INTERVAL",
+    "CLEANUP_INTERVAL",
+    "SEND_SWEEP_INTERVAL",
+    "CLASSIFY_SWEEP_INTERVAL",
+)
 
 
 def _beat_lease_between_loop_and_periods(s: Settings) -> None:

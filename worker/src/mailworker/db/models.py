@@ -115,6 +115,13 @@ class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (
         UniqueConstraint("account_id", "folder", "uidvalidity", "uid", name="uq_messages_uid"),
+        # The classify sweep's query (services/spam.py): only rows not scored yet, or spam
+        # still in place, are indexed.
+        Index(
+            "ix_messages_unclassified",
+            "synced_at",
+            postgresql_where=text("state = 'present' AND (classified_at IS NULL OR is_spam)"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = _id()
@@ -138,6 +145,9 @@ class Message(Base):
     is_spam: Mapped[bool | None] = mapped_column(Boolean)
     spam_reasons: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
     classified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the classify sweep last queued this row (NULL: only the sync's own publish did):
+    # the sweep waits MAILWORKER_CLASSIFY_GRACE from here before it queues the row again.
+    classify_queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # present | trashed (moved to Trash) | junk (moved to Junk) | expunged
     # | skipped (on the server, too large to sync: only uid, size and flags are stored)
     state: Mapped[str] = mapped_column(String(16), default="present")

@@ -4,7 +4,12 @@ Scores are stored first (deterministic, so a rerun stores the same), reading one
 a time so memory does not grow with the number of ids. Then the spam is moved to Junk per
 (account, folder) under the same rules as a delete (message_actions.py): only rows still
 `present` and claimed by this task are moved, a folder renumbered since the sync is left alone,
-and every spam message not moved is reported with the reason.
+and every spam message not moved is reported with the reason; spam that another classification
+of the same message moved (or is moving) is counted as `already_in_junk`, not as a failure.
+
+New mail is classified without being asked: the sync queues classify_spam for what each batch
+stored, after its commit, and `queue_unclassified` (beat, every MAILWORKER_CLASSIFY_SWEEP_INTERVAL)
+queues what is still unscored MAILWORKER_CLASSIFY_GRACE later, when that publish was lost.
 """
 
 from __future__ import annotations
@@ -12,13 +17,15 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Final
 
-from sqlalchemy import LargeBinary, func, select, update
+from sqlalchemy import LargeBinary, and_, func, or_, select, update
 
 from mailworker.db.engine import session_scope
-from mailworker.db.models import Message
+from mailworker.db.models import MailAccount, Message, Tenant, User
 from mailworker.errors import PermanentError
 from mailworker.mail.imap import ImapSession
 from mailworker.services import message_actions as actions
@@ -29,6 +36,30 @@ from mailworker.spam.rules import score_message
 from mailworker.tenancy import owned_messages
 
 logger = logging.getLogger(__name__)
+
+# Message ids per classify_spam task that the sync and the sweep queue: a task scores them in
+# seconds, and a worker's other tasks wait no longer than that.
+CLASSIFY_BATCH: Final = 100
+# Rows the classify sweep queues per run; the next run takes the rest.
+SWEEP_LIMIT: Final = 10_000
+# Queues classify_spam(tenant_id, user_id, message_ids); raises when the broker refuses.
+Publish = Callable[[uuid.UUID, uuid.UUID, list[uuid.UUID]], None]
+
+
+def classified_automatically(settings: Settings, folder: str) -> bool:
+    """Whether new mail in `folder` is classified without being asked: mail that arrives.
+
+    Not Junk (already where spam goes: nothing to move), nor Sent (the user's own mail) nor
+    Trash (thrown away), when they are synced too: moving those to Junk is never what a user
+    wants. `classify_spam` still takes their ids when asked.
+    """
+    return folder not in {settings.junk_folder, settings.sent_folder, settings.trash_folder}
+
+
+def batches(ids: Sequence[uuid.UUID]) -> list[list[uuid.UUID]]:
+    return [
+        list(ids[start : start + CLASSIFY_BATCH]) for start in range(0, len(ids), CLASSIFY_BATCH)
+    ]
 
 
 @dataclass(frozen=True)
@@ -71,12 +102,15 @@ def classify(
     scores = _score(settings, owned)
     spam = [item for item in owned if scores.get(item.message_id, (0.0, False))[1]]
     moved = {item.message_id for item in spam if item.moved_before}
+    already: set[uuid.UUID] = set()
     not_moved: dict[uuid.UUID, str] = {}
     groups: dict[tuple[uuid.UUID, str], list[uuid.UUID]] = defaultdict(list)
     for item in spam:
         if item.moved_before or item.folder == settings.junk_folder:
             continue
-        if item.state != "present":
+        if item.state == "junk":  # another classify of it (the sweep's, a resubmission) moved it
+            already.add(item.message_id)
+        elif item.state != "present":
             not_moved[item.message_id] = actions.NOT_PRESENT
         else:
             groups[(item.account_id, item.folder)].append(item.message_id)
@@ -87,6 +121,11 @@ def classify(
         moved |= _move_group(
             settings, accesses[account_id], folder, ids, token=token, not_moved=not_moved
         )
+    # A doubled classification (the sweep racing a slow one, a redelivery) is no failure: what
+    # the other one moved, or is moving, to Junk is counted apart, not reported as not moved.
+    already |= _junk_elsewhere(settings, {i for i, why in not_moved.items() if why in _RACED})
+    for message_id in already:
+        not_moved.pop(message_id, None)
     return {
         "classified": len(scores),
         # Rows sync recorded as too large to fetch have no text to score.
@@ -95,9 +134,31 @@ def classify(
         },
         "spam": len(spam),
         "moved_to_junk": len(moved),
+        "already_in_junk": len(already),
         "not_moved": {str(message_id): reason for message_id, reason in not_moved.items()},
         "scores": {str(message_id): score for message_id, (score, _) in scores.items()},
     }
+
+
+_RACED: Final = (actions.BUSY, actions.NOT_PRESENT)
+
+
+def _junk_elsewhere(settings: Settings, ids: set[uuid.UUID]) -> set[uuid.UUID]:
+    """Those of `ids` another task moved to Junk, or holds a claim to move there, read now."""
+    if not ids:
+        return set()
+    with session_scope(settings) as session:
+        found = session.scalars(
+            select(Message.id)
+            .where(Message.id.in_(list(ids)))
+            .where(
+                or_(
+                    Message.state == "junk",
+                    and_(Message.action == "junk", Message.action_state == "pending"),
+                )
+            )
+        ).all()
+    return set(found)
 
 
 def _score(settings: Settings, owned: list[Owned]) -> dict[uuid.UUID, tuple[float, bool]]:
@@ -170,3 +231,83 @@ def _move_group(
     finalized = actions.finalize(settings, claimed_ids, "junk", token, settings.junk_folder)
     not_moved.update(actions.why_not_claimed(settings, claimed_ids - finalized))
     return finalized
+
+
+def queue_unclassified(settings: Settings, publish: Publish) -> dict[str, int]:
+    """Queue classify_spam for present messages still unscored CLASSIFY_GRACE after they were
+    stored (the sync's own publish was lost), and for spam scored that long ago yet neither
+    moved nor claimed (its classification died between storing the verdict and claiming).
+
+    Only rows of active accounts, users and tenants (classify_spam rejects the others, and the
+    sweep would queue them forever), in the folders classified automatically. Each row queued is
+    stamped first, so a backlog in the spam queue is queued again once per grace, not per sweep;
+    what a failed publish leaves is unstamped again for the next sweep. A doubled
+    classification is harmless: same verdicts, and each move to Junk is claimed once. Spam whose
+    move failed (action_state `failed`) is an operator's to look at, not queued again.
+    """
+    before = func.now() - timedelta(seconds=settings.classify_grace)
+    skipped = (settings.junk_folder, settings.sent_folder, settings.trash_folder)
+    unscored = and_(Message.classified_at.is_(None), Message.synced_at < before)
+    # `is_spam` as is, not IS TRUE: PostgreSQL then proves the partial index's predicate.
+    unmoved = and_(
+        Message.is_spam,
+        Message.action_state.is_(None),
+        Message.classified_at < before,
+    )
+    with session_scope(settings) as session:
+        rows = session.execute(
+            select(Message.id, Message.tenant_id, MailAccount.user_id, Message.classified_at)
+            .join(MailAccount, MailAccount.id == Message.account_id)
+            .join(User, User.id == MailAccount.user_id)
+            .join(Tenant, Tenant.id == Message.tenant_id)
+            .where(Message.state == "present", or_(unscored, unmoved))
+            .where(or_(Message.classify_queued_at.is_(None), Message.classify_queued_at < before))
+            .where(Message.folder.not_in(skipped))
+            .where(MailAccount.active, User.active, Tenant.active)
+            .order_by(Message.tenant_id, MailAccount.user_id, Message.synced_at)
+            .limit(SWEEP_LIMIT)
+            .with_for_update(of=Message, skip_locked=True)
+        ).all()
+        groups: dict[tuple[uuid.UUID, uuid.UUID], list[uuid.UUID]] = defaultdict(list)
+        for message_id, tenant_id, user_id, _ in rows:
+            groups[(tenant_id, user_id)].append(message_id)
+        if rows:
+            session.execute(
+                update(Message)
+                .where(Message.id.in_([row[0] for row in rows]))
+                .values(classify_queued_at=func.now())
+            )
+    # Published after the commit, as the sync does.
+    queued = 0
+    pending = [(key, ids) for key, all_ids in groups.items() for ids in batches(all_ids)]
+    for index, ((tenant_id, user_id), ids) in enumerate(pending):
+        try:
+            publish(tenant_id, user_id, ids)
+        except Exception as error:  # the broker is down: the rest waits for the next sweep
+            left = [message_id for _, rest in pending[index:] for message_id in rest]
+            with session_scope(settings) as session:
+                session.execute(
+                    update(Message).where(Message.id.in_(left)).values(classify_queued_at=None)
+                )
+            logger.warning(
+                "classify sweep: queueing failed (%s); %d message(s) left for the next sweep",
+                error,
+                len(left),
+            )
+            break
+        queued += len(ids)
+    summary = {
+        "unscored": sum(1 for row in rows if row[3] is None),
+        "spam_not_moved": sum(1 for row in rows if row[3] is not None),
+        "queued": queued,
+    }
+    if rows:
+        logger.warning(
+            "classify sweep: %d message(s) still unscored and %d spam message(s) not moved "
+            "%d s after the sync or the verdict; %d queued for classify_spam",
+            summary["unscored"],
+            summary["spam_not_moved"],
+            settings.classify_grace,
+            queued,
+        )
+    return summary

@@ -14,6 +14,13 @@ was not stored. A message above MAILWORKER_MAX_MESSAGE_SIZE is never fetched: it
 `skipped` row (size and flags, no raw) and the cursor moves past it. A changed UIDVALIDITY voids
 every UID of the folder: its rows and cursor reset. One sync per account at a time: a
 PostgreSQL advisory lock, released by the server if the worker dies.
+
+The messages each batch stored (present, in a folder classified automatically) are queued for
+classify_spam after the batch's commit, at most CLASSIFY_BATCH ids per task. A publish that
+fails (Redis down) is not retried by the sync: the rest of this sync queues nothing, and the
+classify sweep (services/spam.py) queues those messages once they are still unscored
+MAILWORKER_CLASSIFY_GRACE later. A worker killed between a commit and its publish is covered the
+same way.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from mailworker.mail.imap import FetchedMessage, ImapSession
 from mailworker.mail.memory_budget import budget_for
 from mailworker.services.access import AccountAccess
 from mailworker.services.parsing import parse_message
+from mailworker.services.spam import CLASSIFY_BATCH, Publish, batches, classified_automatically
 from mailworker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -53,7 +61,50 @@ class FolderResult:
     reset: bool
 
 
-def sync_account(settings: Settings, access: AccountAccess, folders: Sequence[str]) -> dict:
+class _ClassifyQueue:
+    """Queues the stored messages of one sync for classification, until a publish fails."""
+
+    def __init__(self, settings: Settings, access: AccountAccess, publish: Publish | None) -> None:
+        self.settings = settings
+        self.access = access
+        self.publish = publish
+        self.queued = 0
+        self.deferred = 0  # stored, not queued: the classify sweep queues them
+        self.failed = False
+
+    def stored(self, folder: str, ids: list[uuid.UUID]) -> None:
+        if not ids or not classified_automatically(self.settings, folder):
+            return
+        if self.publish is None or self.failed:
+            self.deferred += len(ids)
+            return
+        for index, chunk in enumerate(batches(ids)):
+            try:
+                self.publish(self.access.tenant_id, self.access.user_id, chunk)
+            except Exception as error:
+                self.failed = True
+                self.deferred += len(ids) - index * CLASSIFY_BATCH
+                logger.warning(
+                    "account %s: queueing classification failed (%s); the classify sweep "
+                    "queues what this sync stores once it is unscored after %d s",
+                    self.access.account_id,
+                    error,
+                    self.settings.classify_grace,
+                )
+                return
+            self.queued += len(chunk)
+
+
+def sync_account(
+    settings: Settings,
+    access: AccountAccess,
+    folders: Sequence[str],
+    *,
+    classify: Publish | None = None,
+) -> dict:
+    """Store the new messages of `folders`; `classify` queues what was stored (None: the
+    classify sweep does, after its grace)."""
+    queue = _ClassifyQueue(settings, access, classify)
     with advisory_lock(settings, lock_key("sync", access.account_id)) as held:
         if not held:
             logger.info("account %s: another sync is running, skipped", access.account_id)
@@ -64,7 +115,7 @@ def sync_account(settings: Settings, access: AccountAccess, folders: Sequence[st
             for folder in folders:
                 # One folder stuck on a message (or gone) must not keep the others from syncing.
                 try:
-                    results.append(_sync_folder(settings, access, imap, folder))
+                    results.append(_sync_folder(settings, access, imap, folder, queue))
                 except MailworkerError as error:
                     logger.warning("account %s folder %r: %s", access.account_id, folder, error)
                     failures.append(error)
@@ -75,12 +126,18 @@ def sync_account(settings: Settings, access: AccountAccess, folders: Sequence[st
         "account_id": str(access.account_id),
         "stored": sum(result.stored for result in results),
         "skipped": sum(result.skipped for result in results),
+        "classify_queued": queue.queued,
+        "classify_deferred": queue.deferred,  # left to the classify sweep
         "folders": [asdict(result) for result in results],
     }
 
 
 def _sync_folder(
-    settings: Settings, access: AccountAccess, imap: ImapSession, folder: str
+    settings: Settings,
+    access: AccountAccess,
+    imap: ImapSession,
+    folder: str,
+    queue: _ClassifyQueue,
 ) -> FolderResult:
     server = imap.select(folder)
     after_uid, reset = _cursor(settings, access, folder, server.uidvalidity)
@@ -96,8 +153,9 @@ def _sync_folder(
     # Closed on any exit: an error's traceback must not keep the batch and its bytes reserved.
     with contextlib.closing(batches):
         for batch in batches:
-            new, new_skipped = _store_batch(settings, access, folder, server.uidvalidity, batch)
-            stored += new
+            present, new_skipped = _store_batch(settings, access, folder, server.uidvalidity, batch)
+            queue.stored(folder, present)  # after the batch's commit
+            stored += len(present)
             skipped += new_skipped
             last_uid = max(last_uid, batch[-1].uid)
             del batch  # hold no batch while the next one is fetched
@@ -163,12 +221,13 @@ def _store_batch(
     folder: str,
     uidvalidity: int,
     batch: list[FetchedMessage],
-) -> tuple[int, int]:
+) -> tuple[list[uuid.UUID], int]:
     """Insert one batch and move the cursor to its last UID, in one transaction.
 
-    Returns how many new messages were stored, and how many new ones were skipped (too large).
+    Returns the ids of the new messages stored, and how many new ones were skipped (too large).
     """
     inserted: list[str] = []
+    present: list[uuid.UUID] = []
     with session_scope(settings) as session:
         # One INSERT per message: psycopg2 builds each statement in memory with the raw bytes
         # hex-escaped (about 4x their size), so one message's worth, not the whole batch's;
@@ -187,6 +246,8 @@ def _store_batch(
             if state is None:  # stored by an earlier run
                 continue
             inserted.append(state)
+            if state == "present":
+                present.append(row["id"])
             if streamed and fetched.raw is not None:
                 copy_raw(session, row["id"], fetched.raw)
         session.execute(
@@ -199,8 +260,7 @@ def _store_batch(
                 synced_at=func.now(),
             )
         )
-    skipped = sum(1 for state in inserted if state == "skipped")
-    return len(inserted) - skipped, skipped
+    return present, len(inserted) - len(present)
 
 
 def _row(access: AccountAccess, folder: str, uidvalidity: int, fetched: FetchedMessage) -> dict:

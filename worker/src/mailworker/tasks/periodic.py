@@ -5,8 +5,10 @@ from __future__ import annotations
 from mailworker.celery_app import app
 from mailworker.services import outbox
 from mailworker.services.periodic import active_accounts, cleanup
+from mailworker.services.spam import queue_unclassified
 from mailworker.tasks.base import MailTask
 from mailworker.tasks.send import publish_send
+from mailworker.tasks.spam import publish_classify
 from mailworker.tasks.sync import sync_mailbox
 
 
@@ -34,3 +36,9 @@ def resubmit_due_sends(self: MailTask) -> dict:
     """Give up on sends past their retry window, queue send_email again for due ones."""
     gave_up = outbox.give_up_expired(self.settings)
     return {"gave_up": gave_up, "resubmitted": outbox.resubmit_due(self.settings, publish_send)}
+
+
+@app.task(base=MailTask, bind=True, name="mailworker.tasks.periodic.classify_unscored")
+def classify_unscored(self: MailTask) -> dict:
+    """Queue classify_spam for synced messages still unscored after MAILWORKER_CLASSIFY_GRACE."""
+    return queue_unclassified(self.settings, publish_classify)

@@ -24,3 +24,14 @@ def classify_spam(self: MailTask, tenant_id: Any, user_id: Any, message_ids: Any
     ids = parse_message_ids(message_ids)
     token = self.request.id or str(uuid.uuid4())
     return classify(self.settings, tenant, user, ids, token=token)
+
+
+def publish_classify(
+    tenant_id: uuid.UUID, user_id: uuid.UUID, message_ids: list[uuid.UUID]
+) -> None:
+    """Queue classify_spam for the user's messages; raises if the broker refuses (no retry: the
+    classify sweep queues what a lost publish left unscored)."""
+    classify_spam.apply_async(
+        args=[str(tenant_id), str(user_id), [str(message_id) for message_id in message_ids]],
+        retry=False,
+    )
