@@ -8,8 +8,8 @@ meets the 401 as a person does: it shows the server's page, or answers the login
 credentials given here (Fetch.authRequired), which never leave this process.
 
     with Chromium(timeout=30) as browser:
-        page = browser.visit(url, credentials=("user", "password"), until="text on the page")
-        page.text, page.status, browser.screenshot(path)
+        page = browser.visit(url, credentials=("user", "password"), until=["in the DOM"])
+        page.status, page.dom, page.text, browser.screenshot(path)
 """
 
 from __future__ import annotations
@@ -256,10 +256,8 @@ class Chromium:
         """Let the page run for `seconds`, answering its paused requests meanwhile."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if (
-                b"\0" in self._buffer
-                or select.select([self._read], [], [], deadline - time.monotonic())[0]
-            ):
+            left = max(0.0, deadline - time.monotonic())
+            if b"\0" in self._buffer or select.select([self._read], [], [], left)[0]:
                 self._handle(self._receive(deadline + self.timeout))
 
     def evaluate(self, expression: str) -> Any:
