@@ -116,9 +116,10 @@ test-python: $(STAMPS)/venv $(STAMPS)/host-test ## Application tests against rea
 	$(BIN)/pytest -n 2 tests
 
 .PHONY: test-molecule
-test-molecule: $(STAMPS)/venv image wheelhouse ## Every Molecule scenario on local systemd containers
+# host-test: the default scenario's browser test drives the controller's Chromium.
+test-molecule: $(STAMPS)/venv $(STAMPS)/host-test image wheelhouse ## Every Molecule scenario on local systemd containers
 	mkdir -p $(LOGS)
-	rm -f $(LOGS)/verify-*.xml
+	rm -rf $(LOGS)/verify-*.xml $(LOGS)/browser
 	MOLECULE=$(BIN)/molecule scripts/molecule-all.sh $(MOLECULE_JOBS) $(LOGS)
 
 .PHONY: test

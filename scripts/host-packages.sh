@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Install Debian packages the controller needs, once. `lab` needs the container tooling; `test`
-# also needs the real servers the application tests start on loopback.
+# also needs the real servers the application tests start on loopback, and the headless browser
+# that the default scenario drives through Flower's proxy.
 set -euo pipefail
 
 lab=(docker.io debootstrap python3-venv python3-pip make git curl)
-test=(redis-server postgresql dovecot-imapd prometheus)
+test=(redis-server postgresql dovecot-imapd prometheus chromium)
 
 case "${1:-lab}" in
   lab) wanted=("${lab[@]}") ;;
