@@ -58,15 +58,6 @@ def rows(db_engine, account) -> list[Message]:
         return list(session.scalars(query.order_by(Message.folder, Message.uid)))
 
 
-def subjects(dovecot, address: str, folder: str = "INBOX") -> list[str]:
-    found = []
-    for stored in dovecot.mailbox(address, folder):
-        for line in stored.raw.decode(errors="replace").splitlines():
-            if line.startswith("Subject: "):
-                found.append(line.removeprefix("Subject: "))
-    return sorted(found)
-
-
 def classified_and_moved(db_engine, account, spam_count: int) -> bool:
     found = [m for m in rows(db_engine, account) if m.folder == "INBOX"]
     return (
@@ -85,10 +76,10 @@ def assert_spam_in_junk_once(
         assert row.action_state is None, (row.subject, row.action_state, row.action_error)
         expected = ("junk", "Junk", True) if "LOTTERY" in row.subject else ("present", None, False)
         assert (row.state, row.moved_to, row.is_spam) == expected, row.subject
-    assert subjects(dovecot, account.address, "Junk") == sorted(
+    assert dovecot.subjects(account.address, "Junk") == sorted(
         f"YOU HAVE WON THE LOTTERY {n}" for n in [*range(count), *[9] * already_in_junk]
     )
-    assert subjects(dovecot, account.address) == sorted(
+    assert dovecot.subjects(account.address) == sorted(
         f"Minutes of meeting {n}" for n in range(count)
     )
 

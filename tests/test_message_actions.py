@@ -90,15 +90,6 @@ def rows(db_engine, account_id: str, folder: str = "INBOX") -> list[Message]:
         return list(session.scalars(query.order_by(Message.uid)))
 
 
-def subjects(dovecot, address: str, folder: str = "INBOX") -> list[str]:
-    found = []
-    for stored in dovecot.mailbox(address, folder):
-        for line in stored.raw.decode(errors="replace").splitlines():
-            if line.startswith("Subject: "):
-                found.append(line.removeprefix("Subject: "))
-    return sorted(found)
-
-
 def imap_login(dovecot, address: str) -> imaplib.IMAP4:
     endpoint = dovecot.endpoint(address)
     imap = imaplib.IMAP4(endpoint.host, endpoint.port)
@@ -147,7 +138,7 @@ def test_renumbered_folder_is_refused_and_nothing_expunged(
     with Session(db_engine) as session:
         attempts = session.scalars(select(TaskAttempt).where(TaskAttempt.task_id == result.id))
         assert [(a.state, a.retries) for a in attempts] == [("rejected", 0)]
-    assert subjects(dovecot, account.address, "Archive") == ["new one", "new two"]
+    assert dovecot.subjects(account.address, "Archive") == ["new one", "new two"]
     assert [(m.state, m.action_state) for m in rows(db_engine, account.account_id, "Archive")] == [
         ("present", None),
         ("present", None),
@@ -159,7 +150,7 @@ def test_renumbered_folder_is_refused_and_nothing_expunged(
     assert result.successful(), value
     assert value["marked"] == 0
     assert value["not_touched"] == dict.fromkeys(seen, "not_found")
-    assert subjects(dovecot, account.address, "Archive") == ["new one", "new two"]
+    assert dovecot.subjects(account.address, "Archive") == ["new one", "new two"]
 
 
 def test_spam_in_a_renumbered_folder_is_scored_but_not_moved(
@@ -180,7 +171,7 @@ def test_spam_in_a_renumbered_folder_is_scored_but_not_moved(
     value = classify(settings, tenant, user, seen, token="renumbered-spam")
     assert (value["classified"], value["spam"], value["moved_to_junk"]) == (2, 2, 0)
     assert value["not_moved"] == {str(i): "renumbered" for i in seen}
-    assert subjects(dovecot, account.address, "Archive") == ["new one", "new two"]
+    assert dovecot.subjects(account.address, "Archive") == ["new one", "new two"]
     assert dovecot.mailbox(account.address, "Junk") == []
     after = rows(db_engine, account.account_id, "Archive")
     assert [(m.is_spam, m.state, m.action_state) for m in after] == [(True, "present", None)] * 2
@@ -206,8 +197,8 @@ def test_ids_of_another_account_or_folder_are_untouched_and_reported(
         theirs[1]: "not_found",
         unknown: "not_found",
     }
-    assert subjects(dovecot, owner.address, "Trash") == ["first"]
-    assert subjects(dovecot, other.address) == ["first", "second"]
+    assert dovecot.subjects(owner.address, "Trash") == ["first"]
+    assert dovecot.subjects(other.address) == ["first", "second"]
     assert [m.state for m in rows(db_engine, other.account_id)] == ["present", "present"]
 
     # Deleting it again: already done, reported, nothing else touched.
@@ -226,8 +217,8 @@ def test_folder_never_synced_acts_on_nothing(client, settings, make_account, dov
     result, value = run_task(client, DELETE, *account.ids, inbox_ids, "Archive", permanent=True)
     assert result.successful(), value
     assert (value["marked"], value["not_touched"]) == (0, dict.fromkeys(inbox_ids, "elsewhere"))
-    assert subjects(dovecot, account.address, "Archive") == ["archived one", "archived two"]
-    assert subjects(dovecot, account.address) == ["in the inbox"]
+    assert dovecot.subjects(account.address, "Archive") == ["archived one", "archived two"]
+    assert dovecot.subjects(account.address) == ["in the inbox"]
     assert rows(db_engine, account.account_id, "Archive") == []
 
 
@@ -276,9 +267,9 @@ def test_delete_and_spam_racing_leave_database_and_server_in_agreement(
         assert row.action_state is None, (row.uid, row.action_state, row.action_error)
         by_state[row.state].append(row.subject)
     # Every message is exactly where its row says: no row says Junk for a message in Trash.
-    assert sorted(by_state["present"]) == subjects(dovecot, account.address)
-    assert sorted(by_state["trashed"]) == subjects(dovecot, account.address, "Trash")
-    assert sorted(by_state["junk"]) == subjects(dovecot, account.address, "Junk")
+    assert sorted(by_state["present"]) == dovecot.subjects(account.address)
+    assert sorted(by_state["trashed"]) == dovecot.subjects(account.address, "Trash")
+    assert sorted(by_state["junk"]) == dovecot.subjects(account.address, "Junk")
     assert by_state["present"] == []
     # Each side reports what it did and, for the overlap it lost, that it did not touch it.
     overlap = {str(i) for i in ids[2:6]}
@@ -336,8 +327,8 @@ def test_interrupted_delete_is_finished_by_the_sweep(
         60,
         "the resubmitted delete to finish",
     )
-    assert subjects(dovecot, account.address, "Trash") == ["one", "two"]
-    assert subjects(dovecot, account.address) == ["three"]
+    assert dovecot.subjects(account.address, "Trash") == ["one", "two"]
+    assert dovecot.subjects(account.address) == ["three"]
     *finished, given_up = rows(db_engine, account.account_id)
     assert [(m.action_state, m.moved_to) for m in finished] == [(None, "Trash"), (None, "Trash")]
     assert given_up.action_state == "failed"
@@ -346,7 +337,7 @@ def test_interrupted_delete_is_finished_by_the_sweep(
     access = owned_access(settings, *map(uuid.UUID, account.ids))
     value = delete_messages(settings, access, "INBOX", [three], permanent=False, token="new-task")
     assert value["done"] == [str(three)]
-    assert subjects(dovecot, account.address, "Trash") == ["one", "three", "two"]
+    assert dovecot.subjects(account.address, "Trash") == ["one", "three", "two"]
 
 
 def set_imap_port(db_engine, account, port: int) -> None:
