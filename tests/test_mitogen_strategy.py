@@ -1,0 +1,84 @@
+"""The playbooks run under Mitogen (ansible.cfg): what that relies on, checked on the tree.
+
+Mitogen never finishes an async `docker_container` (mitogen-hq/mitogen#835), so the project's
+roles and playbooks use no async task; it takes over a connection only by its short name, so the
+lab names `docker`, not `community.docker.docker`. Molecule's scenarios prove the playbooks
+themselves under Mitogen.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+ANSIBLE = Path(sys.executable).parent
+
+
+def _tasks(node: Any) -> Iterator[dict[str, Any]]:
+    """Every mapping in a task file or playbook that could be a task (blocks included)."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _tasks(item)
+    elif isinstance(node, dict):
+        yield node
+        for key in ("tasks", "pre_tasks", "post_tasks", "handlers", "block", "rescue", "always"):
+            yield from _tasks(node.get(key))
+
+
+def _ansible_files() -> list[Path]:
+    files = [*REPO.glob("roles/*/tasks/*.yml"), *REPO.glob("roles/*/handlers/*.yml")]
+    files += [*REPO.glob("playbooks/**/*.yml")]
+    return sorted(files)
+
+
+def test_no_role_or_playbook_task_is_async() -> None:
+    files = _ansible_files()
+    assert len(files) > 20, files
+    found = [
+        f"{path.relative_to(REPO)}: {task.get('name', '?')}"
+        for path in files
+        for task in _tasks(yaml.safe_load(path.read_text(encoding="utf-8")))
+        if "async" in task
+    ]
+    assert found == [], f"async tasks never finish under Mitogen (mitogen-hq/mitogen#835): {found}"
+
+
+def test_the_lab_names_the_docker_connection_by_its_short_name() -> None:
+    hosts = (REPO / "inventories" / "lab" / "hosts.yml").read_text(encoding="utf-8")
+    assert "ansible_connection: docker\n" in hosts
+    assert "community.docker.docker" not in hosts
+
+
+def test_the_repository_config_runs_playbooks_with_mitogen() -> None:
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")}
+    dumped = subprocess.run(
+        [str(ANSIBLE / "ansible-config"), "dump", "--only-changed"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    strategy = [line for line in dumped.splitlines() if line.startswith("DEFAULT_STRATEGY(")]
+    assert strategy, dumped
+    assert strategy[0].endswith("= mitogen_linear"), strategy
+    # The strategy plugin loads (else: "Invalid play strategy"): a one-task play runs through it.
+    play = subprocess.run(
+        [str(ANSIBLE / "ansible"), "localhost", "-m", "ansible.builtin.ping"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert play.returncode == 0, play.stdout + play.stderr
+    assert "pong" in play.stdout, play.stdout
