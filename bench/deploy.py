@@ -3,9 +3,9 @@
 The bench makes its own one-host lab (every inventory group on one container named
 celery-fleet-bench, with the lab's group_vars, on its own Docker network and HTTPS port), so the
 shared lab of `make lab` is left alone. Measured twice: with the repository's ansible.cfg
-(pipelining, fact cache, forks) and with those three back at Ansible's defaults. Each variant
-starts from a new container (`playbooks/lab.yml`), so the first run is a full converge. The
-bench's container and network are removed at the end.
+(Mitogen, pipelining, fact cache, forks) and with those four back at Ansible's defaults. Each
+variant starts from a new container (`playbooks/lab.yml`), so the first run is a full converge.
+The bench's container and network are removed at the end.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class DeployFailed(RuntimeError):
 
 
 def _plain_config(directory: Path) -> Path:
-    """ansible.cfg with pipelining off, no fact cache and 5 forks (Ansible's defaults)."""
+    """ansible.cfg without Mitogen, with pipelining off, no fact cache and 5 forks (Ansible's
+    defaults)."""
     config = configparser.ConfigParser(interpolation=None)
     config.read(REPO / "ansible.cfg")
     defaults = config["defaults"]
@@ -62,6 +63,8 @@ def _plain_config(directory: Path) -> Path:
             defaults[key] = ":".join(parts)
     defaults["forks"] = "5"
     defaults["fact_caching"] = "memory"
+    for key in ("strategy", "strategy_plugins"):  # Ansible's own linear strategy, no Mitogen
+        defaults.pop(key, None)
     for section in ("connection", "ssh_connection"):
         if config.has_section(section):
             config[section]["pipelining"] = "false"
@@ -163,9 +166,15 @@ def measure_deploy(work_dir: Path) -> list[DeployTiming]:
     inventory = _one_host_inventory(work_dir)
     try:
         return [
-            _measure("Ansible defaults (no pipelining, no fact cache, 5 forks)", plain, inventory),
             _measure(
-                "repository ansible.cfg (pipelining, fact cache, 20 forks)", repo_config, inventory
+                "Ansible defaults (no Mitogen, no pipelining, no fact cache, 5 forks)",
+                plain,
+                inventory,
+            ),
+            _measure(
+                "repository ansible.cfg (Mitogen, pipelining, fact cache, 20 forks)",
+                repo_config,
+                inventory,
             ),
         ]
     finally:
