@@ -46,12 +46,13 @@ USER = "flower"
 # flower_proxy's TLS port and its redirect (Redis and PostgreSQL stay on loopback when every
 # client is on the same host). Prometheus, its exporters and celery-metrics are not in it.
 PUBLIC_LISTENERS = {("nginx", 443): "flower_proxy", ("nginx", 80): "flower_proxy"}
+# The monitoring ports and the unit whose main process listens on each.
 MONITORING_PORTS = {
-    9090: "prometheus",
-    9100: "prometheus-node",
-    9121: "prometheus-redi",
-    9187: "prometheus-post",
-    9809: "mailworker",
+    9090: "prometheus.service",
+    9100: "prometheus-node-exporter.service",
+    9121: "prometheus-redis-exporter.service",
+    9187: "prometheus-postgres-exporter.service",
+    9809: "celery-metrics.service",
 }
 
 
@@ -211,16 +212,15 @@ def test_through_the_proxy_the_api_lists_the_alert_rules(host, password):
     assert {"MailworkerWorkerDown", "MailworkerBeatNotTicking", "DiskFilling"} <= names
 
 
-def listeners(host) -> list[tuple[str, int, str]]:
-    """(address, port, first process) of every listening TCP socket."""
+def listeners(host) -> list[tuple[str, int, str, set[str]]]:
+    """(address, port, first process name, process ids) of every listening TCP socket."""
     found = []
-    for line in host.check_output(
-        "ss --no-header --tcp --listening --numeric --processes"
-    ).splitlines():
-        local = line.split()[3]
-        address, _, port = local.rpartition(":")
-        process = re.search(r'users:\(\("([^"]+)"', line)
-        found.append((address.strip("[]"), int(port), process.group(1) if process else "?"))
+    output = host.check_output("ss --no-header --tcp --listening --numeric --processes")
+    for line in output.splitlines():
+        address, _, port = line.split()[3].rpartition(":")
+        names = re.findall(r'\("([^"]+)",pid=(\d+)', line)
+        first = names[0][0] if names else "?"
+        found.append((address.strip("[]"), int(port), first, {pid for _, pid in names}))
     return found
 
 
@@ -232,19 +232,18 @@ def loopback(address: str) -> bool:
 
 
 def test_nothing_listens_beyond_loopback_but_what_the_roles_document(host):
-    public = {
-        (process, port) for address, port, process in listeners(host) if not loopback(address)
-    }
+    public = {(name, port) for address, port, name, _ in listeners(host) if not loopback(address)}
     assert public <= set(PUBLIC_LISTENERS), host.check_output("ss -ltnp")
 
 
 @pytest.mark.parametrize("port", sorted(MONITORING_PORTS))
 def test_the_monitoring_ports_listen_on_loopback_only(host, port):
-    found = [(address, process) for address, p, process in listeners(host) if p == port]
+    unit = MONITORING_PORTS[port]
+    found = [(address, pids) for address, p, _, pids in listeners(host) if p == port]
     assert found, f"nothing listens on port {port}\n" + host.check_output("ss -ltnp")
     assert all(loopback(address) for address, _ in found), found
-    # ss shows the first 15 characters of the process name.
-    assert {process for _, process in found} == {MONITORING_PORTS[port]}, found
+    main_pid = host.check_output(f"systemctl show --property=MainPID --value {unit}")
+    assert all(main_pid in pids for _, pids in found), (unit, main_pid, found)
 
 
 def documented_metrics() -> list[str]:
