@@ -166,7 +166,7 @@ def test_with_credentials_prometheus_alerts_page_lists_the_shipped_rules(
 ):
     assert "MailworkerWorkerDown" in alert_names, alert_names
     url = f"{proxy}/prometheus/classic/alerts"
-    page, _ = browse(url, "prometheus-alerts", credentials, until=alert_names, window=(1280, 720))
+    page, _ = browse(url, "prometheus-alerts", credentials, until=alert_names, window=(1280, 860))
     assert page.status == 200, page.text
     # Shown, not only somewhere in the markup: each rule's row reads "NAME (N active)".
     for name in alert_names:
