@@ -23,10 +23,17 @@ INVENTORY = {
         "vars": {
             "ansible_connection": "local",
             "ansible_python_interpreter": sys.executable,
-            "prometheus_redis_exporter_password": EXPORTER_PASSWORD,
         },
         "children": {
-            "redis": {"hosts": {"data-1": {"prometheus_exporter_address": "10.0.0.2"}}},
+            # Host variables: they win over the lab's group_vars/all (which has a password too).
+            "redis": {
+                "hosts": {
+                    "data-1": {
+                        "prometheus_exporter_address": "10.0.0.2",
+                        "prometheus_redis_exporter_password": EXPORTER_PASSWORD,
+                    }
+                }
+            },
             "postgresql": {"hosts": {"data-1": None}},
             "celery_workers": {
                 "hosts": {"app-1": None, "public-1": {"prometheus_exporter_address": "8.8.8.8"}}
@@ -141,7 +148,8 @@ def test_each_exporter_listens_on_its_hosts_address_only(rendered: tuple[Path, s
     redis = out / "data-1" / "prometheus-redis-exporter"
     assert 'ARGS="--web.listen-address=10.0.0.2:9121"' in redis.read_text()
     assert f'REDIS_PASSWORD="{EXPORTER_PASSWORD}"' in redis.read_text()
-    assert 'REDIS_ADDR="redis://127.0.0.1:6379"' in redis.read_text()
+    # Its clients are on other hosts: Redis has TLS and no plaintext port, only the Unix socket.
+    assert 'REDIS_ADDR="unix:///run/redis/redis-server.sock"' in redis.read_text()
     assert redis.stat().st_mode & 0o777 == 0o600
     postgres = (out / "data-1" / "prometheus-postgres-exporter").read_text()
     assert 'ARGS="--web.listen-address=10.0.0.2:9187"' in postgres

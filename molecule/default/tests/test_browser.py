@@ -1,11 +1,13 @@
-"""Flower in a real browser: Debian's headless Chromium on the controller, through the nginx
-proxy, as an operator on another machine sees it.
+"""Flower and Prometheus in a real browser: Debian's headless Chromium on the controller, through
+the nginx proxy, as an operator on another machine sees them.
 
 Without the password the browser shows the proxy's 401 page; with it Flower's Workers page lists
 every worker node that answers a ping, and its Tasks page shows a task this test has just run,
-once Flower's JavaScript has filled the table. Each page gets a fresh browser (no cached login)
+once Flower's JavaScript has filled the table. Prometheus's UI (on a flower host that is also a
+monitoring host) is the same: the 401 page without the password, with it the Alerts page listing
+every alert rule roles/prometheus ships. Each page gets a fresh browser (no cached login)
 and a screenshot in build/logs/browser/ (kept with the other test logs), also on failure. About
-10 s in all; each browser is bounded by CHROMIUM_TIMEOUT per step.
+15 s in all; each browser is bounded by CHROMIUM_TIMEOUT per step.
 
 Another page behind the proxy is one more test: `browse(url, "name", credentials, until=[...])`.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import testinfra.utils.ansible_runner
+import yaml
 from chromium import BrowserError, Chromium, Page
 from conftest import ROOT, eventually, mailworker_json, send_task
 
@@ -29,13 +32,14 @@ testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(
     os.environ["MOLECULE_INVENTORY_FILE"]
 ).get_hosts("flower")
 
-pytestmark = pytest.mark.units("nginx", "celery-flower")
+pytestmark = pytest.mark.units("nginx", "celery-flower", "prometheus")
 
 SCREENSHOTS = ROOT / "build" / "logs" / "browser"
 CREDENTIALS = Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent / ".credentials"
 USER = "flower"
 CHROMIUM_TIMEOUT = 30
 SYNC = "mailworker.tasks.sync.sync_mailbox"
+SHIPPED_RULES = ROOT / "roles" / "prometheus" / "files"
 
 
 def browse(
@@ -126,3 +130,44 @@ def test_the_tasks_page_shows_a_task_this_test_just_ran(host, account, proxy, cr
     task = row(page.dom, ran["id"])
     assert SYNC in task, task
     assert "SUCCESS" in task, task
+
+
+@pytest.fixture(scope="module")
+def alert_names() -> list[str]:
+    """Every alert rule roles/prometheus ships, by name."""
+    return [
+        rule["alert"]
+        for path in sorted(SHIPPED_RULES.glob("*.yml"))
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    ]
+
+
+@pytest.fixture(scope="module")
+def _prometheus_answers(host):
+    groups = host.ansible.get_variables()["group_names"]
+    assert "monitoring" in groups, f"{host.backend.get_hostname()} is not a monitoring host"
+    ready = "curl --silent --fail --max-time 5 http://127.0.0.1:9090/prometheus/-/ready"
+    assert eventually(lambda: host.run(ready).rc == 0, timeout=60), "Prometheus is not ready"
+
+
+@pytest.mark.usefixtures("_prometheus_answers")
+def test_without_credentials_prometheus_shows_the_proxys_401_page(proxy):
+    page, _ = browse(f"{proxy}/prometheus/classic/alerts", "prometheus-401", window=(800, 240))
+    assert page.status == 401, page
+    assert "401 Authorization Required" in page.text, page.text
+    assert "Alerts" not in page.text, page.text  # nothing of Prometheus's
+
+
+@pytest.mark.usefixtures("_prometheus_answers")
+def test_with_credentials_prometheus_alerts_page_lists_the_shipped_rules(
+    proxy, credentials, alert_names
+):
+    assert "MailworkerWorkerDown" in alert_names, alert_names
+    url = f"{proxy}/prometheus/classic/alerts"
+    page, _ = browse(url, "prometheus-alerts", credentials, until=alert_names, window=(1280, 860))
+    assert page.status == 200, page.text
+    # Shown, not only somewhere in the markup: each rule's row reads "NAME (N active)".
+    for name in alert_names:
+        assert re.search(rf"\b{name} \(\d+ active\)", page.text), f"{name}:\n{page.text}"
