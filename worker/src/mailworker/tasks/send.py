@@ -11,6 +11,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from celery.result import denied_join_result
+
 from mailworker.celery_app import app
 from mailworker.services import outbox
 from mailworker.services.access import owned_access
@@ -68,5 +70,9 @@ def submit_send(
 
 
 def publish_send(args: list[str]) -> None:
-    """Queue send_email(tenant_id, user_id, account_id, outbox_id); raises if the broker fails."""
-    send_email.apply_async(args=args, retry=False)
+    """Queue send_email(tenant_id, user_id, account_id, outbox_id); raises if the broker fails.
+    Nobody waits for its result here (its outcome is the outbox row): in a long-lived client
+    process, publishing outside denied_join_result would subscribe to every send's result channel
+    and, after a broker connection error, re-read and re-subscribe them all."""
+    with denied_join_result():
+        send_email.apply_async(args=args, retry=False)
