@@ -7,7 +7,9 @@ final-reply timeout 600 s, retry window 24 h), against the real aiosmtpd and Dov
   idempotent; a malformed or non-ASCII one is refused before anything is stored;
 - the outbox: task arguments and results carry ids and counts, a message above the size limit
   is refused at submit, a lost publish and an exhausted retry chain are picked up by the sweeper,
-  and a send past its retry window fails saying so.
+  and a send past its retry window fails saying so;
+- a client process submitting sends subscribes to none of their results (a long-lived one would
+  otherwise hold a subscription per send and replay them all after a broker reconnect).
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from tests.fixtures.outbox import SEND, submit
-from tests.fixtures.servers import MAILWORKER, celery_client, free_port, wait_until
+from tests.fixtures.servers import (
+    MAILWORKER,
+    VENV_BIN,
+    celery_client,
+    free_port,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -405,3 +413,52 @@ def test_connection_dropped_before_the_data_is_deferred_not_unknown(
     assert server.commands[-3:] == ["MAIL", "RCPT", "DATA"]
     row = row_of(db_engine, entry.outbox_id)
     assert (row.status, row.attempts) == ("deferred", 1)
+
+
+# A client process: submit_send as an integrator calls it, then one send_task whose result it
+# keeps (Celery subscribes to that task's result channel); the SUBSCRIBE commands the server ran
+# meanwhile. Counted by the server, because a dropped AsyncResult unsubscribes again at once.
+CLIENT = """
+import json, sys, time, uuid
+from mailworker.celery_app import app
+from mailworker.redis_client import redis_from_url
+from mailworker.settings import load_settings
+from mailworker.tasks.send import submit_send
+
+settings = load_settings()
+redis = redis_from_url(settings.broker_url, settings)
+
+def subscribes():
+    return redis.info("commandstats").get("cmdstat_subscribe", {}).get("calls", 0)
+
+before = subscribes()
+ids = [uuid.UUID(value) for value in sys.argv[1:4]]
+entry = submit_send(settings, *ids, {"to": [sys.argv[4]], "body": "from a client process"})
+kept = app.send_task(sys.argv[5], retry=False)
+deadline = time.monotonic() + 10
+while subscribes() == before and time.monotonic() < deadline:
+    time.sleep(0.1)
+time.sleep(1)  # a SUBSCRIBE still on its way
+print(json.dumps({"outbox_id": str(entry.outbox_id), "subscribes": subscribes() - before}))
+"""
+
+
+@pytest.mark.usefixtures("shared_worker")
+def test_a_client_process_submitting_sends_subscribes_to_no_result(
+    app_env, make_account, db_engine
+):
+    alice, bob = make_account(), make_account()
+    ran = subprocess.run(
+        [str(VENV_BIN / "python"), "-c", CLIENT, *alice.ids, bob.address, RESUBMIT],
+        env=app_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    shown = json.loads(ran.stdout)
+    # One SUBSCRIBE: the kept result's (so the count sees this process's); none for the send.
+    assert shown["subscribes"] == 1, shown
+    outbox_id = uuid.UUID(shown["outbox_id"])
+    wait_until(lambda: row_of(db_engine, outbox_id).status == "sent", 30, "the send")
