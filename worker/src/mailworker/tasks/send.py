@@ -72,7 +72,7 @@ def submit_send(
 def publish_send(args: list[str]) -> None:
     """Queue send_email(tenant_id, user_id, account_id, outbox_id); raises if the broker fails.
     Nobody waits for its result here (its outcome is the outbox row): in a long-lived client
-    process, publishing outside denied_join_result would subscribe to every send's result channel
-    and, after a broker connection error, re-read and re-subscribe them all."""
+    process, publishing outside denied_join_result would subscribe to the result channel of each
+    send still referenced, and a broker connection error would retry those subscriptions."""
     with denied_join_result():
         send_email.apply_async(args=args, retry=False)
