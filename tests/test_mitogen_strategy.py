@@ -21,15 +21,17 @@ REPO = Path(__file__).resolve().parent.parent
 ANSIBLE = Path(sys.executable).parent
 
 
-def _tasks(node: Any) -> Iterator[dict[str, Any]]:
-    """Every mapping in a task file or playbook that could be a task (blocks included)."""
+def _tasks(node: Any, become: Any = None) -> Iterator[tuple[dict[str, Any], Any]]:
+    """Every mapping in a task file or playbook that could be a task (blocks and plays
+    included), with the `become` it has or inherits from its block or play."""
     if isinstance(node, list):
         for item in node:
-            yield from _tasks(item)
+            yield from _tasks(item, become)
     elif isinstance(node, dict):
-        yield node
+        become = node.get("become", become)
+        yield node, become
         for key in ("tasks", "pre_tasks", "post_tasks", "handlers", "block", "rescue", "always"):
-            yield from _tasks(node.get(key))
+            yield from _tasks(node.get(key), become)
 
 
 def _ansible_files() -> list[Path]:
@@ -44,10 +46,24 @@ def test_no_role_or_playbook_task_is_async() -> None:
     found = [
         f"{path.relative_to(REPO)}: {task.get('name', '?')}"
         for path in files
-        for task in _tasks(yaml.safe_load(path.read_text(encoding="utf-8")))
+        for task, _ in _tasks(yaml.safe_load(path.read_text(encoding="utf-8")))
         if "async" in task
     ]
     assert found == [], f"async tasks never finish under Mitogen (mitogen-hq/mitogen#835): {found}"
+
+
+def test_every_task_on_the_controller_runs_without_become() -> None:
+    """The controller's own tasks never ask for sudo (Mitogen runs it on the controller, and
+    fails where there is none). An inventory that sets `ansible_become` for all hosts exempts
+    localhost as well (production.example's host_vars/localhost.yml): the variable wins over
+    this keyword; tests/test_nomad_jobs.py runs that inventory's controller tasks."""
+    found = [
+        f"{path.relative_to(REPO)}: {task.get('name', '?')}"
+        for path in _ansible_files()
+        for task, become in _tasks(yaml.safe_load(path.read_text(encoding="utf-8")))
+        if task.get("delegate_to") == "localhost" and become is not False
+    ]
+    assert found == [], f"delegated to localhost without become: false: {found}"
 
 
 def test_the_lab_names_the_docker_connection_by_its_short_name() -> None:
