@@ -12,7 +12,10 @@ accepted task has finished or --wait seconds have passed, then checks each one's
   holds exactly one message with its Message-ID (two: sent twice);
 - after one last sync, the `messages` table holds exactly one row per Message-ID (no duplicate);
 - each sync task ended in SUCCESS (else lost).
-It prints the counts as one JSON object and exits 1 when any task was lost or doubled.
+It prints the counts as one JSON object and exits 1 when any task was lost or doubled. The run
+file keeps the time (epoch seconds) each task was accepted, and the counts list those of the lost
+ones (`lost_accepted_at`), so that a fault test can tell what a Redis failover may lose (accepted
+just before the master froze) from a real loss.
 The IMAP password is read from the environment (LOADGEN_IMAP_PASSWORD), never from arguments.
 """
 
@@ -52,8 +55,8 @@ def submit(args: argparse.Namespace) -> dict[str, Any]:
     settings = load_settings()
     tenant, user, account = (uuid.UUID(value) for value in args.account)
     ids = [str(tenant), str(user), str(account)]
-    sends: list[dict[str, str]] = []
-    syncs: list[str] = []
+    sends: list[dict[str, Any]] = []
+    syncs: list[dict[str, Any]] = []
     refused: list[str] = []
     started = time.monotonic()
     for number in range(args.count):
@@ -63,7 +66,8 @@ def submit(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(max(0.0, due - time.monotonic()))
         if args.sync_every and number % args.sync_every == args.sync_every - 1:
             try:
-                syncs.append(app.send_task(SYNC_MAILBOX, args=ids, retry=False).id)
+                task_id = app.send_task(SYNC_MAILBOX, args=ids, retry=False).id
+                syncs.append({"id": task_id, "at": time.time()})
             except Exception as error:  # the broker refused it: counted, not lost
                 refused.append(f"sync {number}: {type(error).__name__}")
             continue
@@ -82,7 +86,13 @@ def submit(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as error:  # the database was unreachable: the caller was told
             refused.append(f"send {number}: {type(error).__name__}")
             continue
-        sends.append({"outbox_id": str(stored.outbox_id), "message_id": stored.message_id})
+        sends.append(
+            {
+                "outbox_id": str(stored.outbox_id),
+                "message_id": stored.message_id,
+                "at": time.time(),
+            }
+        )
     return {
         "account": ids,
         "tag": args.tag,
@@ -107,10 +117,10 @@ def _send_states(run: dict[str, Any]) -> dict[str, str]:
     return {str(row_id): status for row_id, status in rows}
 
 
-def _sync_states(run: dict[str, Any]) -> Counter[str]:
+def _sync_states(run: dict[str, Any]) -> dict[str, str]:
     from mailworker.celery_app import app  # noqa: PLC0415
 
-    return Counter(app.AsyncResult(task_id).state for task_id in run["syncs"])
+    return {sync["id"]: app.AsyncResult(sync["id"]).state for sync in run["syncs"]}
 
 
 def _deliveries(host: str, port: int, user: str, password: str) -> Counter[str]:
@@ -168,7 +178,7 @@ def count(args: argparse.Namespace) -> dict[str, Any]:
         sends = _send_states(run)
         syncs = _sync_states(run)
         pending = sum(1 for status in sends.values() if status != "sent") + sum(
-            number for state, number in syncs.items() if state not in FINAL_STATES
+            1 for state in syncs.values() if state not in FINAL_STATES
         )
         if pending == 0 or time.monotonic() >= deadline:
             break
@@ -195,11 +205,12 @@ def count(args: argparse.Namespace) -> dict[str, Any]:
         "rows_once": sum(1 for mid in message_ids if rows[mid] == 1),
         "rows_duplicated": sum(1 for mid in message_ids if rows[mid] > 1),
         "rows_missing": sum(1 for mid in message_ids if rows[mid] == 0),
-        "sync_states": dict(syncs),
+        "sync_states": dict(Counter(syncs.values())),
     }
-    sends_lost = len(message_ids) - statuses.get("sent", 0)
-    syncs_lost = len(run["syncs"]) - syncs.get("SUCCESS", 0)
-    counts["lost"] = sends_lost + syncs_lost
+    lost_at = [send["at"] for send in run["sends"] if sends.get(send["outbox_id"]) != "sent"]
+    lost_at += [sync["at"] for sync in run["syncs"] if syncs.get(sync["id"]) != "SUCCESS"]
+    counts["lost"] = len(lost_at)
+    counts["lost_accepted_at"] = sorted(lost_at)
     counts["doubled"] = counts["delivered_twice_or_more"] + counts["rows_duplicated"]
     counts["ok"] = (
         counts["lost"] == 0
