@@ -17,15 +17,19 @@ file keeps the time (epoch seconds) each task was accepted, and the counts list 
 ones (`lost_accepted_at`), so that a fault test can tell what a Redis failover may lose (accepted
 just before the master froze) from a real loss.
 The IMAP password is read from the environment (LOADGEN_IMAP_PASSWORD), never from arguments.
+`submit` writes its process id next to the run file (RUN.pid) and dumps every thread's stack to
+stderr on SIGUSR1, so that a test can show where a producer that overran is stuck.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import imaplib
 import json
 import os
 import re
+import signal
 import sys
 import time
 import uuid
@@ -48,6 +52,7 @@ def _load_env(files: list[Path]) -> None:
 
 
 def submit(args: argparse.Namespace) -> dict[str, Any]:
+    from celery.result import denied_join_result  # noqa: PLC0415
     from mailworker.celery_app import app  # noqa: PLC0415 - the settings come first
     from mailworker.services import outbox  # noqa: PLC0415
     from mailworker.settings import load_settings  # noqa: PLC0415
@@ -66,7 +71,8 @@ def submit(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(max(0.0, due - time.monotonic()))
         if args.sync_every and number % args.sync_every == args.sync_every - 1:
             try:
-                task_id = app.send_task(SYNC_MAILBOX, args=ids, retry=False).id
+                with denied_join_result():
+                    task_id = app.send_task(SYNC_MAILBOX, args=ids, retry=False).id
                 syncs.append({"id": task_id, "at": time.time()})
             except Exception as error:  # the broker refused it: counted, not lost
                 refused.append(f"sync {number}: {type(error).__name__}")
@@ -74,7 +80,14 @@ def submit(args: argparse.Namespace) -> dict[str, Any]:
         published: list[str] = []
 
         def publish(task_args: list[str], published: list[str] = published) -> None:
-            published.append(app.send_task(SEND_EMAIL, args=task_args, retry=False).id)
+            # This process never waits for a result (the workers still store them; `count` reads
+            # them). Outside denied_join_result, send_task subscribes to each task's result
+            # channel, and after a broker connection error the result consumer re-reads every
+            # result ever subscribed and subscribes again, up to 20 times, each try blocked up to
+            # the socket timeout while the old master is frozen: the producer hung for minutes
+            # after a Sentinel failover.
+            with denied_join_result():
+                published.append(app.send_task(SEND_EMAIL, args=task_args, retry=False).id)
 
         spec = {
             "to": ["bob@example.test"],
@@ -248,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     _load_env(options.env_file or [DEFAULT_ENV_FILE])
     if options.command == "submit":
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        options.out.with_suffix(".pid").write_text(f"{os.getpid()}\n", encoding="utf-8")
         result = submit(options)
         options.out.write_text(json.dumps(result), encoding="utf-8")
         print(
