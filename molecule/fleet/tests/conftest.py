@@ -175,6 +175,8 @@ class Load:
         run = f"/root/fleet-run-{tag}-{uuid.uuid4().hex[:6]}"
         self.run_file = f"{run}.json"
         self.stop_file = f"{run}.stop"
+        self.pid_file = f"{run}.pid"  # fleet_loadgen.py writes it
+        self._submitted: dict[str, Any] | None = None
         self.started = time.monotonic()
         self.process = subprocess.Popen(
             [
@@ -193,10 +195,25 @@ class Load:
         host(WORKER_A).run(f"touch {self.stop_file}")
 
     def submitted(self, timeout: float = 300) -> dict[str, Any]:
-        """Wait for `submit` to finish; what it submitted."""
-        out, err = self.process.communicate(timeout=timeout)
+        """Wait for `submit` to finish; what it submitted. A producer still running after TIMEOUT
+        seconds dumps its threads' stacks (SIGUSR1), is stopped, and the test fails with them."""
+        if self._submitted is not None:
+            return self._submitted
+        try:
+            out, err = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pid = f"$(cat {self.pid_file})"
+            host(WORKER_A).run(f"kill -USR1 {pid}; sleep 2; kill -TERM {pid}")
+            try:
+                out, err = self.process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                out, err = self.process.communicate()
+            print(f"\nloadgen submit [{self.tag}] overran {timeout} s; its stacks:\n{err}")
+            pytest.fail(f"loadgen submit [{self.tag}] still ran {timeout} s after it was awaited")
         assert self.process.returncode == 0, f"loadgen submit failed:\n{out}\n{err}"
-        return json.loads(out)
+        self._submitted = json.loads(out)
+        return self._submitted
 
     def counts(self, wait: float) -> dict[str, Any]:
         """Wait for the tasks (at most `wait` s), count their effects and print the counts."""
