@@ -17,8 +17,9 @@ file keeps the time (epoch seconds) each task was accepted, and the counts list 
 ones (`lost_accepted_at`), so that a fault test can tell what a Redis failover may lose (accepted
 just before the master froze) from a real loss.
 The IMAP password is read from the environment (LOADGEN_IMAP_PASSWORD), never from arguments.
-`submit` writes its process id next to the run file (RUN.pid) and dumps every thread's stack to
-stderr on SIGUSR1, so that a test can show where a producer that overran is stuck.
+`submit` writes its process id next to the run file (RUN.pid) once it is about to submit the first
+task, and dumps every thread's stack to stderr on SIGUSR1, so that a test can show where a
+producer that overran is stuck.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def submit(args: argparse.Namespace) -> dict[str, Any]:
     from mailworker.settings import load_settings  # noqa: PLC0415
 
     settings = load_settings()
+    # Ready: a test waits for this file before its fault (the imports take seconds on a busy host).
+    args.out.with_suffix(".pid").write_text(f"{os.getpid()}\n", encoding="utf-8")
     tenant, user, account = (uuid.UUID(value) for value in args.account)
     ids = [str(tenant), str(user), str(account)]
     sends: list[dict[str, Any]] = []
@@ -262,7 +265,6 @@ def main(argv: list[str] | None = None) -> int:
     _load_env(options.env_file or [DEFAULT_ENV_FILE])
     if options.command == "submit":
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-        options.out.with_suffix(".pid").write_text(f"{os.getpid()}\n", encoding="utf-8")
         result = submit(options)
         options.out.write_text(json.dumps(result), encoding="utf-8")
         print(

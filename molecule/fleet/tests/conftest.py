@@ -189,6 +189,12 @@ class Load:
             stderr=subprocess.PIPE,
             text=True,
         )
+        # Submitting from now on: a fault a test injects next meets the load (the producer's
+        # imports alone took over 5 s on a busy machine, and PostgreSQL's outage missed it).
+        ready = host(WORKER_A).run(
+            f"timeout 120 sh -c 'until test -e {self.pid_file}; do sleep 0.2; done'"
+        )
+        assert ready.rc == 0, f"loadgen submit [{tag}] did not start within 120 s"
 
     def stop(self) -> None:
         """Stop submitting now (before --count or --seconds)."""
