@@ -85,10 +85,9 @@ def submit(args: argparse.Namespace) -> dict[str, Any]:
         def publish(task_args: list[str], published: list[str] = published) -> None:
             # This process never waits for a result (the workers still store them; `count` reads
             # them). Outside denied_join_result, send_task subscribes to each task's result
-            # channel, and after a broker connection error the result consumer re-reads every
-            # result ever subscribed and subscribes again, up to 20 times, each try blocked up to
-            # the socket timeout while the old master is frozen: the producer hung for minutes
-            # after a Sentinel failover.
+            # channel, and after a connection error the result consumer reconnects and re-reads
+            # the results it holds, up to 20 tries, each blocked up to the socket timeout while
+            # the old master is frozen.
             with denied_join_result():
                 published.append(app.send_task(SEND_EMAIL, args=task_args, retry=False).id)
 
