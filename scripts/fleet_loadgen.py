@@ -12,17 +12,25 @@ accepted task has finished or --wait seconds have passed, then checks each one's
   holds exactly one message with its Message-ID (two: sent twice);
 - after one last sync, the `messages` table holds exactly one row per Message-ID (no duplicate);
 - each sync task ended in SUCCESS (else lost).
-It prints the counts as one JSON object and exits 1 when any task was lost or doubled.
+It prints the counts as one JSON object and exits 1 when any task was lost or doubled. The run
+file keeps the time (epoch seconds) each task was accepted, and the counts list those of the lost
+ones (`lost_accepted_at`), so that a fault test can tell what a Redis failover may lose (accepted
+just before the master froze) from a real loss.
 The IMAP password is read from the environment (LOADGEN_IMAP_PASSWORD), never from arguments.
+`submit` writes its process id next to the run file (RUN.pid) once it is about to submit the first
+task, and dumps every thread's stack to stderr on SIGUSR1, so that a test can show where a
+producer that overran is stuck.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import imaplib
 import json
 import os
 import re
+import signal
 import sys
 import time
 import uuid
@@ -45,15 +53,18 @@ def _load_env(files: list[Path]) -> None:
 
 
 def submit(args: argparse.Namespace) -> dict[str, Any]:
+    from celery.result import denied_join_result  # noqa: PLC0415
     from mailworker.celery_app import app  # noqa: PLC0415 - the settings come first
     from mailworker.services import outbox  # noqa: PLC0415
     from mailworker.settings import load_settings  # noqa: PLC0415
 
     settings = load_settings()
+    # Ready: a test waits for this file before its fault (the imports take seconds on a busy host).
+    args.out.with_suffix(".pid").write_text(f"{os.getpid()}\n", encoding="utf-8")
     tenant, user, account = (uuid.UUID(value) for value in args.account)
     ids = [str(tenant), str(user), str(account)]
-    sends: list[dict[str, str]] = []
-    syncs: list[str] = []
+    sends: list[dict[str, Any]] = []
+    syncs: list[dict[str, Any]] = []
     refused: list[str] = []
     started = time.monotonic()
     for number in range(args.count):
@@ -63,14 +74,22 @@ def submit(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(max(0.0, due - time.monotonic()))
         if args.sync_every and number % args.sync_every == args.sync_every - 1:
             try:
-                syncs.append(app.send_task(SYNC_MAILBOX, args=ids, retry=False).id)
+                with denied_join_result():
+                    task_id = app.send_task(SYNC_MAILBOX, args=ids, retry=False).id
+                syncs.append({"id": task_id, "at": time.time()})
             except Exception as error:  # the broker refused it: counted, not lost
                 refused.append(f"sync {number}: {type(error).__name__}")
             continue
         published: list[str] = []
 
         def publish(task_args: list[str], published: list[str] = published) -> None:
-            published.append(app.send_task(SEND_EMAIL, args=task_args, retry=False).id)
+            # This process never waits for a result (the workers still store them; `count` reads
+            # them). Outside denied_join_result, send_task subscribes to each task's result
+            # channel, and after a connection error the result consumer reconnects and re-reads
+            # the results it holds, up to 20 tries, each blocked up to the socket timeout while
+            # the old master is frozen.
+            with denied_join_result():
+                published.append(app.send_task(SEND_EMAIL, args=task_args, retry=False).id)
 
         spec = {
             "to": ["bob@example.test"],
@@ -82,7 +101,13 @@ def submit(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as error:  # the database was unreachable: the caller was told
             refused.append(f"send {number}: {type(error).__name__}")
             continue
-        sends.append({"outbox_id": str(stored.outbox_id), "message_id": stored.message_id})
+        sends.append(
+            {
+                "outbox_id": str(stored.outbox_id),
+                "message_id": stored.message_id,
+                "at": time.time(),
+            }
+        )
     return {
         "account": ids,
         "tag": args.tag,
@@ -107,10 +132,10 @@ def _send_states(run: dict[str, Any]) -> dict[str, str]:
     return {str(row_id): status for row_id, status in rows}
 
 
-def _sync_states(run: dict[str, Any]) -> Counter[str]:
+def _sync_states(run: dict[str, Any]) -> dict[str, str]:
     from mailworker.celery_app import app  # noqa: PLC0415
 
-    return Counter(app.AsyncResult(task_id).state for task_id in run["syncs"])
+    return {sync["id"]: app.AsyncResult(sync["id"]).state for sync in run["syncs"]}
 
 
 def _deliveries(host: str, port: int, user: str, password: str) -> Counter[str]:
@@ -168,7 +193,7 @@ def count(args: argparse.Namespace) -> dict[str, Any]:
         sends = _send_states(run)
         syncs = _sync_states(run)
         pending = sum(1 for status in sends.values() if status != "sent") + sum(
-            number for state, number in syncs.items() if state not in FINAL_STATES
+            1 for state in syncs.values() if state not in FINAL_STATES
         )
         if pending == 0 or time.monotonic() >= deadline:
             break
@@ -195,11 +220,12 @@ def count(args: argparse.Namespace) -> dict[str, Any]:
         "rows_once": sum(1 for mid in message_ids if rows[mid] == 1),
         "rows_duplicated": sum(1 for mid in message_ids if rows[mid] > 1),
         "rows_missing": sum(1 for mid in message_ids if rows[mid] == 0),
-        "sync_states": dict(syncs),
+        "sync_states": dict(Counter(syncs.values())),
     }
-    sends_lost = len(message_ids) - statuses.get("sent", 0)
-    syncs_lost = len(run["syncs"]) - syncs.get("SUCCESS", 0)
-    counts["lost"] = sends_lost + syncs_lost
+    lost_at = [send["at"] for send in run["sends"] if sends.get(send["outbox_id"]) != "sent"]
+    lost_at += [sync["at"] for sync in run["syncs"] if syncs.get(sync["id"]) != "SUCCESS"]
+    counts["lost"] = len(lost_at)
+    counts["lost_accepted_at"] = sorted(lost_at)
     counts["doubled"] = counts["delivered_twice_or_more"] + counts["rows_duplicated"]
     counts["ok"] = (
         counts["lost"] == 0
@@ -237,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     _load_env(options.env_file or [DEFAULT_ENV_FILE])
     if options.command == "submit":
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         result = submit(options)
         options.out.write_text(json.dumps(result), encoding="utf-8")
         print(

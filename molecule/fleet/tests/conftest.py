@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ _inventory = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 DATA = _inventory.get_hosts("postgresql")[0]
 APP_HOSTS = _inventory.get_hosts("celery_workers")
 WORKER_A, WORKER_B = APP_HOSTS[0], APP_HOSTS[1]
+SENTINEL_HOSTS = _inventory.get_hosts("redis_sentinel")
 VENV_PYTHON = "/opt/mailworker/venv/bin/python"
 LOADGEN = "/root/fleet_loadgen.py"
 ENV_FILE = "/etc/mailworker/mailworker.env"
@@ -42,6 +44,21 @@ SINK_MAILDIR = "/srv/testmail/mail/alice@example.test"
 TEST_PASSWORD = "lab-only-imap"  # the TEST-ONLY mail user of prepare.yml
 PLAYBOOK_TIMEOUT = 900
 JOURNAL_LINES = 40
+# Which beat holds the lease, read as the app reads it (the settings file: through the Sentinels).
+LEASE_HOLDER = (
+    "import os, pathlib;"
+    "from mailworker.ops.envfile import load_env_file;"
+    "load_env_file(pathlib.Path('/etc/mailworker/mailworker.env'), os.environ, override=True);"
+    "from mailworker.settings import load_settings;"
+    "from mailworker.redis_client import redis_from_url;"
+    "from mailworker.beat import LEASE_KEY, lease_holder;"
+    "s = load_settings();"
+    "print(lease_holder(redis_from_url(s.broker_url, s).get(LEASE_KEY)) or '')"
+)
+# beat.log's lines (the units log to /var/log/mailworker, in UTC, as the containers run).
+SENT = re.compile(
+    r"^\[([0-9-]+ [0-9:]+),(\d+): INFO/MainProcess\] Scheduler: Sending due task (\S+) "
+)
 
 
 def host(name: str) -> Any:
@@ -158,6 +175,8 @@ class Load:
         run = f"/root/fleet-run-{tag}-{uuid.uuid4().hex[:6]}"
         self.run_file = f"{run}.json"
         self.stop_file = f"{run}.stop"
+        self.pid_file = f"{run}.pid"  # fleet_loadgen.py writes it
+        self._submitted: dict[str, Any] | None = None
         self.started = time.monotonic()
         self.process = subprocess.Popen(
             [
@@ -170,16 +189,37 @@ class Load:
             stderr=subprocess.PIPE,
             text=True,
         )
+        # Submitting from now on: a fault a test injects next meets the load (the producer's
+        # imports alone took over 5 s on a busy machine, and PostgreSQL's outage missed it).
+        ready = host(WORKER_A).run(
+            f"timeout 120 sh -c 'until test -e {self.pid_file}; do sleep 0.2; done'"
+        )
+        assert ready.rc == 0, f"loadgen submit [{tag}] did not start within 120 s"
 
     def stop(self) -> None:
         """Stop submitting now (before --count or --seconds)."""
         host(WORKER_A).run(f"touch {self.stop_file}")
 
     def submitted(self, timeout: float = 300) -> dict[str, Any]:
-        """Wait for `submit` to finish; what it submitted."""
-        out, err = self.process.communicate(timeout=timeout)
+        """Wait for `submit` to finish; what it submitted. A producer still running after TIMEOUT
+        seconds dumps its threads' stacks (SIGUSR1), is stopped, and the test fails with them."""
+        if self._submitted is not None:
+            return self._submitted
+        try:
+            out, err = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pid = f"$(cat {self.pid_file})"
+            host(WORKER_A).run(f"kill -USR1 {pid}; sleep 2; kill -TERM {pid}")
+            try:
+                out, err = self.process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                out, err = self.process.communicate()
+            print(f"\nloadgen submit [{self.tag}] overran {timeout} s; its stacks:\n{err}")
+            pytest.fail(f"loadgen submit [{self.tag}] still ran {timeout} s after it was awaited")
         assert self.process.returncode == 0, f"loadgen submit failed:\n{out}\n{err}"
-        return json.loads(out)
+        self._submitted = json.loads(out)
+        return self._submitted
 
     def counts(self, wait: float) -> dict[str, Any]:
         """Wait for the tasks (at most `wait` s), count their effects and print the counts."""
@@ -239,6 +279,25 @@ def playbook(name: str, *extra: str) -> subprocess.CompletedProcess[str]:
 def workers_answer(name: str) -> bool:
     """Every worker unit of the host answers `mailworker health worker`."""
     return host(name).run("mailworker health worker").rc == 0
+
+
+def leader() -> str:
+    """The node name of the beat that holds the lease ('' when none does)."""
+    out = host(WORKER_A).check_output(f'{VENV_PYTHON} -c "{LEASE_HOLDER}"')
+    return out.strip()
+
+
+def beat_sends(name: str, since: float) -> list[tuple[float, str]]:
+    """(time, entry) of every run beat on host NAME sent since the epoch time SINCE."""
+    log = host(name).run("grep -h 'Sending due task' /var/log/mailworker/beat.log").stdout
+    sends = []
+    for found in map(SENT.match, log.splitlines()):
+        if found:
+            stamp = datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+            at = stamp.timestamp() + int(found.group(2)) / 1000
+            if at >= since:
+                sends.append((at, found.group(3)))
+    return sends
 
 
 def psql(query: str) -> str:

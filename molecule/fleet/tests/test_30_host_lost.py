@@ -6,9 +6,7 @@ entry fires twice for one schedule slot, even after the frozen leader wakes up (
 from __future__ import annotations
 
 import itertools
-import re
 import time
-from datetime import UTC, datetime
 
 import pytest
 from conftest import (
@@ -16,8 +14,10 @@ from conftest import (
     WORKER_B,
     Load,
     assert_exactly_once,
+    beat_sends,
     docker,
     host,
+    leader,
     pause,
     setting,
     wait_for,
@@ -28,38 +28,6 @@ pytestmark = [
     pytest.mark.units("celery-beat.service", "celery-worker.service"),
     pytest.mark.timeout(600),
 ]
-LEASE_HOLDER = (
-    "import os, pathlib;"
-    "from mailworker.ops.envfile import load_env_file;"
-    "load_env_file(pathlib.Path('/etc/mailworker/mailworker.env'), os.environ, override=True);"
-    "from mailworker.settings import load_settings;"
-    "from mailworker.redis_client import redis_from_url;"
-    "from mailworker.beat import LEASE_KEY, lease_holder;"
-    "s = load_settings();"
-    "print(lease_holder(redis_from_url(s.broker_url, s).get(LEASE_KEY)) or '')"
-)
-# beat.log's lines (the units log to /var/log/mailworker, in UTC, as the containers run).
-SENT = re.compile(
-    r"^\[([0-9-]+ [0-9:]+),(\d+): INFO/MainProcess\] Scheduler: Sending due task (\S+) "
-)
-
-
-def leader() -> str:
-    out = host(WORKER_A).check_output(f'/opt/mailworker/venv/bin/python -c "{LEASE_HOLDER}"')
-    return out.strip()
-
-
-def beat_sends(name: str, since: float) -> list[tuple[float, str]]:
-    """(time, entry) of every run beat on host NAME sent since the epoch time SINCE."""
-    log = host(name).run("grep -h 'Sending due task' /var/log/mailworker/beat.log").stdout
-    sends = []
-    for found in map(SENT.match, log.splitlines()):
-        if found:
-            stamp = datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
-            at = stamp.timestamp() + int(found.group(2)) / 1000
-            if at >= since:
-                sends.append((at, found.group(3)))
-    return sends
 
 
 def test_losing_the_beat_leaders_host_keeps_consuming_and_scheduling_once():
