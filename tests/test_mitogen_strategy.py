@@ -72,29 +72,27 @@ def test_the_lab_names_the_docker_connection_by_its_short_name() -> None:
     assert "community.docker.docker" not in hosts
 
 
-def test_the_repository_config_runs_playbooks_with_mitogen() -> None:
-    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")}
-    dumped = subprocess.run(
-        [str(ANSIBLE / "ansible-config"), "dump", "--only-changed"],
+def _ansible(command: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """An Ansible command of the virtualenv, run with the repository's ansible.cfg."""
+    return subprocess.run(
+        [str(ANSIBLE / command), *args],
         cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    ).stdout
-    strategy = [line for line in dumped.splitlines() if line.startswith("DEFAULT_STRATEGY(")]
-    assert strategy, dumped
-    assert strategy[0].endswith("= mitogen_linear"), strategy
-    # The strategy plugin loads (else: "Invalid play strategy"): a one-task play runs through it.
-    play = subprocess.run(
-        [str(ANSIBLE / "ansible"), "localhost", "-m", "ansible.builtin.ping"],
-        cwd=REPO,
-        env=env,
+        env={**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")},
         capture_output=True,
         text=True,
         check=False,
         timeout=120,
     )
+
+
+def test_the_repository_config_runs_playbooks_with_mitogen() -> None:
+    config = _ansible("ansible-config", "dump", "--only-changed")
+    assert config.returncode == 0, config.stderr
+    dumped = config.stdout
+    strategy = [line for line in dumped.splitlines() if line.startswith("DEFAULT_STRATEGY(")]
+    assert strategy, dumped
+    assert strategy[0].endswith("= mitogen_linear"), strategy
+    # The strategy plugin loads (else: "Invalid play strategy"): a one-task play runs through it.
+    play = _ansible("ansible", "localhost", "-m", "ansible.builtin.ping")
     assert play.returncode == 0, play.stdout + play.stderr
     assert "pong" in play.stdout, play.stdout
