@@ -112,6 +112,8 @@ def test_cleanup_marks_stuck_state_and_expires_stray_results(
     very_long_ago = datetime.now(UTC) - timedelta(days=30)
     lost_task, old_task = str(uuid.uuid4()), str(uuid.uuid4())
     stuck_message = f"<{uuid.uuid4()}@stuck>"
+    # Stuck before its final ".": nothing was delivered, so the sweeper sends it again.
+    undelivered = f"<{uuid.uuid4()}@stuck-before-data>"
     with Session(db_engine) as session, session.begin():
         session.add(
             TaskAttempt(task_id=lost_task, task_name="x", state="started", started_at=long_ago)
@@ -134,6 +136,22 @@ def test_cleanup_marks_stuck_state_and_expires_stray_results(
                 recipients=[],
                 subject="",
                 attempts=1,
+                data_sent_at=long_ago,
+                copied_to_sent=False,
+                updated_at=long_ago,
+            )
+        )
+        session.add(
+            SentMessage(
+                tenant_id=account.tenant_id,
+                user_id=account.user_id,
+                account_id=account.account_id,
+                message_id=undelivered,
+                status="sending",
+                content=b"From: a@b\r\n\r\nstored\r\n",
+                recipients=[],
+                subject="",
+                attempts=1,
                 copied_to_sent=False,
                 updated_at=long_ago,
             )
@@ -146,6 +164,7 @@ def test_cleanup_marks_stuck_state_and_expires_stray_results(
     value = celery_client(app_env).send_task(CLEANUP).get(timeout=30)
     assert value["attempts_marked_lost"] >= 1
     assert value["sends_marked_unknown"] >= 1
+    assert value["sends_requeued"] >= 1
     assert value["attempts_purged"] >= 1
     assert value["results_given_expiry"] >= 1
     with Session(db_engine) as session:
@@ -155,4 +174,8 @@ def test_cleanup_marks_stuck_state_and_expires_stray_results(
         assert gone is None
         stuck = session.scalar(select(SentMessage).where(SentMessage.message_id == stuck_message))
         assert stuck.status == "unknown"
+        again = session.scalar(select(SentMessage).where(SentMessage.message_id == undelivered))
+        assert (again.status, again.attempts) == ("deferred", 1)
+        assert "sent again" in again.error
+        assert again.next_attempt_at is not None
     assert 0 < results.ttl(stray) <= 3600

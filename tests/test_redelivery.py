@@ -176,11 +176,14 @@ def _point_account_at(db_engine, account_id: str, port: int) -> None:
 class HoldingRelay:
     """An SMTP server that takes any login, delivers to Dovecot on DATA and then waits `hold`
     seconds before it replies, as an MTA that committed the message to its queue: a worker
-    killed while it waits has handed over the message but never heard so."""
+    killed while it waits has handed over the message but never heard so. With `hold_rcpt` it
+    also waits that long before its reply to the first RCPT, before any data went out."""
 
-    def __init__(self, dovecot: Any, hold: float) -> None:
+    def __init__(self, dovecot: Any, hold: float, hold_rcpt: float = 0.0) -> None:
         self.dovecot = dovecot
         self.hold = hold
+        self.hold_rcpt = hold_rcpt
+        self.in_rcpt = threading.Event()
         self.in_data = threading.Event()
         self.data_commands = 0
         self.controller = Controller(
@@ -190,6 +193,13 @@ class HoldingRelay:
             authenticator=lambda *_: AuthResult(success=True),
             auth_require_tls=False,
         )
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:
+        if not self.in_rcpt.is_set():
+            self.in_rcpt.set()
+            await asyncio.sleep(self.hold_rcpt)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope) -> str:
         self.data_commands += 1
@@ -208,6 +218,29 @@ def relay(dovecot):
     holding.controller.start()
     yield holding
     holding.controller.stop()
+
+
+@pytest.fixture
+def rcpt_relay(dovecot):
+    holding = HoldingRelay(dovecot, hold=0.0, hold_rcpt=30.0)
+    holding.controller.start()
+    yield holding
+    holding.controller.stop()
+
+
+@pytest.fixture
+def brief_rcpt_relay(dovecot):
+    holding = HoldingRelay(dovecot, hold=0.0, hold_rcpt=5.0)
+    holding.controller.start()
+    yield holding
+    holding.controller.stop()
+
+
+def outbox_rows(db_engine, account_id: str) -> list[SentMessage]:
+    with Session(db_engine) as session:
+        return list(
+            session.scalars(sql_select(SentMessage).where(SentMessage.account_id == account_id))
+        )
 
 
 def test_send_killed_inside_smtp_is_not_sent_twice(fleet, make_account, dovecot, relay):
@@ -233,13 +266,77 @@ def test_send_killed_inside_smtp_is_not_sent_twice(fleet, make_account, dovecot,
     time.sleep(1)
     assert len(dovecot.mailbox(bob.address)) == 1
 
-    with Session(db_engine) as session:
-        rows = session.scalars(
-            sql_select(SentMessage).where(SentMessage.account_id == alice.account_id)
-        ).all()
+    rows = outbox_rows(db_engine, alice.account_id)
     assert [(row.status, row.attempts) for row in rows] == [("unknown", 1)]
     runs = [(a.state, a.redelivered) for a in attempts(db_engine, result.id)]
     assert runs == [("started", False), ("failed", True)]
+
+
+def test_send_killed_before_its_data_went_out_is_sent_once(
+    fleet, make_account, dovecot, rcpt_relay
+):
+    """A worker killed before the final "." delivered nothing: the redelivered task sends it
+    (before, every send killed anywhere in the exchange was `unknown`, i.e. lost)."""
+    alice = make_account(smtp_port=rcpt_relay.controller.port, smtp_security="plain")
+    bob = make_account()
+    fleet.configure(**FAST_REDELIVERY, MAILWORKER_CONCURRENCY="1")
+    first = fleet.start_worker()
+    client = fleet.client()
+
+    message = {"to": [bob.address], "subject": "minutes", "body": "see you"}
+    _, result = submit(load_settings(fleet.env), client, alice, message)
+    assert result is not None
+    assert rcpt_relay.in_rcpt.wait(30), first.log[-2000:]
+    first.kill_hard()  # waiting for the RCPT reply: nothing went out
+    assert dovecot.mailbox(bob.address) == []
+
+    second = fleet.start_worker()
+    value = result.get(timeout=60)
+    assert (value["status"], value["duplicate"]) == ("sent", False), second.log[-2000:]
+    assert "was lost before the message data went out" in second.log
+    assert rcpt_relay.data_commands == 1
+    assert len(dovecot.mailbox(bob.address)) == 1
+    [row] = outbox_rows(fleet.db_engine, alice.account_id)
+    assert (row.status, row.attempts, row.copied_to_sent) == ("sent", 2, True)
+    assert row.data_sent_at is not None
+    runs = [(a.state, a.redelivered) for a in attempts(fleet.db_engine, result.id)]
+    assert runs == [("started", False), ("succeeded", True)]
+
+
+def test_an_overtaken_attempt_stops_before_the_final_dot(
+    default_fleet, make_account, dovecot, brief_rcpt_relay
+):
+    """An attempt that froze while another took the send over (its database session dropped,
+    the lock with it) wakes up and stops before delivering: it neither sends, nor writes the
+    row, nor stores a result (default settings)."""
+    alice = make_account(smtp_port=brief_rcpt_relay.controller.port, smtp_security="plain")
+    bob = make_account()
+    fleet = default_fleet
+    worker = fleet.start_worker()
+    message = {"to": [bob.address], "subject": "agenda", "body": "monday"}
+    _, result = submit(load_settings(fleet.env), fleet.client(), alice, message)
+    assert result is not None
+    assert brief_rcpt_relay.in_rcpt.wait(30), worker.log[-2000:]
+    [row] = outbox_rows(fleet.db_engine, alice.account_id)
+    assert (row.status, row.attempts) == ("sending", 1)
+    with Session(fleet.db_engine) as session, session.begin():
+        # What the claim of a later attempt writes.
+        session.execute(
+            update(SentMessage).where(SentMessage.id == row.id).values(attempts=2, task_id="x")
+        )
+
+    done = wait_until(
+        lambda: [a for a in attempts(fleet.db_engine, result.id) if a.state != "started"],
+        60,
+        "the attempt to end",
+    )
+    assert [(a.state, a.redelivered) for a in done] == [("superseded", False)], worker.log[-2000:]
+    assert "was overtaken" in done[0].error
+    assert brief_rcpt_relay.data_commands == 0
+    assert dovecot.mailbox(bob.address) == []
+    [after] = outbox_rows(fleet.db_engine, alice.account_id)
+    assert (after.status, after.attempts, after.data_sent_at) == ("sending", 2, None)
+    assert result.state == "PENDING"  # Ignore: the result is the other attempt's to store
 
 
 # --- leases, at the DEFAULT settings ---------------------------------------------------------

@@ -3,6 +3,7 @@ once. Real outages: Dovecot stopped and started again, an SMTP server answering 
 
 import itertools
 import uuid
+from datetime import UTC, datetime
 from email.message import EmailMessage
 
 import pytest
@@ -126,7 +127,8 @@ def test_wrong_mailbox_password_fails_at_once(client, make_account, db_engine):
 def test_interrupted_send_found_in_sent_is_recorded_not_resent(
     client, make_account, dovecot, smtp_server, db_engine
 ):
-    """The state a worker killed after the Sent copy but before its last commit leaves."""
+    """The state a worker killed after its final "." and the Sent copy but before its `sent`
+    commit leaves (the release before this one committed `sent` after the copy)."""
     alice = make_account()
     message_id = f"<{uuid.uuid4()}@tenant-a.test>"
     copy = EmailMessage()
@@ -147,6 +149,7 @@ def test_interrupted_send_found_in_sent_is_recorded_not_resent(
                 recipients=["x@example.org"],
                 subject="",
                 attempts=1,
+                data_sent_at=datetime.now(UTC),
                 copied_to_sent=False,
             )
         )
@@ -154,6 +157,50 @@ def test_interrupted_send_found_in_sent_is_recorded_not_resent(
     assert (value["status"], value["recovered"]) == ("sent", True)
     assert smtp_server.delivered(message_id) == []
     assert sent_row(db_engine, alice.account_id, message_id).status == "sent"
+
+
+@pytest.mark.parametrize("already_copied", [False, True], ids=["copy-missing", "copy-made"])
+def test_send_killed_between_its_sent_commit_and_sent_copy_gets_one_copy(
+    client, make_account, dovecot, db_engine, already_copied
+):
+    """The state a worker killed after it committed `sent` leaves: the content still stored, no
+    copy recorded. The redelivered task sends nothing and leaves exactly one copy in Sent, even
+    if the dead attempt had appended it just before it died."""
+    alice = make_account()
+    message_id = f"<{uuid.uuid4()}@tenant-a.test>"
+    copy = EmailMessage()
+    copy["From"], copy["To"], copy["Message-ID"] = alice.address, "x@example.org", message_id
+    copy.set_content("sent, copy pending")
+    if already_copied:
+        with ImapSession(dovecot.endpoint(alice.address)) as imap:
+            imap.append("Sent", copy.as_bytes())
+    outbox_id = uuid.uuid4()
+    with Session(db_engine) as session, session.begin():
+        session.add(
+            SentMessage(
+                id=outbox_id,
+                tenant_id=alice.tenant_id,
+                user_id=alice.user_id,
+                account_id=alice.account_id,
+                message_id=message_id,
+                status="sent",
+                content=copy.as_bytes(),
+                recipients=["x@example.org"],
+                accepted=["x@example.org"],
+                subject="",
+                attempts=1,
+                data_sent_at=datetime.now(UTC),
+                copied_to_sent=False,
+            )
+        )
+    value = client.send_task(SEND, args=[*alice.ids, str(outbox_id)]).get(timeout=30)
+    assert (value["status"], value["duplicate"], value["copied_to_sent"]) == ("sent", True, True)
+    row = sent_row(db_engine, alice.account_id, message_id)
+    # No new attempt: nothing went to SMTP.
+    assert (row.status, row.attempts, row.copied_to_sent, row.content) == ("sent", 1, True, None)
+    with ImapSession(dovecot.endpoint(alice.address)) as imap:
+        imap.select("Sent")
+        assert len(imap.search_header("Message-ID", message_id)) == 1
 
 
 def test_database_outage_is_retried_then_succeeds(fleet, make_account, dovecot, postgres_server):

@@ -32,3 +32,9 @@ class TenantMismatch(PermanentError):
 
 class AuthenticationFailed(PermanentError):
     """The mail server refused the account's credentials."""
+
+
+class AttemptSuperseded(MailworkerError):
+    """A later attempt of the same work took over (this one froze, e.g. a paused VM): this
+    attempt must stop without writing anything; its task ends quietly, neither failed nor
+    retried."""

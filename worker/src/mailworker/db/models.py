@@ -172,7 +172,8 @@ class SentMessage(Base):
     status: queued (stored, waiting for a worker) | sending (an attempt is in the SMTP
     exchange) | deferred (the server did not take it yet; retried until the retry window ends)
     | sent | failed | unknown (the exchange broke after the data went out; not resent, see
-    services/send.py).
+    services/send.py). `attempts` numbers the attempts: an attempt writes the row only while
+    it is still the latest (a fencing token against a worker that froze and came back).
     """
 
     __tablename__ = "sent_messages"
@@ -207,6 +208,9 @@ class SentMessage(Base):
     subject: Mapped[str] = mapped_column(Text, default="")
     task_id: Mapped[str | None] = mapped_column(String(64))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Set by the attempt `attempts` just before it wrote the data's final "."; without it, a
+    # `sending` row's attempt died with nothing delivered, and the message may be sent again.
+    data_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     accepted: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
     refused: Mapped[dict[str, str] | None] = mapped_column(JSONB)
     copied_to_sent: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -233,7 +237,7 @@ class TaskAttempt(Base):
     retries: Mapped[int] = mapped_column(Integer, default=0)
     redelivered: Mapped[bool] = mapped_column(Boolean, default=False)
     hostname: Mapped[str] = mapped_column(String(255), default="")
-    # started | succeeded | retrying | failed | rejected | lost
+    # started | succeeded | retrying | failed | rejected | superseded | lost
     state: Mapped[str] = mapped_column(String(16), index=True)
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime] = _created()

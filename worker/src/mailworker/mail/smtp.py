@@ -5,10 +5,12 @@ extensions are PermanentError, a rejected login is AuthenticationFailed (454 sta
 
 The phases are driven one by one (MAIL, RCPT, DATA, the data, the final ".") so that a failure
 is known to be before or after the message data went out. Before: the server cannot have taken
-the message, so the errors above apply. After the final "." was written, a timeout, a dropped
-connection or anything else but a reply is DeliveryUnknown (RFC 5321 4.1.1.4: the server may
-have accepted it): the caller must not resend blindly. The reply to the final "." gets its own
-timeout (RFC 5321 4.5.3.2.6: 10 minutes), the other phases the endpoint's.
+the message, so the errors above apply. A caller's `before_final_dot` runs between the data and
+its final "." (the outbox records there that the point of no return is reached); whatever it
+raises ends the exchange with nothing delivered. After the final "." was written, a timeout, a
+dropped connection or anything else but a reply is DeliveryUnknown (RFC 5321 4.1.1.4: the
+server may have accepted it): the caller must not resend blindly. The reply to the final "."
+gets its own timeout (RFC 5321 4.5.3.2.6: 10 minutes), the other phases the endpoint's.
 
 Error texts name no address (servers echo them in replies): they end up in task results.
 """
@@ -19,6 +21,7 @@ import contextlib
 import copy
 import re
 import smtplib
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.generator import BytesGenerator
 from email.message import EmailMessage
@@ -42,6 +45,7 @@ CLOSING = 421
 _ADDRESS = re.compile(r"[^\s<>\"'(),;:]+@[^\s<>\"'(),;:]+")
 # RFC 5321 4.5.3.2.6: "DATA Termination: 10 minutes."
 RFC_FINAL_REPLY_TIMEOUT = 600.0
+FINAL_DOT = b".\r\n"  # ends the data; the data itself always ends with CRLF
 
 
 class DeliveryUnknown(PermanentError):
@@ -62,6 +66,7 @@ def send_message(
     message: EmailMessage,
     *,
     final_reply_timeout: float = RFC_FINAL_REPLY_TIMEOUT,
+    before_final_dot: Callable[[], None] = lambda: None,
 ) -> SendResult:
     """Submit `message` to the envelope recipients from its To, Cc and Bcc (Bcc is not sent)."""
     message_id = str(message.get("Message-ID", "")).strip()
@@ -82,6 +87,7 @@ def send_message(
                 sender=sender,
                 recipients=recipients,
                 final_reply_timeout=final_reply_timeout,
+                before_final_dot=before_final_dot,
             )
             # The server has the message: nothing after this may turn it into a resend (a
             # failing QUIT, a time limit): only errors raised before the final "." escape.
@@ -126,6 +132,7 @@ def _transfer(
     sender: str,
     recipients: list[str],
     final_reply_timeout: float,
+    before_final_dot: Callable[[], None],
 ) -> dict[str, tuple[int, bytes]]:
     """MAIL, RCPT, DATA and the data; the refused recipients. What smtplib's sendmail does,
     phase by phase, so that only a failure after the final "." is DeliveryUnknown."""
@@ -157,6 +164,8 @@ def _transfer(
     if code != START_DATA:
         raise smtplib.SMTPDataError(code, reply)
     smtp.send(_wire_data(message, utf8=international))
+    before_final_dot()
+    smtp.send(FINAL_DOT)
     # The final "." is out: from here on the server may have the message.
     code, reply = _final_reply(smtp, endpoint, final_reply_timeout)
     if code != OK:
@@ -193,7 +202,8 @@ def _final_reply(smtp: smtplib.SMTP, endpoint: MailEndpoint, timeout: float) -> 
 
 
 def _wire_data(message: EmailMessage, *, utf8: bool) -> bytes:
-    """The message as DATA carries it: without Bcc, CRLF lines, dots stuffed, "." at the end."""
+    """The message as DATA carries it: without Bcc, CRLF lines, dots stuffed; the final "."
+    (FINAL_DOT) goes out apart."""
     outgoing = copy.copy(message)  # as smtplib does: `del` rebinds the copy's header list
     del outgoing["Bcc"]
     del outgoing["Resent-Bcc"]
@@ -203,7 +213,7 @@ def _wire_data(message: EmailMessage, *, utf8: bool) -> bytes:
     data = re.sub(rb"(?m)^\.", b"..", buffer.getvalue())
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
-    return data + b".\r\n"
+    return data
 
 
 def _reset(smtp: smtplib.SMTP, code: int) -> None:

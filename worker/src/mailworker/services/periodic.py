@@ -47,11 +47,26 @@ def cleanup(settings: Settings) -> dict[str, int]:
             .where(TaskAttempt.started_at < func.now() - stale)
             .values(state="lost", finished_at=func.now(), error="worker lost; no result")
         ).rowcount
-        # A send stuck in `sending` whose attempt is gone: its outcome cannot be known.
-        # SKIP LOCKED leaves alone a row an attempt is updating right now.
+        # A send stuck in `sending` whose attempt is gone (and was not redelivered): before the
+        # data's final "." nothing was delivered, so it is due again; after it, the outcome
+        # cannot be known. SKIP LOCKED leaves alone a row an attempt is updating right now.
         stuck = select(SentMessage.id).where(
             SentMessage.status == "sending", SentMessage.updated_at < func.now() - stale
         )
+        undelivered = (SentMessage.data_sent_at.is_(None), SentMessage.content.is_not(None))
+        requeued = session.execute(
+            update(SentMessage)
+            .where(
+                SentMessage.id.in_(
+                    stuck.where(*undelivered).with_for_update(skip_locked=True).scalar_subquery()
+                )
+            )
+            .values(
+                status="deferred",
+                next_attempt_at=func.now(),
+                error="its attempt was lost before the message data went out; sent again",
+            )
+        ).rowcount
         unknown = session.execute(
             update(SentMessage)
             .where(SentMessage.id.in_(stuck.with_for_update(skip_locked=True).scalar_subquery()))
@@ -73,6 +88,7 @@ def cleanup(settings: Settings) -> dict[str, int]:
     results = _expire_results(settings)
     summary = {
         "attempts_marked_lost": lost,
+        "sends_requeued": requeued,
         "sends_marked_unknown": unknown,
         "attempts_purged": purged,
         "results_given_expiry": results,

@@ -9,19 +9,25 @@ resending risks a loss. We never resend blindly:
 1. While an attempt runs it holds a PostgreSQL advisory lock for the Message-ID (released by the
    server the moment a killed worker's connection drops). A second attempt that cannot take the
    lock knows the first is alive and retries later (TransientError).
-2. Before touching SMTP the attempt commits status `sending` (the intent).
+2. Before touching SMTP the attempt commits status `sending` and its number (`attempts`, one
+   more than the last). Every later write of the attempt checks that number first: an attempt
+   that froze (a paused VM whose database session was dropped, releasing the lock) and woke up
+   after another took over stops there (AttemptSuperseded) without writing or delivering.
 3. A failure before the final "." of the data (connection refused, 4xx, a drop during MAIL,
    RCPT, DATA or while the data is written) cannot have delivered anything: status `deferred`,
    retried (by the task, then by the outbox sweeper) until MAILWORKER_SEND_RETRY_WINDOW ends.
    A 5xx is `failed`.
-4. A failure after the final "." (no reply within MAILWORKER_SMTP_FINAL_REPLY_TIMEOUT, the
+4. Just before it writes the final ".", the attempt commits `data_sent_at`: the point of no
+   return. A failure after it (no reply within MAILWORKER_SMTP_FINAL_REPLY_TIMEOUT, the
    connection dropped, a time limit) is `unknown` at once: not resent, the task fails saying so.
-5. After the server accepted the message, the attempt appends a copy to the Sent folder over
-   IMAP, then commits status `sent` (and drops the stored content; its hash stays).
-6. An attempt that finds `sent` returns the stored outcome (no SMTP). One that finds `sending`
-   and gets the lock knows the previous attempt died between 2 and 5's commit: it looks for the
-   Message-ID in the Sent folder. Found: the send had completed, the row becomes `sent`. Not
-   found: the row becomes `unknown` and the task fails with a message saying it was *not* resent.
+5. Once the server accepted the message the attempt commits `sent`, appends a copy to the Sent
+   folder over IMAP, then records the copy and drops the stored content (its hash stays).
+6. An attempt that finds `sent` returns the stored outcome (no SMTP), making the Sent copy first
+   if its attempt died before it (the content is still stored; it looks in Sent before it
+   appends). One that finds `sending` and gets the lock knows the previous attempt died:
+   - without `data_sent_at` it never wrote the final ".", nothing was delivered: it sends now;
+   - with it, it looks for the Message-ID in the Sent folder. Found: the row becomes `sent`.
+     Not found: `unknown`, and the task fails with a message saying it was *not* resent.
 
 Memory: an attempt reserves its message's size (times SEND_RESERVES_PER_BYTE) in the process's
 MAILWORKER_MAIL_MEMORY_BUDGET (mail/memory_budget.py) before it loads the content, and holds it
@@ -41,16 +47,24 @@ import logging
 import uuid
 from dataclasses import dataclass
 from email.message import EmailMessage
+from functools import partial
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import defer
 
 from mailworker.db.engine import session_scope
 from mailworker.db.locks import advisory_lock
 from mailworker.db.models import SentMessage
-from mailworker.errors import MailworkerError, PermanentError, TenantMismatch, TransientError
+from mailworker.errors import (
+    AttemptSuperseded,
+    MailworkerError,
+    PermanentError,
+    TenantMismatch,
+    TransientError,
+)
 from mailworker.mail.imap import ImapSession
 from mailworker.mail.memory_budget import budget_for
 from mailworker.mail.smtp import DeliveryUnknown, SendResult, send_message
@@ -70,9 +84,10 @@ SEND_RESERVES_PER_BYTE = 3
 class Claim:
     """What the ledger says this attempt should do."""
 
-    action: str  # send | done | resolve
+    action: str  # send | done | copy (sent, Sent copy missing) | resolve
     row: dict[str, Any]
     content: bytes = b""
+    attempt: int = 0  # the row's attempt number this attempt owns (send) or judges (resolve)
 
 
 def send(settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, task_id: str) -> dict:
@@ -90,9 +105,11 @@ def send(settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, task_i
         if claim.action == "done":
             logger.info("%s was already sent; not sending again", message_id)
             return {**claim.row, "duplicate": True}
+        if claim.action == "copy":
+            return _finish_sent_copy(settings, access, outbox_id, message_id, claim)
         if claim.action == "resolve":
-            return _resolve_interrupted(settings, access, outbox_id, message_id)
-        return _send_now(settings, access, outbox_id, message_id, claim.content)
+            return _resolve_interrupted(settings, access, outbox_id, message_id, claim.attempt)
+        return _send_now(settings, access, outbox_id, message_id, claim)
 
 
 def _message_id_of(
@@ -120,14 +137,23 @@ def _claim(settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, task
     with session_scope(settings) as session:
         row = _row(session, access, outbox_id, with_content=True)
         if row.status == "sent":
+            if row.content is not None and not row.copied_to_sent:
+                return Claim("copy", _outcome(row), row.content)
             return Claim("done", _outcome(row))
         if row.status == "unknown":
             raise PermanentError(_unknown_message(row.message_id, row.error or ""))
         if row.status == "failed":
             raise PermanentError(f"send of {row.message_id} failed: {row.error}")
+        if row.status == "sending" and row.data_sent_at is not None:
+            return Claim("resolve", {}, attempt=row.attempts)
         if row.status == "sending":
-            return Claim("resolve", {})
-        if row.status not in PENDING:
+            logger.warning(
+                "%s: attempt %d was lost before the message data went out (nothing was "
+                "delivered); sending it now",
+                row.message_id,
+                row.attempts,
+            )
+        elif row.status not in PENDING:
             raise PermanentError(f"{row.message_id} has unexpected send status {row.status!r}")
         if _window_ended(session, row, settings):
             fail_expired(row, settings)
@@ -140,7 +166,8 @@ def _claim(settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, task
             row.task_id = task_id
             row.error = None
             row.next_attempt_at = None
-            return Claim("send", {}, row.content)
+            row.data_sent_at = None
+            return Claim("send", {}, row.content, row.attempts)
     raise gave_up  # after the commit that recorded it
 
 
@@ -152,47 +179,102 @@ def _window_ended(session: Any, row: SentMessage, settings: Settings) -> bool:
 
 
 def _send_now(
-    settings: Settings,
-    access: AccountAccess,
-    outbox_id: uuid.UUID,
-    message_id: str,
-    content: bytes,
+    settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, message_id: str, claim: Claim
 ) -> dict:
-    message = email.message_from_bytes(content, policy=email.policy.default)
+    attempt = claim.attempt
+    message = email.message_from_bytes(claim.content, policy=email.policy.default)
     assert isinstance(message, EmailMessage)  # the default policy builds EmailMessage
+    set_status = partial(_set_status, settings, access, outbox_id, attempt)
     try:
         result = send_message(
-            access.smtp, message, final_reply_timeout=settings.smtp_final_reply_timeout
+            access.smtp,
+            message,
+            final_reply_timeout=settings.smtp_final_reply_timeout,
+            before_final_dot=partial(_mark_data_sent, settings, access, outbox_id, attempt),
         )
+    except AttemptSuperseded:
+        raise
     except DeliveryUnknown as error:
-        _set_status(settings, access, outbox_id, "unknown", error=f"{error}; not resent")
+        set_status("unknown", error=f"{error}; not resent")
         raise PermanentError(_unknown_message(message_id, str(error))) from None
     except TransientError as error:
-        _set_status(settings, access, outbox_id, "deferred", error=str(error))
+        set_status("deferred", error=str(error))
         raise
     except MailworkerError as error:
-        _set_status(settings, access, outbox_id, "failed", error=str(error))
+        set_status("failed", error=str(error))
         raise
     except Exception as error:
         # send_message lets nothing but its own errors out once the data went out, so this came
         # before the final ".": nothing was delivered. A soft time limit is worth another try;
         # anything else (a bug) would fail the same way on every sweep.
         status = "deferred" if isinstance(error, SoftTimeLimitExceeded) else "failed"
-        _set_status(settings, access, outbox_id, status, error=type(error).__name__)
+        set_status(status, error=type(error).__name__)
         raise
-    copied = _copy_to_sent(settings, access, content)
-    with session_scope(settings) as session:
-        row = _row(session, access, outbox_id)
-        row.status = "sent"
-        row.accepted = list(result.accepted)
-        row.refused = dict(result.refused)
-        row.copied_to_sent = copied
-        row.sent_at = func.now()
-        row.error = None
-        row.content = None  # sent: the Sent folder has it; the hash keeps the Message-ID's claim
+    try:
+        _record_sent(settings, access, outbox_id, attempt, result)
+    except SQLAlchemyError:
+        # Delivered but not recorded: with the copy in Sent, the retry records `sent`.
+        _copy_to_sent(settings, access, claim.content)
+        raise
+    copied = _copy_to_sent(settings, access, claim.content)
+    _record_copy(settings, access, outbox_id, copied)
     accepted, refused = len(result.accepted), len(result.refused)
     logger.info("sent %s to %d recipient(s), %d refused", message_id, accepted, refused)
     return _result(outbox_id, message_id, result, copied)
+
+
+def _mark_data_sent(
+    settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, attempt: int
+) -> None:
+    """Commit that this attempt writes the final "." now; a superseded one stops before it."""
+    try:
+        with session_scope(settings) as session:
+            row = _attempt_row(session, access, outbox_id, attempt, ("sending",))
+            row.data_sent_at = func.now()
+    except SQLAlchemyError as error:
+        raise TransientError(
+            f"could not record that the message data ends ({type(error).__name__}); "
+            "nothing was delivered"
+        ) from None
+
+
+def _record_sent(
+    settings: Settings,
+    access: AccountAccess,
+    outbox_id: uuid.UUID,
+    attempt: int,
+    result: SendResult,
+) -> None:
+    """The server took it: `sent` (from `unknown` too, which a resolver may have concluded)."""
+    with session_scope(settings) as session:
+        row = _attempt_row(session, access, outbox_id, attempt, ("sending", "unknown"))
+        row.status = "sent"
+        row.accepted = list(result.accepted)
+        row.refused = dict(result.refused)
+        row.sent_at = func.now()
+        row.error = None
+
+
+def _record_copy(
+    settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, copied: bool
+) -> None:
+    """After the Sent copy (or its failure): drop the content; the hash keeps the claim."""
+    with session_scope(settings) as session:
+        row = _row(session, access, outbox_id)
+        row.copied_to_sent = copied
+        row.content = None
+
+
+def _finish_sent_copy(
+    settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, message_id: str, claim: Claim
+) -> dict:
+    """The attempt that sent it died before its Sent copy: make it, unless it is there."""
+    copied = _in_sent_folder(settings, access, message_id) or _copy_to_sent(
+        settings, access, claim.content
+    )
+    _record_copy(settings, access, outbox_id, copied)
+    logger.info("%s was already sent; its copy to Sent is done now", message_id)
+    return {**claim.row, "copied_to_sent": copied, "duplicate": True}
 
 
 def _copy_to_sent(settings: Settings, access: AccountAccess, content: bytes) -> bool:
@@ -207,12 +289,12 @@ def _copy_to_sent(settings: Settings, access: AccountAccess, content: bytes) -> 
 
 
 def _resolve_interrupted(
-    settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, message_id: str
+    settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, message_id: str, attempt: int
 ) -> dict:
-    """The previous attempt died after committing `sending`: find out, never resend."""
+    """Attempt `attempt` died after its final ".": find out, never resend."""
     if _in_sent_folder(settings, access, message_id):
         with session_scope(settings) as session:
-            row = _row(session, access, outbox_id)
+            row = _attempt_row(session, access, outbox_id, attempt, ("sending",))
             row.status = "sent"
             row.copied_to_sent = True
             row.sent_at = func.coalesce(SentMessage.sent_at, func.now())
@@ -220,8 +302,8 @@ def _resolve_interrupted(
             outcome = {**_outcome(row), "status": "sent"}
         logger.warning("%s: interrupted attempt had completed (found in Sent)", message_id)
         return {**outcome, "recovered": True}
-    error = "a worker died during the SMTP exchange; not resent to avoid a duplicate"
-    _set_status(settings, access, outbox_id, "unknown", error=error)
+    error = "a worker died after the message data went out; not resent to avoid a duplicate"
+    _set_status(settings, access, outbox_id, attempt, "unknown", error=error)
     raise PermanentError(_unknown_message(message_id, error))
 
 
@@ -258,11 +340,35 @@ def _row(
     return row
 
 
+def _attempt_row(
+    session: Any,
+    access: AccountAccess,
+    outbox_id: uuid.UUID,
+    attempt: int,
+    statuses: tuple[str, ...],
+) -> SentMessage:
+    """The entry, locked, if attempt `attempt` still owns it in one of `statuses`."""
+    row = _row(session, access, outbox_id)
+    if row.attempts != attempt or row.status not in statuses:
+        raise AttemptSuperseded(
+            f"attempt {attempt} of {row.message_id} was overtaken (the entry is {row.status} at "
+            f"attempt {row.attempts}); this one stops without writing"
+        )
+    return row
+
+
 def _set_status(
-    settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, status: str, *, error: str
+    settings: Settings,
+    access: AccountAccess,
+    outbox_id: uuid.UUID,
+    attempt: int,
+    status: str,
+    *,
+    error: str,
 ) -> None:
+    """The outcome of attempt `attempt`, still `sending`."""
     with session_scope(settings) as session:
-        row = _row(session, access, outbox_id)
+        row = _attempt_row(session, access, outbox_id, attempt, ("sending",))
         row.status = status
         row.error = error
         if status == "deferred":

@@ -3,6 +3,8 @@
 - Malformed arguments and tenancy mismatches (InvalidTaskArguments, TenantMismatch): rejected at
   once, never retried, logged with the task id and the reason.
 - Permanent failures (PermanentError, AuthenticationFailed, other database errors): fail at once.
+- An attempt a later one took over (AttemptSuperseded: it froze and came back) ends quietly:
+  ledger `superseded`, no result stored (celery's Ignore), since the result is the other's.
 - Transient failures (TransientError, database connection errors, the soft time limit): retried
   with exponential backoff and full jitter, MAILWORKER_RETRY_BACKOFF_BASE * 2**retries capped at
   MAILWORKER_RETRY_BACKOFF_MAX, for as long as the task's retry window lasts, counted from its
@@ -45,7 +47,7 @@ from typing import Any, Final, NoReturn
 
 from celery import Task
 from celery.app.task import Context
-from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
@@ -56,6 +58,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from mailworker.db.engine import forget_engines
 from mailworker.errors import (
+    AttemptSuperseded,
     ConfigurationError,
     InvalidTaskArguments,
     MailworkerError,
@@ -174,6 +177,10 @@ class MailTask(Task):
         except Retry:  # the task called self.retry() itself
             ledger.finish(settings, attempt, "retrying")
             raise
+        except AttemptSuperseded as error:
+            logger.warning("task %s stopped: %s", request.id, error)
+            ledger.finish(settings, attempt, "superseded", str(error))
+            raise Ignore() from None
         except (InvalidTaskArguments, TenantMismatch) as error:
             logger.warning("task %s rejected (not retried): %s", request.id, error)
             ledger.finish(settings, attempt, "rejected", str(error))
