@@ -213,27 +213,18 @@ class HoldingRelay:
 
 
 @pytest.fixture
-def relay(dovecot):
-    holding = HoldingRelay(dovecot, hold=2.0)
-    holding.controller.start()
-    yield holding
-    holding.controller.stop()
+def holding_relay(dovecot):
+    """HoldingRelay(dovecot, hold, hold_rcpt), started; stopped after the test."""
+    started: list[HoldingRelay] = []
 
+    def start(hold: float, hold_rcpt: float = 0.0) -> HoldingRelay:
+        started.append(HoldingRelay(dovecot, hold=hold, hold_rcpt=hold_rcpt))
+        started[-1].controller.start()
+        return started[-1]
 
-@pytest.fixture
-def rcpt_relay(dovecot):
-    holding = HoldingRelay(dovecot, hold=0.0, hold_rcpt=30.0)
-    holding.controller.start()
-    yield holding
-    holding.controller.stop()
-
-
-@pytest.fixture
-def brief_rcpt_relay(dovecot):
-    holding = HoldingRelay(dovecot, hold=0.0, hold_rcpt=5.0)
-    holding.controller.start()
-    yield holding
-    holding.controller.stop()
+    yield start
+    for relay in started:
+        relay.controller.stop()
 
 
 def outbox_rows(db_engine, account_id: str) -> list[SentMessage]:
@@ -243,7 +234,8 @@ def outbox_rows(db_engine, account_id: str) -> list[SentMessage]:
         )
 
 
-def test_send_killed_inside_smtp_is_not_sent_twice(fleet, make_account, dovecot, relay):
+def test_send_killed_inside_smtp_is_not_sent_twice(fleet, make_account, dovecot, holding_relay):
+    relay = holding_relay(hold=2.0)
     alice = make_account(smtp_port=relay.controller.port, smtp_security="plain")
     bob = make_account()
     fleet.configure(**FAST_REDELIVERY, MAILWORKER_CONCURRENCY="1")
@@ -273,10 +265,11 @@ def test_send_killed_inside_smtp_is_not_sent_twice(fleet, make_account, dovecot,
 
 
 def test_send_killed_before_its_data_went_out_is_sent_once(
-    fleet, make_account, dovecot, rcpt_relay
+    fleet, make_account, dovecot, holding_relay
 ):
     """A worker killed before the final "." delivered nothing: the redelivered task sends it
     (before, every send killed anywhere in the exchange was `unknown`, i.e. lost)."""
+    rcpt_relay = holding_relay(hold=0.0, hold_rcpt=30.0)
     alice = make_account(smtp_port=rcpt_relay.controller.port, smtp_security="plain")
     bob = make_account()
     fleet.configure(**FAST_REDELIVERY, MAILWORKER_CONCURRENCY="1")
@@ -304,11 +297,12 @@ def test_send_killed_before_its_data_went_out_is_sent_once(
 
 
 def test_an_overtaken_attempt_stops_before_the_final_dot(
-    default_fleet, make_account, dovecot, brief_rcpt_relay
+    default_fleet, make_account, dovecot, holding_relay
 ):
     """An attempt that froze while another took the send over (its database session dropped,
     the lock with it) wakes up and stops before delivering: it neither sends, nor writes the
     row, nor stores a result (default settings)."""
+    brief_rcpt_relay = holding_relay(hold=0.0, hold_rcpt=5.0)
     alice = make_account(smtp_port=brief_rcpt_relay.controller.port, smtp_security="plain")
     bob = make_account()
     fleet = default_fleet

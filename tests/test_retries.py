@@ -124,6 +124,39 @@ def test_wrong_mailbox_password_fails_at_once(client, make_account, db_engine):
     assert [a.state for a in finished_attempts(db_engine, result.id, 1)] == ["failed"]
 
 
+def sent_elsewhere(dovecot, account, message_id: str, *, in_sent: bool) -> bytes:
+    """A message this account sent; with `in_sent`, its copy is in the Sent folder."""
+    copy = EmailMessage()
+    copy["From"], copy["To"], copy["Message-ID"] = account.address, "x@example.org", message_id
+    copy.set_content("sent by an attempt that died")
+    if in_sent:
+        with ImapSession(dovecot.endpoint(account.address)) as imap:
+            imap.append("Sent", copy.as_bytes())
+    return copy.as_bytes()
+
+
+def store_row(db_engine, account, message_id: str, **fields) -> uuid.UUID:
+    """The outbox row a worker killed after its final "." left (`fields` say how far it got)."""
+    outbox_id = uuid.uuid4()
+    with Session(db_engine) as session, session.begin():
+        session.add(
+            SentMessage(
+                id=outbox_id,
+                tenant_id=account.tenant_id,
+                user_id=account.user_id,
+                account_id=account.account_id,
+                message_id=message_id,
+                recipients=["x@example.org"],
+                subject="",
+                attempts=1,
+                data_sent_at=datetime.now(UTC),
+                copied_to_sent=False,
+                **fields,
+            )
+        )
+    return outbox_id
+
+
 def test_interrupted_send_found_in_sent_is_recorded_not_resent(
     client, make_account, dovecot, smtp_server, db_engine
 ):
@@ -131,28 +164,8 @@ def test_interrupted_send_found_in_sent_is_recorded_not_resent(
     commit leaves (the release before this one committed `sent` after the copy)."""
     alice = make_account()
     message_id = f"<{uuid.uuid4()}@tenant-a.test>"
-    copy = EmailMessage()
-    copy["From"], copy["To"], copy["Message-ID"] = alice.address, "x@example.org", message_id
-    copy.set_content("already sent")
-    with ImapSession(dovecot.endpoint(alice.address)) as imap:
-        imap.append("Sent", copy.as_bytes())
-    outbox_id = uuid.uuid4()
-    with Session(db_engine) as session, session.begin():
-        session.add(
-            SentMessage(
-                id=outbox_id,
-                tenant_id=alice.tenant_id,
-                user_id=alice.user_id,
-                account_id=alice.account_id,
-                message_id=message_id,
-                status="sending",
-                recipients=["x@example.org"],
-                subject="",
-                attempts=1,
-                data_sent_at=datetime.now(UTC),
-                copied_to_sent=False,
-            )
-        )
+    sent_elsewhere(dovecot, alice, message_id, in_sent=True)
+    outbox_id = store_row(db_engine, alice, message_id, status="sending")
     value = client.send_task(SEND, args=[*alice.ids, str(outbox_id)]).get(timeout=30)
     assert (value["status"], value["recovered"]) == ("sent", True)
     assert smtp_server.delivered(message_id) == []
@@ -168,31 +181,10 @@ def test_send_killed_between_its_sent_commit_and_sent_copy_gets_one_copy(
     if the dead attempt had appended it just before it died."""
     alice = make_account()
     message_id = f"<{uuid.uuid4()}@tenant-a.test>"
-    copy = EmailMessage()
-    copy["From"], copy["To"], copy["Message-ID"] = alice.address, "x@example.org", message_id
-    copy.set_content("sent, copy pending")
-    if already_copied:
-        with ImapSession(dovecot.endpoint(alice.address)) as imap:
-            imap.append("Sent", copy.as_bytes())
-    outbox_id = uuid.uuid4()
-    with Session(db_engine) as session, session.begin():
-        session.add(
-            SentMessage(
-                id=outbox_id,
-                tenant_id=alice.tenant_id,
-                user_id=alice.user_id,
-                account_id=alice.account_id,
-                message_id=message_id,
-                status="sent",
-                content=copy.as_bytes(),
-                recipients=["x@example.org"],
-                accepted=["x@example.org"],
-                subject="",
-                attempts=1,
-                data_sent_at=datetime.now(UTC),
-                copied_to_sent=False,
-            )
-        )
+    content = sent_elsewhere(dovecot, alice, message_id, in_sent=already_copied)
+    outbox_id = store_row(
+        db_engine, alice, message_id, status="sent", content=content, accepted=["x@example.org"]
+    )
     value = client.send_task(SEND, args=[*alice.ids, str(outbox_id)]).get(timeout=30)
     assert (value["status"], value["duplicate"], value["copied_to_sent"]) == ("sent", True, True)
     row = sent_row(db_engine, alice.account_id, message_id)
