@@ -35,16 +35,24 @@ def test_losing_the_beat_leaders_host_keeps_consuming_and_scheduling_once():
     loop = setting("BEAT_MAX_LOOP_INTERVAL")
     interval = setting("SEND_SWEEP_INTERVAL")
     if leader() != f"celery-beat@{WORKER_B}":
-        # A graceful stop releases the lease: the other beat takes it within one loop.
-        host(WORKER_A).run("systemctl restart celery-beat.service")
-        assert wait_for(lambda: leader() == f"celery-beat@{WORKER_B}", lease + 2 * loop)
+        # A graceful stop releases the lease: the other beat takes it within one loop. Started
+        # again only then: a restart raced the standby for the free lease (and could win it).
+        host(WORKER_A).run("systemctl stop celery-beat.service")
+        try:
+            assert wait_for(lambda: leader() == f"celery-beat@{WORKER_B}", lease + 2 * loop), (
+                f"{WORKER_B}'s beat did not take the lease {WORKER_A}'s released ({leader()!r})"
+            )
+        finally:
+            host(WORKER_A).run("systemctl start celery-beat.service")
     since = time.time() - 2 * interval
     pause(WORKER_B)
     paused_at = time.time()
     try:
         load = Load("host-lost", rate=4, count=20, seconds=10)
         counts = load.counts(wait=60)
-        assert wait_for(lambda: leader() == f"celery-beat@{WORKER_A}", lease + 2 * loop)
+        assert wait_for(lambda: leader() == f"celery-beat@{WORKER_A}", lease + 2 * loop), (
+            f"the lease of the frozen host's beat was not taken over ({leader()!r})"
+        )
         takeover = round(time.time() - paused_at, 1)
         fired = wait_for(
             lambda: [at for at, _ in beat_sends(WORKER_A, paused_at)],
@@ -77,4 +85,7 @@ def test_losing_the_beat_leaders_host_keeps_consuming_and_scheduling_once():
         # Two runs of one slot would be seconds apart, not an interval.
         assert all(gap >= intervals.get(entry, interval) - 1 for gap in gaps), (entry, times)
     assert leader() == f"celery-beat@{WORKER_A}"
-    assert wait_for(lambda: workers_answer(WORKER_B), 90)
+    assert wait_for(lambda: workers_answer(WORKER_B), 90), (
+        f"{WORKER_B}'s workers do not answer 90 s after it woke up: "
+        + host(WORKER_B).run("mailworker health worker").stdout
+    )
