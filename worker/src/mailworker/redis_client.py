@@ -75,6 +75,10 @@ def sentinel_options(settings: Settings, *, timeout: float) -> dict[str, Any]:
     sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
+        # One attempt per Sentinel: the next Sentinel is the retry. redis-py's default Retry
+        # (10 retries, each waiting the socket timeout) held discovery on a frozen Sentinel
+        # for 11 timeouts before asking the next one; None gives its connections no retry.
+        "retry": None,
     }
     if settings.redis_sentinel_password:
         sentinel_kwargs["password"] = settings.redis_sentinel_password
