@@ -40,17 +40,18 @@ def settings_url(url: str, settings: Settings, *, monitor: bool = False) -> str:
 
 def celery_url(url: str, settings: Settings, *, monitor: bool = False) -> str:
     """What Celery and kombu get: the URL itself, or kombu's `sentinel://h1:p1;sentinel://h2:p2`
-    form carrying the URL's credentials and database (kombu and Celery read them from the first
-    address only)."""
+    form with the URL's credentials and database on every address: kombu starts from the first
+    but, after a connection error, moves to the next address and takes its credentials (none
+    would fail to authenticate on the new master)."""
     url = settings_url(url, settings, monitor=monitor)
     if not settings.redis_sentinels:
         return url
     parts = urlsplit(url)
     userinfo = parts.netloc.rpartition("@")[0]
     chunks = []
-    for position, (host, port) in enumerate(settings.redis_sentinels):
+    for host, port in settings.redis_sentinels:
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if position == 0 and userinfo:
+        if userinfo:
             netloc = f"{userinfo}@{netloc}"
         chunks.append(urlunsplit(("sentinel", netloc, parts.path or "/0", "", "")))
     return ";".join(chunks)
