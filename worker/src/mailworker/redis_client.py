@@ -67,12 +67,19 @@ def tls_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+# A Sentinel answers from memory in milliseconds. A longer wait only delays asking the next one
+# when a Sentinel's host froze, and every pool kombu opens asks the first-listed Sentinel again.
+SENTINEL_TIMEOUT = 2.0
+
+
 def sentinel_options(settings: Settings, *, timeout: float) -> dict[str, Any]:
     """kombu's and Celery's transport options naming the master and how to reach the Sentinels
     (empty without Sentinels). redis-py copies the socket timeouts to the Sentinel connections
-    only when no sentinel_kwargs are given, so they are set here too."""
+    only when no sentinel_kwargs are given, so they are set here too: `timeout`, at most
+    SENTINEL_TIMEOUT."""
     if not settings.redis_sentinels:
         return {}
+    timeout = min(timeout, SENTINEL_TIMEOUT)
     sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
