@@ -13,7 +13,7 @@ from celery.schedules import schedule
 from kombu import Exchange, Queue
 
 from mailworker import keepalive, publish_time, redis_transport
-from mailworker.redis_client import celery_url, sentinel_options, tls_options
+from mailworker.redis_client import SENTINEL_TIMEOUT, celery_url, sentinel_options, tls_options
 from mailworker.settings import QUEUES, Settings
 
 # Task name prefix -> queue. Each task module holds the tasks of one queue.
@@ -53,6 +53,12 @@ _BROKER_CONNECTION_REASON = (
     f"{keepalive.DEAD_AFTER} s; kombu's health checks drop a stale BRPOP or pub/sub connection "
     "within BRPOP timeout + 2 x health_check_interval; retry_on_timeout stays off because a "
     "timed-out publish may have reached Redis and a replay would queue the task twice."
+)
+
+_SENTINEL_REASON = (
+    " With Sentinels, a discovery asks each Sentinel once (sentinel_kwargs), waiting at most "
+    f"{SENTINEL_TIMEOUT:g} s: a frozen Sentinel costs that long per pool kombu opens, not "
+    "redis-py's 11 attempts at the socket timeout."
 )
 
 # A sweep restores a few messages in milliseconds; kombu's default keeps the lock 5 min.
@@ -104,7 +110,7 @@ def explain_config(s: Settings, *, monitor: bool = False) -> list[Entry]:
             "(mailworker.redis_transport); a task whose lease is older than visibility_timeout "
             "(a dead worker's) is redelivered by the next sweep (every unacked_restore_interval). "
             "A sweeper killed mid-sweep blocks the others for unacked_mutex_expire, not kombu's "
-            "5 min. Timeouts and keepalives: " + _BROKER_CONNECTION_REASON,
+            "5 min. Timeouts and keepalives: " + _BROKER_CONNECTION_REASON + _SENTINEL_REASON,
         ),
         Entry(
             "result_backend_transport_options",

@@ -40,17 +40,18 @@ def settings_url(url: str, settings: Settings, *, monitor: bool = False) -> str:
 
 def celery_url(url: str, settings: Settings, *, monitor: bool = False) -> str:
     """What Celery and kombu get: the URL itself, or kombu's `sentinel://h1:p1;sentinel://h2:p2`
-    form carrying the URL's credentials and database (kombu and Celery read them from the first
-    address only)."""
+    form with the URL's credentials and database on every address: kombu starts from the first
+    but, after a connection error, moves to the next address and takes its credentials (none
+    would fail to authenticate on the new master)."""
     url = settings_url(url, settings, monitor=monitor)
     if not settings.redis_sentinels:
         return url
     parts = urlsplit(url)
     userinfo = parts.netloc.rpartition("@")[0]
     chunks = []
-    for position, (host, port) in enumerate(settings.redis_sentinels):
+    for host, port in settings.redis_sentinels:
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if position == 0 and userinfo:
+        if userinfo:
             netloc = f"{userinfo}@{netloc}"
         chunks.append(urlunsplit(("sentinel", netloc, parts.path or "/0", "", "")))
     return ";".join(chunks)
@@ -66,15 +67,26 @@ def tls_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+# A Sentinel answers from memory in milliseconds. A longer wait only delays asking the next one
+# when a Sentinel's host froze, and every pool kombu opens asks the first-listed Sentinel again.
+SENTINEL_TIMEOUT = 2.0
+
+
 def sentinel_options(settings: Settings, *, timeout: float) -> dict[str, Any]:
     """kombu's and Celery's transport options naming the master and how to reach the Sentinels
     (empty without Sentinels). redis-py copies the socket timeouts to the Sentinel connections
-    only when no sentinel_kwargs are given, so they are set here too."""
+    only when no sentinel_kwargs are given, so they are set here too: `timeout`, at most
+    SENTINEL_TIMEOUT."""
     if not settings.redis_sentinels:
         return {}
+    timeout = min(timeout, SENTINEL_TIMEOUT)
     sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
+        # One attempt per Sentinel: the next Sentinel is the retry. redis-py's default Retry
+        # (10 retries, each waiting the socket timeout) held discovery on a frozen Sentinel
+        # for 11 timeouts before asking the next one; None gives its connections no retry.
+        "retry": None,
     }
     if settings.redis_sentinel_password:
         sentinel_kwargs["password"] = settings.redis_sentinel_password

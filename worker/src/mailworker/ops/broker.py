@@ -173,7 +173,8 @@ def _sentinel_master(
 ) -> redis.Redis:
     chunks = [urlsplit(chunk) for chunk in url.split(";") if chunk]
     first = chunks[0]
-    sentinel_kwargs = {**(transport_options.get("sentinel_kwargs") or {}), **options}
+    # The app's Sentinel options win (one attempt, their shorter timeout; mailworker.redis_client).
+    sentinel_kwargs = {**options, **(transport_options.get("sentinel_kwargs") or {})}
     if ssl_options:
         options = {**options, **ssl_options, "ssl": True}
     sentinel = redis.sentinel.Sentinel(
