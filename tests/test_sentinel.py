@@ -31,6 +31,7 @@ from celery.utils.nodenames import host_format
 from flower.utils.broker import Broker
 from mailworker.beat import LEASE_KEY
 from mailworker.celery_config import build_config
+from mailworker.metrics import AppCollector
 from mailworker.redis_client import redis_from_url, sentinel_options
 from mailworker.settings import Settings, load_settings
 from sqlalchemy import Engine, text
@@ -299,6 +300,19 @@ def test_the_monitoring_user_sees_queues_events_and_pings_but_takes_nothing(
         node = host_format(worker.node)
         queues = monitor.control.inspect(destination=[node], timeout=5).active_queues()
         assert [queue["name"] for queue in (queues or {}).get(node, [])] == ["send"], queues
+
+        # `mailworker metrics serve` reads the queues through the Sentinels too.
+        collector = AppCollector(settings)
+        try:
+            samples = {
+                (sample.name, tuple(sample.labels.values())): sample.value
+                for family in collector.collect()
+                for sample in family.samples
+            }
+        finally:
+            collector.close()
+        assert samples[("mailworker_metrics_source_up", ("broker",))] == 1, samples
+        assert samples[("mailworker_queue_messages", ("spam",))] == 1, samples
 
         # What the monitoring user may not do.
         mon = redis_from_url(settings.broker_url, settings, monitor=True)

@@ -123,6 +123,7 @@ class AppCollector(Collector):
             str(self.app.conf.broker_url),
             self.app.conf.broker_use_ssl,
             self.settings.health_timeout,
+            self.app.conf.broker_transport_options,
         )
         try:
             broker = Broker(client=client, keys=self.keys, url=str(self.app.conf.broker_url))
