@@ -43,18 +43,24 @@ def test_every_redis_client_of_the_host_asks_the_sentinels(name):
     assert has_password, "the Sentinels' password is not set"
     tls = settings["MAILWORKER_BROKER_URL"].startswith("rediss://")
     assert tls, "the broker URL is not rediss:// (TLS)"
+    # Every unit that talks to Redis (not the restarts, not Flower's check of its own port) reads
+    # the settings file and may reach every Sentinel and Redis host (IPAddressAllow=).
     units = (
         host(name)
         .check_output(
             "systemctl list-units --all --plain --no-legend --type=service 'celery-*' "
-            "| awk '{print $1}' | grep -v '^celery-health-recover@'"
+            "| awk '{print $1}' | grep -v -e '^celery-health-recover@' -e '^celery-flower-health'"
         )
         .split()
     )
     assert {"celery-worker.service", "celery-beat.service"} <= set(units), units
+    redis_addresses = {address_of(redis_host) for redis_host in SENTINEL_HOSTS}
     for unit in units:
         files = host(name).check_output(f"systemctl show -p EnvironmentFiles --value {unit}")
         assert ENV_FILE in files, f"{unit} does not read {ENV_FILE}: {files}"
+        allowed = host(name).check_output(f"systemctl show -p IPAddressAllow --value {unit}")
+        prefixes = {prefix.split("/")[0] for prefix in allowed.split()}
+        assert redis_addresses <= prefixes, f"{unit}: IPAddressAllow={allowed}"
 
 
 def test_load_without_a_fault_ends_exactly_once():
