@@ -1,13 +1,13 @@
-"""The Redis master lost under load, with Sentinel and TLS (docs/reliability.md). The data host's
-redis-server and its Sentinel are frozen (`systemctl kill -s SIGSTOP` on their units: a host that
-stopped answering, which systemd does not restart; PostgreSQL and the mail servers on the same
-host keep running). At the role's default Sentinel timings the two other Sentinels promote the
-replica on the first worker host while the load runs on; then every accepted task is counted:
-none twice, none lost but what asynchronous replication may lose (accepted within
-REPLICATION_WINDOW before the freeze, printed). Then both are resumed: the old master rejoins as a
-replica of the new one, every Sentinel names the new master, a beat leads on it and sends periodic
-tasks, the workers of both hosts answer, and no worker unit was restarted meanwhile (a broker
-outage restarts nothing). Counts and timings are printed."""
+"""The Redis master lost under load, with Sentinel and TLS (docs/reliability.md). The master
+host's redis-server and its Sentinel are frozen (`systemctl kill -s SIGSTOP` on their units: a
+host that stopped answering, which systemd does not restart; PostgreSQL, the mail servers and the
+units on the hosts keep running). At the role's default Sentinel timings the two other Sentinels
+promote the replica while the load runs on; then every accepted task is counted: none twice, none
+lost but what asynchronous replication may lose (accepted within REPLICATION_WINDOW before the
+freeze, printed). Then both are resumed: the old master rejoins as a replica of the new one, every
+Sentinel names the new master, a beat leads on it and sends periodic tasks, the workers of both
+hosts answer (their sandboxed health checks too), and no worker unit was restarted meanwhile (a
+broker outage restarts nothing). Counts and timings are printed."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ from conftest import (
     APP_HOSTS,
     DATA,
     INVENTORY,
+    REDIS_HOSTS,
     ROOT,
+    SENTINEL_HOSTS,
     WORKER_A,
     Load,
     address_of,
@@ -128,15 +130,15 @@ def unit_runs(name: str, unit: str) -> tuple[str, str]:
     return restarts, invocation
 
 
-def freeze(*, signal: str) -> None:
-    done = host(DATA).run(f"systemctl kill -s {signal} {' '.join(FROZEN_UNITS)}")
+def freeze(name: str, *, signal: str) -> None:
+    done = host(name).run(f"systemctl kill -s {signal} {' '.join(FROZEN_UNITS)}")
     assert done.rc == 0, done.stderr
 
 
-def process_state(unit: str) -> str:
-    """ps's STAT of the main process of UNIT on the data host (T: stopped)."""
-    pid = host(DATA).check_output(f"systemctl show -p MainPID --value {unit}")
-    return host(DATA).check_output(f"ps -o stat= -p {pid}")
+def process_state(name: str, unit: str) -> str:
+    """ps's STAT of the main process of UNIT on host NAME (T: stopped)."""
+    pid = host(name).check_output(f"systemctl show -p MainPID --value {unit}")
+    return host(name).check_output(f"ps -o stat= -p {pid}")
 
 
 def health_verdicts(name: str, since: float) -> dict[str, int]:
@@ -167,34 +169,36 @@ def worker_runs() -> dict[tuple[str, str], tuple[str, str]]:
     return {(name, unit): unit_runs(name, unit) for name in APP_HOSTS for unit in WORKER_UNITS}
 
 
-def sentinel_timings() -> float:
+def sentinel_timings(name: str) -> float:
     """down-after as the Sentinels run it (seconds); the role's defaults, never shortened here."""
-    answer = sentinel(WORKER_A, "SENTINEL", "master", MASTER_NAME)
+    answer = sentinel(name, "SENTINEL", "master", MASTER_NAME)
     values = dict(zip(answer[::2], answer[1::2], strict=True))
     assert int(values["down-after-milliseconds"]) == REDIS_DEFAULTS["redis_sentinel_down_after_ms"]
     assert int(values["failover-timeout"]) == REDIS_DEFAULTS["redis_sentinel_failover_timeout_ms"]
     return int(values["down-after-milliseconds"]) / 1000
 
 
-def fail_over_under_load(down_after: float) -> dict[str, Any]:
-    """Freeze the master under load, wait for the promotion, count; resume whatever happened."""
-    new_master = address_of(WORKER_A)
+def fail_over_under_load(master: str, replica: str, down_after: float) -> dict[str, Any]:
+    """Freeze the master host's Redis and Sentinel under load, wait for the other Sentinels to
+    promote the replica, count; resume whatever happened."""
+    new_master = address_of(replica)
+    watchers = [name for name in SENTINEL_HOSTS if name != master]
     load = Load("redis-failover", rate=2, count=300, seconds=150)
     time.sleep(5)
     frozen_at = time.time()
-    freeze(signal="SIGSTOP")
+    freeze(master, signal="SIGSTOP")
     frozen_by = time.time()
     try:
-        states = {unit: process_state(unit) for unit in FROZEN_UNITS}
+        states = {unit: process_state(master, unit) for unit in FROZEN_UNITS}
         assert all(state.startswith("T") for state in states.values()), states
         # Odown after down-after, then one vote and the promotion (seconds). A split vote of the
         # two live Sentinels would retry only after 2 x failover-timeout: beyond this bound.
         bound = down_after + 30
         promoted = wait_for(
-            lambda: all(master_named_by(name) == new_master for name in APP_HOSTS), bound, 0.5
+            lambda: all(master_named_by(name) == new_master for name in watchers), bound, 0.5
         )
         promoted_at = time.time()
-        assert promoted, f"no promotion of {WORKER_A} within {bound} s of the freeze"
+        assert promoted, f"no promotion of {replica} within {bound} s of the freeze"
         time.sleep(LOAD_AFTER_PROMOTION)
         load.stop()
         # The sends whose publish failed wait for the sweeper (beat, on the new master): a beat
@@ -202,8 +206,8 @@ def fail_over_under_load(down_after: float) -> dict[str, Any]:
         # acks that were lost with the old master.
         counts = load.counts(wait=setting("BEAT_LEASE") + setting("SEND_SWEEP_INTERVAL") + 60)
     finally:
-        freeze(signal="SIGCONT")
-    run = json.loads(host(WORKER_A).file(load.run_file).content_string)
+        freeze(master, signal="SIGCONT")
+    run = json.loads(host(WORKER_A).file(load.run_file).content_string)  # the loadgen's host
     return {
         "counts": counts,
         "frozen_at": frozen_at,
@@ -215,21 +219,28 @@ def fail_over_under_load(down_after: float) -> dict[str, Any]:
 
 
 def test_losing_the_redis_master_fails_over_under_load_and_loses_nothing():
-    old_master, new_master = address_of(DATA), address_of(WORKER_A)
-    sentinel_hosts = [DATA, *APP_HOSTS]
-    assert all(master_named_by(name) == old_master for name in sentinel_hosts), (
-        "every Sentinel should name the data host as the master before the fault"
-    )
-    down_after = sentinel_timings()
+    # The `redis` group's first host is the first master (Molecule lists a group's hosts by name);
+    # whichever the Sentinels name is frozen, the other `redis` host is its replica.
+    named = {name: master_named_by(name) for name in SENTINEL_HOSTS}
+    by_address = {address_of(name): name for name in REDIS_HOSTS}
+    assert len(set(named.values())) == 1, f"the Sentinels disagree before the fault: {named}"
+    old_master = named[SENTINEL_HOSTS[0]]
+    assert old_master in by_address, named
+    master = by_address[old_master]
+    (replica,) = [name for name in REDIS_HOSTS if name != master]
+    new_master = address_of(replica)
+    watcher = next(name for name in SENTINEL_HOSTS if name != master)
+    down_after = sentinel_timings(watcher)
     runs_before = worker_runs()
 
-    outage = fail_over_under_load(down_after)
+    outage = fail_over_under_load(master, replica, down_after)
     counts, frozen_at = outage["counts"], outage["frozen_at"]
     promoted_after = round(outage["promoted_at"] - frozen_at, 1)
     lost_after_freeze = [round(at - frozen_at, 3) for at in counts["lost_accepted_at"]]
     print(
         f"\nredis failover: froze the master and its Sentinel for"
-        f" {round(outage['thawed_at'] - frozen_at)} s; {WORKER_A} promoted {promoted_after} s"
+        f" {round(outage['thawed_at'] - frozen_at)} s on {master}; {replica} promoted"
+        f" {promoted_after} s"
         f" after the freeze (down-after {down_after:g} s); lost {counts['lost']} (accepted"
         f" {lost_after_freeze} s after the freeze), doubled {counts['doubled']}; syncs accepted"
         f" by the new master: {outage['syncs_on_new_master']}",
@@ -247,13 +258,13 @@ def test_losing_the_redis_master_fails_over_under_load_and_loses_nothing():
 
     # The old master comes back as a replica of the new one; every Sentinel agrees.
     replica_of_new_master = ["slave", new_master, str(REDIS_DEFAULTS["redis_port"]), "connected"]
-    rejoined = wait_for(lambda: role_of(DATA)[:4] == replica_of_new_master, 60, 1)
-    assert rejoined, f"ROLE on {DATA}: {role_of(DATA)}"
+    rejoined = wait_for(lambda: role_of(master)[:4] == replica_of_new_master, 60, 1)
+    assert rejoined, f"ROLE on {master}: {role_of(master)}"
     agreed = wait_for(
-        lambda: all(master_named_by(name) == new_master for name in sentinel_hosts), 60, 1
+        lambda: all(master_named_by(name) == new_master for name in SENTINEL_HOSTS), 60, 1
     )
     rejoined_after = round(time.time() - outage["thawed_at"], 1)
-    assert agreed, {name: master_named_by(name) for name in sentinel_hosts}
+    assert agreed, {name: master_named_by(name) for name in SENTINEL_HOSTS}
 
     # A beat leads on the new master and sends periodic tasks (what came due meanwhile at once).
     lease, loop = setting("BEAT_LEASE"), setting("BEAT_MAX_LOOP_INTERVAL")
@@ -280,7 +291,7 @@ def test_losing_the_redis_master_fails_over_under_load_and_loses_nothing():
         f" {rejoined_after} s after the resume; {holder} leads, first periodic task sent"
         f" {round(sent[0] - outage['promoted_at'], 1)} s after the promotion; worker units"
         f" (NRestarts, InvocationID) before {runs_before}, after {runs_after};"
-        f" {WORKER_A}'s Sentinel since the freeze: {sentinel_events(WORKER_A, frozen_at)}",
+        f" {watcher}'s Sentinel since the freeze: {sentinel_events(watcher, frozen_at)}",
         flush=True,
     )
     assert runs_after == runs_before, "a worker unit was restarted during the broker outage"
