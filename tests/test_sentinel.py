@@ -203,6 +203,10 @@ def test_the_fleet_follows_a_sentinel_failover_under_load(
     try:
         master = group.client(group.master)
         wait_until(lambda: master.get(LEASE_KEY), 20, f"beat to lead\n{beat.log}")
+        # A node nobody answers for: unhealthy while the first master serves.
+        silent = "celery-worker@nowhere.invalid"
+        checked = health(env, "worker", "--node", silent)
+        assert checked.returncode == 1, checked.stdout + checked.stderr
         submitter = Submitter(env, run)
         submitter.start()
         time.sleep(BEFORE)
@@ -243,6 +247,11 @@ def test_the_fleet_follows_a_sentinel_failover_under_load(
             "beat to lead and send on the new master\n" + "\n".join(b.log[-3000:] for b in beats),
         )
 
+        # Just after the failover a worker may still be reconnecting: silence is unknown (exit 3,
+        # which the health units do not count), for the bound the settings give.
+        checked = health(env, "worker", "--node", silent)
+        assert checked.returncode == 3, checked.stdout + checked.stderr
+        assert "after a Sentinel failover" in checked.stdout, checked.stdout
         # The health checks reach the worker and beat through the Sentinels, as the monitoring user.
         checked = health(env, "worker", "--node", worker.node)
         assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -61,6 +61,21 @@ _SENTINEL_REASON = (
     "redis-py's 11 attempts at the socket timeout."
 )
 
+
+def failover_reconnect_bound(s: Settings) -> float:
+    """Seconds a worker may need to reach a new master after a Sentinel failover: its read on
+    the old master's connection times out, a reconnect may meet the old master once more (the
+    Sentinels named it until the switch), then every Sentinel is asked and the new master
+    connected, each step at most its timeout."""
+    connection = _BROKER_CONNECTION["socket_timeout"] + _BROKER_CONNECTION["socket_connect_timeout"]
+    discovery = (
+        2
+        * len(s.redis_sentinels)
+        * min(SENTINEL_TIMEOUT, _BROKER_CONNECTION["socket_connect_timeout"])
+    )
+    return 2 * connection + discovery
+
+
 # A sweep restores a few messages in milliseconds; kombu's default keeps the lock 5 min.
 _RESTORE_MUTEX_EXPIRE = 30
 

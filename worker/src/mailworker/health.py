@@ -6,6 +6,9 @@ their own connections with retries off and the timeout on every socket.
 Three answers, with the exit codes of the monitoring-plugin convention: healthy (0), unhealthy (1)
 and unknown (3). Unknown means the broker cannot be reached, so nothing can be said about the
 worker or beat: restarting them would not bring Redis back, and the health timers do not count it.
+A worker that does not answer just after a Sentinel failover is unknown too, for as long as its
+reconnect to the new master may take (celery_config.failover_reconnect_bound): the check's own
+fresh connection reaches the new master at once, the worker first waits out its old connection.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class HealthReport:
 def check_worker(settings: Settings, *, timeout: float, node: str | None = None) -> HealthReport:
     """Ping `node` (default: this host's node name) and wait at most about `timeout` seconds."""
     from mailworker.celery_app import monitor_app as app  # noqa: PLC0415 - keeps `config check` light
+    from mailworker.celery_config import failover_reconnect_bound  # noqa: PLC0415 - same
 
     name = host_format(node or settings.node_name)
     transport = {
@@ -66,7 +70,16 @@ def check_worker(settings: Settings, *, timeout: float, node: str | None = None)
         )
     elapsed = time.monotonic() - started
     if not any(name in reply for reply in replies):
-        return HealthReport(Health.UNHEALTHY, f"{name} did not answer within {timeout:g} s")
+        silent = f"{name} did not answer within {timeout:g} s"
+        switched = master_switched_ago(settings, timeout=timeout)
+        bound = failover_reconnect_bound(settings)
+        if switched is not None and switched < bound:
+            return HealthReport(
+                Health.UNKNOWN,
+                f"{silent}, {switched:.0f} s after a Sentinel failover named a new Redis master "
+                f"(a worker may take {bound:g} s to reconnect)",
+            )
+        return HealthReport(Health.UNHEALTHY, silent)
     try:
         client = redis_from_url(settings.broker_url, settings, timeout=timeout, monitor=True)
         raw = client.hgetall(progress_key(name))
@@ -78,6 +91,28 @@ def check_worker(settings: Settings, *, timeout: float, node: str | None = None)
     if stuck:
         return HealthReport(Health.UNHEALTHY, f"{name} answers pings but {stuck}")
     return HealthReport(Health.HEALTHY, f"{name} answered in {elapsed:.2f} s")
+
+
+def master_switched_ago(settings: Settings, *, timeout: float) -> float | None:
+    """Seconds since the Sentinels' failover to the current master (None: no Sentinels, none
+    answered, or the master was never switched). A Sentinel keeps, per master, how long ago the
+    master took that role (role-reported-time) and the epoch of the last failover (config-epoch,
+    0 until the first)."""
+    if not settings.redis_sentinels:
+        return None
+    kwargs = sentinel_options(settings, timeout=timeout)["sentinel_kwargs"]
+    for host, port in settings.redis_sentinels:
+        client = redis.Redis(host=host, port=port, **kwargs)
+        try:
+            state = client.sentinel_master(settings.redis_master_name)
+        except redis.RedisError:
+            continue  # a frozen or lost Sentinel: ask the next
+        finally:
+            client.close()
+        if not state.get("config-epoch"):
+            return None
+        return int(state["role-reported-time"]) / 1000
+    return None
 
 
 def check_beat(settings: Settings, *, timeout: float, max_age: int) -> HealthReport:
