@@ -215,9 +215,10 @@ def test_a_check_that_cannot_finish_in_time_is_not_counted(host):
 
 
 def test_a_failure_on_a_saturated_cpu_is_counted_only_after_threshold_such_failures(host):
-    # At the shipped limit: six busy loops on the host's CPUs for 4 s, then the check fails. The
-    # first such failure is not counted (threshold 1); the next one is, so a hung unit on a busy
-    # host is still restarted.
+    # At the shipped limit: six busy loops on the host's CPUs for 4 s, then the check fails. At a
+    # threshold of 2 the first two such failures are not counted; the next two are, and the second
+    # hands the unit over: a hung unit on a host that stays busy is restarted after 2 x threshold
+    # checks (the deferrals are not granted again once they ran out).
     needs(host, "celery_workers")
     state = host.run_expect([0], "mktemp -d").stdout.strip()
     starving = (
@@ -226,17 +227,23 @@ def test_a_failure_on_a_saturated_cpu_is_counted_only_after_threshold_such_failu
     )
     check = (
         f"STATE_DIRECTORY={state} /usr/local/libexec/celery-health/celery-health-check "
-        f"celery-test.service 1 20 {starving}"
+        f"celery-test.service 2 20 {starving}"
     )
     try:
-        held = host.run(check)
-        assert held.rc == 0, held.stdout + held.stderr
-        assert "not counted (1 of 1 in a row): the host's CPU is saturated" in held.stdout, (
-            held.stdout
-        )
+        for held in (1, 2):
+            result = host.run(check)
+            assert result.rc == 0, result.stdout + result.stderr
+            assert f"not counted ({held} of 2 in a row): the host's CPU is saturated" in (
+                result.stdout
+            ), result.stdout
         counted = host.run(check)
-        assert counted.rc == 1, counted.stdout + counted.stderr
-        assert "handing it over for a restart" in counted.stdout, counted.stdout
+        assert counted.rc == 0, counted.stdout + counted.stderr
+        assert "failed a health check (1 of 2 in a row before a restart)" in counted.stdout, (
+            counted.stdout
+        )
+        handed_over = host.run(check)
+        assert handed_over.rc == 1, handed_over.stdout + handed_over.stderr
+        assert "handing it over for a restart" in handed_over.stdout, handed_over.stdout
     finally:
         host.run(f"rm -rf {state}")
 
