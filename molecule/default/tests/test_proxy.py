@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import testinfra.utils.ansible_runner
 from conftest import eventually
+from passlib.hash import sha512_crypt
 
 testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(
     os.environ["MOLECULE_INVENTORY_FILE"]
@@ -168,10 +169,15 @@ def test_self_signed_certificate_names_the_host(host):
     assert "IP Address:127.0.0.1" in names
 
 
-def test_htpasswd_is_bcrypt_and_readable_by_nginx_only(host):
+def test_htpasswd_is_sha512_crypt_of_the_password_and_readable_by_nginx_only(host, password):
+    # SHA-512 crypt at 5000 rounds, not bcrypt: nginx hashes the password on every request.
     htpasswd = host.file("/etc/nginx/flower-proxy.htpasswd")
     assert (htpasswd.user, htpasswd.group, htpasswd.mode) == ("root", "www-data", 0o640)
-    assert htpasswd.content_string.startswith(f"{USER}:$2b$")
+    user, _, entry = htpasswd.content_string.strip().partition(":")
+    assert user == USER, htpasswd.content_string.splitlines()[0].split(":")[0]
+    assert entry.startswith("$6$"), "not SHA-512 crypt"
+    assert "rounds=" not in entry, "not the default 5000 rounds"
+    assert sha512_crypt.verify(password, entry), "the entry does not match the password"
 
 
 def test_generated_password_is_private_on_the_controller(password):
