@@ -76,6 +76,7 @@ class Chromium:
         self._credentials: tuple[str, str] | None = None
         self._status: dict[str, int] = {}
         self._failed: list[str] = []
+        self._urls: dict[str, str] = {}  # request id -> URL, for the failures
 
     def __enter__(self) -> Chromium:
         self._scratch = Path(tempfile.mkdtemp(prefix="chromium-"))
@@ -189,6 +190,12 @@ class Chromium:
                 requestId=params["requestId"],
                 authChallengeResponse=answer,
             )
+        elif method == "Network.requestWillBeSent":
+            self._urls[params["requestId"]] = params["request"]["url"]
+        elif method == "Network.loadingFailed":
+            # No response at all (aborted, reset, timed out): the page's own retries hide it.
+            url = self._urls.get(params["requestId"], params["requestId"])
+            self._failed.append(f"{params.get('errorText', 'failed')} {url}")
         elif method == "Network.responseReceived":
             response = params["response"]
             if params.get("type") == "Document":
@@ -232,7 +239,7 @@ class Chromium:
             if time.monotonic() > deadline:
                 raise BrowserError(
                     f"{url}: no {missing} in the DOM within {self.timeout:g} s; failed requests: "
-                    f"{self._failed or 'none'}; the page reads:\n{self.text()}"
+                    f"{self._failures()}; the page reads:\n{self.text()}"
                 )
             self._pump(0.5)
             dom = self.dom()
@@ -250,7 +257,14 @@ class Chromium:
             try:
                 self._handle(self._receive(deadline))
             except BrowserError as error:
-                raise BrowserError(f"{what}: {error}; failed requests: {self._failed}") from None
+                failed = self._failures()
+                raise BrowserError(f"{what}: {error}; failed requests: {failed}") from None
+
+    def _failures(self, last: int = 5) -> str:
+        if not self._failed:
+            return "none"
+        shown = "; ".join(self._failed[-last:])
+        return f"{len(self._failed)}, the last: {shown}" if len(self._failed) > last else shown
 
     def _pump(self, seconds: float) -> None:
         """Let the page run for `seconds`, answering its paused requests meanwhile."""
