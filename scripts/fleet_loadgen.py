@@ -8,8 +8,11 @@ send-email` does), with one sync_mailbox every --sync-every sends, at --rate tas
 --count tasks, --seconds or --stop-file, whichever comes first. A submission the app refused (the
 database was down) was never accepted: it is counted apart, not as lost. `count` waits until every
 accepted task has finished or --wait seconds have passed, then checks each one's effects:
-- each send's outbox row is `sent` (else lost), and the SMTP sink's mailbox, read over IMAP,
-  holds exactly one message with its Message-ID (two: sent twice);
+- the SMTP sink's mailbox, read over IMAP, holds exactly one message with each send's Message-ID
+  (none: lost; two: sent twice), and its outbox row says `sent`, or `unknown`: a worker killed
+  between the data's final "." and its record of the server's reply cannot know whether the
+  server took the message, and the app, sending at most once, asks an operator instead of
+  resending (counted apart, `unknown_delivered_once`; any other status is lost);
 - after one last sync, the `messages` table holds exactly one row per Message-ID (no duplicate);
 - each sync task ended in SUCCESS (else lost).
 It prints the counts as one JSON object and exits 1 when any task was lost or doubled. The run
@@ -42,6 +45,7 @@ DEFAULT_ENV_FILE = Path("/etc/mailworker/mailworker.env")
 SEND_EMAIL = "mailworker.tasks.send.send_email"
 SYNC_MAILBOX = "mailworker.tasks.sync.sync_mailbox"
 FINAL_STATES = {"SUCCESS", "FAILURE", "REVOKED"}
+SEND_FINAL = {"sent", "unknown", "failed"}  # outbox statuses no attempt changes any more
 MESSAGE_ID = re.compile(rb"^Message-ID:\s*(<[^>]+>)", re.IGNORECASE | re.MULTILINE)
 
 
@@ -192,7 +196,7 @@ def count(args: argparse.Namespace) -> dict[str, Any]:
     while True:
         sends = _send_states(run)
         syncs = _sync_states(run)
-        pending = sum(1 for status in sends.values() if status != "sent") + sum(
+        pending = sum(1 for status in sends.values() if status not in SEND_FINAL) + sum(
             1 for state in syncs.values() if state not in FINAL_STATES
         )
         if pending == 0 or time.monotonic() >= deadline:
@@ -222,7 +226,17 @@ def count(args: argparse.Namespace) -> dict[str, Any]:
         "rows_missing": sum(1 for mid in message_ids if rows[mid] == 0),
         "sync_states": dict(Counter(syncs.values())),
     }
-    lost_at = [send["at"] for send in run["sends"] if sends.get(send["outbox_id"]) != "sent"]
+    counts["unknown_delivered_once"] = sum(
+        1
+        for send in run["sends"]
+        if sends.get(send["outbox_id"]) == "unknown" and delivered[send["message_id"]] == 1
+    )
+    lost_at = [
+        send["at"]
+        for send in run["sends"]
+        if sends.get(send["outbox_id"]) not in ("sent", "unknown")
+        or delivered[send["message_id"]] == 0
+    ]
     lost_at += [sync["at"] for sync in run["syncs"] if syncs.get(sync["id"]) != "SUCCESS"]
     counts["lost"] = len(lost_at)
     counts["lost_accepted_at"] = sorted(lost_at)

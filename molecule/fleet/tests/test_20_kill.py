@@ -43,7 +43,7 @@ def test_a_killed_pool_child_loses_no_task():
     assert children, "the prefork worker has no pool process"
     host(WORKER_A).run(f"kill -9 {children[0]}")
     counts = load.counts(wait=120)
-    assert_exactly_once(counts)
+    assert_exactly_once(counts, killed=True)
     assert workers_answer(WORKER_A)
 
 
@@ -66,5 +66,5 @@ def test_a_killed_main_process_has_its_tasks_run_again_within_the_promised_delay
     counts = load.counts(wait=delay + 60)
     counts["seconds_after_kill"] = round(time.monotonic() - killed, 1)
     print(f"redelivery delay promised: {delay} s; counts: {counts}", flush=True)
-    assert_exactly_once(counts)
+    assert_exactly_once(counts, killed=True)
     assert wait_for(lambda: workers_answer(WORKER_B), 60)
