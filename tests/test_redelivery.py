@@ -177,14 +177,19 @@ class HoldingRelay:
     """An SMTP server that takes any login, delivers to Dovecot on DATA and then waits `hold`
     seconds before it replies, as an MTA that committed the message to its queue: a worker
     killed while it waits has handed over the message but never heard so. With `hold_rcpt` it
-    also waits that long before its reply to the first RCPT, before any data went out."""
+    also waits that long before its reply to the first RCPT, before any data went out; with
+    `hold_quit` before its reply to QUIT, after it accepted the message."""
 
-    def __init__(self, dovecot: Any, hold: float, hold_rcpt: float = 0.0) -> None:
+    def __init__(
+        self, dovecot: Any, hold: float, hold_rcpt: float = 0.0, hold_quit: float = 0.0
+    ) -> None:
         self.dovecot = dovecot
         self.hold = hold
         self.hold_rcpt = hold_rcpt
+        self.hold_quit = hold_quit
         self.in_rcpt = threading.Event()
         self.in_data = threading.Event()
+        self.in_quit = threading.Event()
         self.data_commands = 0
         self.controller = Controller(
             self,
@@ -211,14 +216,19 @@ class HoldingRelay:
         await asyncio.sleep(self.hold)
         return "250 2.0.0 accepted"
 
+    async def handle_QUIT(self, server, session, envelope) -> str:
+        self.in_quit.set()
+        await asyncio.sleep(self.hold_quit)
+        return "221 Bye"
+
 
 @pytest.fixture
 def holding_relay(dovecot):
-    """HoldingRelay(dovecot, hold, hold_rcpt), started; stopped after the test."""
+    """HoldingRelay(dovecot, hold, hold_rcpt, hold_quit), started; stopped after the test."""
     started: list[HoldingRelay] = []
 
-    def start(hold: float, hold_rcpt: float = 0.0) -> HoldingRelay:
-        started.append(HoldingRelay(dovecot, hold=hold, hold_rcpt=hold_rcpt))
+    def start(hold: float, hold_rcpt: float = 0.0, hold_quit: float = 0.0) -> HoldingRelay:
+        started.append(HoldingRelay(dovecot, hold=hold, hold_rcpt=hold_rcpt, hold_quit=hold_quit))
         started[-1].controller.start()
         return started[-1]
 
@@ -294,6 +304,38 @@ def test_send_killed_before_its_data_went_out_is_sent_once(
     assert row.data_sent_at is not None
     runs = [(a.state, a.redelivered) for a in attempts(fleet.db_engine, result.id)]
     assert runs == [("started", False), ("succeeded", True)]
+
+
+def test_send_killed_after_the_servers_acceptance_is_sent_not_unknown(
+    fleet, make_account, dovecot, holding_relay
+):
+    """A worker killed after the server's 250 (here while the server holds its reply to QUIT)
+    has committed `sent`: the redelivered task sends nothing and makes the one Sent copy (before,
+    `sent` was committed after QUIT, and the fleet's kill -9 under load left such a send
+    `unknown`)."""
+    quit_relay = holding_relay(hold=0.0, hold_quit=30.0)
+    alice = make_account(smtp_port=quit_relay.controller.port, smtp_security="plain")
+    bob = make_account()
+    fleet.configure(**FAST_REDELIVERY, MAILWORKER_CONCURRENCY="1")
+    first = fleet.start_worker()
+    client = fleet.client()
+
+    message = {"to": [bob.address], "subject": "notes", "body": "attached"}
+    _, result = submit(load_settings(fleet.env), client, alice, message)
+    assert result is not None
+    assert quit_relay.in_quit.wait(30), first.log[-2000:]
+    first.kill_hard()  # the server accepted the message; its reply to QUIT is pending
+    [row] = outbox_rows(fleet.db_engine, alice.account_id)
+    assert (row.status, row.copied_to_sent) == ("sent", False), row.error
+
+    second = fleet.start_worker()
+    value = result.get(timeout=60)
+    assert (value["status"], value["duplicate"], value["copied_to_sent"]) == ("sent", True, True)
+    assert quit_relay.data_commands == 1, second.log[-2000:]
+    assert len(dovecot.mailbox(bob.address)) == 1
+    assert len(dovecot.mailbox(alice.address, "Sent")) == 1
+    [row] = outbox_rows(fleet.db_engine, alice.account_id)
+    assert (row.status, row.attempts, row.copied_to_sent) == ("sent", 1, True)
 
 
 def test_an_overtaken_attempt_stops_before_the_final_dot(

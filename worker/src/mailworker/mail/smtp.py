@@ -10,7 +10,9 @@ its final "." (the outbox records there that the point of no return is reached);
 raises ends the exchange with nothing delivered. After the final "." was written, a timeout, a
 dropped connection or anything else but a reply is DeliveryUnknown (RFC 5321 4.1.1.4: the
 server may have accepted it): the caller must not resend blindly. The reply to the final "."
-gets its own timeout (RFC 5321 4.5.3.2.6: 10 minutes), the other phases the endpoint's.
+gets its own timeout (RFC 5321 4.5.3.2.6: 10 minutes), the other phases the endpoint's. A
+caller's `on_accepted` runs with the result as soon as the server accepted the message, before
+QUIT (the outbox commits `sent` there: a process killed during QUIT has recorded the delivery).
 
 Error texts name no address (servers echo them in replies): they end up in task results.
 """
@@ -67,6 +69,7 @@ def send_message(
     *,
     final_reply_timeout: float = RFC_FINAL_REPLY_TIMEOUT,
     before_final_dot: Callable[[], None] = lambda: None,
+    on_accepted: Callable[[SendResult], None] = lambda _: None,
 ) -> SendResult:
     """Submit `message` to the envelope recipients from its To, Cc and Bcc (Bcc is not sent)."""
     message_id = str(message.get("Message-ID", "")).strip()
@@ -89,6 +92,9 @@ def send_message(
                 final_reply_timeout=final_reply_timeout,
                 before_final_dot=before_final_dot,
             )
+            accepted = tuple(rcpt for rcpt in recipients if rcpt not in refused)
+            result = SendResult(message_id, accepted, _replies(endpoint, refused))
+            on_accepted(result)
             # The server has the message: nothing after this may turn it into a resend (a
             # failing QUIT, a time limit): only errors raised before the final "." escape.
             with contextlib.suppress(Exception):
@@ -120,8 +126,7 @@ def send_message(
         raise PermanentError(f"{where} failed: {endpoint.redact(str(exc))}") from exc
     except OSError as exc:
         raise network_error(exc, endpoint, "SMTP") from exc
-    accepted = tuple(rcpt for rcpt in recipients if rcpt not in refused)
-    return SendResult(message_id, accepted, _replies(endpoint, refused))
+    return result
 
 
 def _transfer(

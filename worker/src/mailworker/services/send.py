@@ -20,8 +20,10 @@ resending risks a loss. We never resend blindly:
 4. Just before it writes the final ".", the attempt commits `data_sent_at`: the point of no
    return. A failure after it (no reply within MAILWORKER_SMTP_FINAL_REPLY_TIMEOUT, the
    connection dropped, a time limit) is `unknown` at once: not resent, the task fails saying so.
-5. Once the server accepted the message the attempt commits `sent`, appends a copy to the Sent
-   folder over IMAP, then records the copy and drops the stored content (its hash stays).
+5. The moment the server accepted the message (its 250, before QUIT) the attempt commits
+   `sent`, then appends a copy to the Sent folder over IMAP, records the copy and drops the
+   stored content (its hash stays). Only a worker lost between the final "." and that commit
+   leaves `sending` with `data_sent_at` (below).
 6. An attempt that finds `sent` returns the stored outcome (no SMTP), making the Sent copy first
    if its attempt died before it (the content is still stored; it looks in Sent before it
    appends). One that finds `sending` and gets the lock knows the previous attempt died:
@@ -45,6 +47,7 @@ import email
 import email.policy
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from functools import partial
@@ -184,43 +187,67 @@ def _send_now(
     attempt = claim.attempt
     message = email.message_from_bytes(claim.content, policy=email.policy.default)
     assert isinstance(message, EmailMessage)  # the default policy builds EmailMessage
-    set_status = partial(_set_status, settings, access, outbox_id, attempt)
+    accepted: list[SendResult] = []  # the server's acceptance, the moment it came
+    unrecorded: list[Exception] = []
+
+    def record_sent(result: SendResult) -> None:
+        # Committed before QUIT: a worker killed after the 250 leaves `sent`, not `unknown`.
+        accepted.append(result)
+        try:
+            _record_sent(settings, access, outbox_id, attempt, result)
+        except Exception as error:  # a database error, a time limit, an overtaking attempt
+            unrecorded.append(error)
+
     try:
-        result = send_message(
+        send_message(
             access.smtp,
             message,
             final_reply_timeout=settings.smtp_final_reply_timeout,
             before_final_dot=partial(_mark_data_sent, settings, access, outbox_id, attempt),
+            on_accepted=record_sent,
         )
-    except AttemptSuperseded:
-        raise
-    except DeliveryUnknown as error:
+    except Exception as error:
+        if not accepted:
+            set_status = partial(_set_status, settings, access, outbox_id, attempt)
+            _record_failure(set_status, message_id, error)
+            raise
+        # Raised after the server's 250 (a time limit while closing): the delivery stands.
+    [result] = accepted
+    if unrecorded:
+        if isinstance(unrecorded[0], AttemptSuperseded | SoftTimeLimitExceeded):
+            raise unrecorded[0]
+        # Delivered but not recorded: with the copy in Sent, the retry records `sent`.
+        _copy_to_sent(settings, access, claim.content)
+        raise unrecorded[0]
+    copied = _copy_to_sent(settings, access, claim.content)
+    _record_copy(settings, access, outbox_id, copied)
+    logger.info(
+        "sent %s to %d recipient(s), %d refused",
+        message_id,
+        len(result.accepted),
+        len(result.refused),
+    )
+    return _result(outbox_id, message_id, result, copied)
+
+
+def _record_failure(set_status: Callable[..., None], message_id: str, error: Exception) -> None:
+    """The attempt ended before the server accepted the message: record why with `set_status`
+    (the caller re-raises `error`; an unknown outcome raises the PermanentError saying so)."""
+    if isinstance(error, AttemptSuperseded):
+        return
+    if isinstance(error, DeliveryUnknown):
         set_status("unknown", error=f"{error}; not resent")
         raise PermanentError(_unknown_message(message_id, str(error))) from None
-    except TransientError as error:
+    if isinstance(error, TransientError):
         set_status("deferred", error=str(error))
-        raise
-    except MailworkerError as error:
+    elif isinstance(error, MailworkerError):
         set_status("failed", error=str(error))
-        raise
-    except Exception as error:
+    else:
         # send_message lets nothing but its own errors out once the data went out, so this came
         # before the final ".": nothing was delivered. A soft time limit is worth another try;
         # anything else (a bug) would fail the same way on every sweep.
         status = "deferred" if isinstance(error, SoftTimeLimitExceeded) else "failed"
         set_status(status, error=type(error).__name__)
-        raise
-    try:
-        _record_sent(settings, access, outbox_id, attempt, result)
-    except SQLAlchemyError:
-        # Delivered but not recorded: with the copy in Sent, the retry records `sent`.
-        _copy_to_sent(settings, access, claim.content)
-        raise
-    copied = _copy_to_sent(settings, access, claim.content)
-    _record_copy(settings, access, outbox_id, copied)
-    accepted, refused = len(result.accepted), len(result.refused)
-    logger.info("sent %s to %d recipient(s), %d refused", message_id, accepted, refused)
-    return _result(outbox_id, message_id, result, copied)
 
 
 def _mark_data_sent(
