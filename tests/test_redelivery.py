@@ -274,23 +274,32 @@ def test_send_killed_inside_smtp_is_not_sent_twice(fleet, make_account, dovecot,
     assert runs == [("started", False), ("failed", True)]
 
 
+def send_then_kill(
+    fleet: Any, make_account: Any, relay: HoldingRelay, held: threading.Event
+) -> tuple[Any, Any, Any]:
+    """Queue a send from a new account on `relay` to another one, with one worker of
+    FAST_REDELIVERY settings, and kill the worker hard once the relay sets `held`;
+    (sender, recipient, the task's AsyncResult)."""
+    alice = make_account(smtp_port=relay.controller.port, smtp_security="plain")
+    bob = make_account()
+    fleet.configure(**FAST_REDELIVERY, MAILWORKER_CONCURRENCY="1")
+    worker = fleet.start_worker()
+    message = {"to": [bob.address], "subject": "minutes", "body": "see you"}
+    _, result = submit(load_settings(fleet.env), fleet.client(), alice, message)
+    assert result is not None
+    assert held.wait(30), worker.log[-2000:]
+    worker.kill_hard()
+    return alice, bob, result
+
+
 def test_send_killed_before_its_data_went_out_is_sent_once(
     fleet, make_account, dovecot, holding_relay
 ):
     """A worker killed before the final "." delivered nothing: the redelivered task sends it
     (before, every send killed anywhere in the exchange was `unknown`, i.e. lost)."""
     rcpt_relay = holding_relay(hold=0.0, hold_rcpt=30.0)
-    alice = make_account(smtp_port=rcpt_relay.controller.port, smtp_security="plain")
-    bob = make_account()
-    fleet.configure(**FAST_REDELIVERY, MAILWORKER_CONCURRENCY="1")
-    first = fleet.start_worker()
-    client = fleet.client()
-
-    message = {"to": [bob.address], "subject": "minutes", "body": "see you"}
-    _, result = submit(load_settings(fleet.env), client, alice, message)
-    assert result is not None
-    assert rcpt_relay.in_rcpt.wait(30), first.log[-2000:]
-    first.kill_hard()  # waiting for the RCPT reply: nothing went out
+    # Killed waiting for the RCPT reply: nothing went out.
+    alice, bob, result = send_then_kill(fleet, make_account, rcpt_relay, rcpt_relay.in_rcpt)
     assert dovecot.mailbox(bob.address) == []
 
     second = fleet.start_worker()
@@ -314,17 +323,8 @@ def test_send_killed_after_the_servers_acceptance_is_sent_not_unknown(
     `sent` was committed after QUIT, and the fleet's kill -9 under load left such a send
     `unknown`)."""
     quit_relay = holding_relay(hold=0.0, hold_quit=30.0)
-    alice = make_account(smtp_port=quit_relay.controller.port, smtp_security="plain")
-    bob = make_account()
-    fleet.configure(**FAST_REDELIVERY, MAILWORKER_CONCURRENCY="1")
-    first = fleet.start_worker()
-    client = fleet.client()
-
-    message = {"to": [bob.address], "subject": "notes", "body": "attached"}
-    _, result = submit(load_settings(fleet.env), client, alice, message)
-    assert result is not None
-    assert quit_relay.in_quit.wait(30), first.log[-2000:]
-    first.kill_hard()  # the server accepted the message; its reply to QUIT is pending
+    # Killed once the server accepted the message, its reply to QUIT pending.
+    alice, bob, result = send_then_kill(fleet, make_account, quit_relay, quit_relay.in_quit)
     [row] = outbox_rows(fleet.db_engine, alice.account_id)
     assert (row.status, row.copied_to_sent) == ("sent", False), row.error
 
