@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.deploy import DeployTiming
+from bench.layout import memory_limit
 from bench.machine import Machine
-from bench.runner import MEMORY_LIMIT, Session
+from bench.runner import Session
 from bench.suite import ABLATION, IO, NOOP, Results
 
 START = "<!-- bench:results:start -->"
@@ -118,7 +119,7 @@ def _summary(results: Results, deploy: list[DeployTiming] | str) -> list[str]:
     lines = [
         f"- no-op throughput ratio (shipped/default): {_fmt(noop_ratio, 2)} "
         f"(target >= {NOOP_RATIO_TARGET:.0f}: {noop_verdict})",
-        f"- 50 ms I/O throughput, shipped, one node, {MEMORY_LIMIT // MIB} MiB limit: "
+        f"- 50 ms I/O throughput, shipped, one node, {memory_limit() // MIB} MiB limit: "
         f"{_fmt(io_rate)} tasks/s, ratio {_fmt(io_ratio, 2)} "
         f"(target >= {IO_RATE_TARGET:.0f}/s: {io_verdict})",
         f"- p99 enqueue->start at half of peak, shipped: no-op {_fmt(p99[NOOP.name], 1)} ms, "
