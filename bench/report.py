@@ -7,9 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import mail_report
 from bench.deploy import DeployTiming
 from bench.layout import memory_limit
 from bench.machine import Machine
+from bench.mail_phases import MailResults
 from bench.runner import Session
 from bench.suite import ABLATION, IO, NOOP, Results
 
@@ -215,7 +217,13 @@ def _deploy_table(deploy: list[DeployTiming] | str) -> list[str]:
 
 
 def render(
-    info: RunInfo, results: Results, deploy: list[DeployTiming] | str, plot_name: str
+    info: RunInfo,
+    results: Results,
+    deploy: list[DeployTiming] | str,
+    plot_name: str,
+    *,
+    mail: MailResults | None = None,
+    mail_plot_name: str = "",
 ) -> str:
     plan = results.plan
     lines = [
@@ -236,6 +244,7 @@ def render(
         "### Summary",
         "",
         *_summary(results, deploy),
+        *mail_report.summary_lines(mail),
         "",
         "### Figures (medians of the rounds)",
         "",
@@ -250,6 +259,8 @@ def render(
         f"![throughput against concurrency]({plot_name})",
         "",
         *_sweep_table(results),
+        "",
+        *mail_report.section(mail, mail_plot_name),
         "",
         "### Deploy time",
         "",
