@@ -81,7 +81,9 @@ def plot_mail(mail: MailResults, path: Path) -> None:
     for mode, colour in (("session per mail", "tab:gray"), ("reused connection", "tab:green")):
         points = [(p.run.loops, p.run.rate) for _, p in mail.send_plain if p.mode == mode]
         series.append((send_axis, f"plain smtplib, {mode}", colour, "o", points))
+    ticks: dict[object, set[int]] = {sync_axis: set(), send_axis: set()}
     for axis, label, colour, marker, points in series:
+        ticks[axis].update(x for x, _ in points)
         by_x: dict[int, list[float]] = {}
         for x, rate in points:
             if not math.isnan(rate):
@@ -94,6 +96,7 @@ def plot_mail(mail: MailResults, path: Path) -> None:
         (send_axis, "send: mails accepted by the SMTP server", "mails/s"),
     ):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(sorted(ticks[axis]), [str(x) for x in sorted(ticks[axis])])
         axis.set_xlabel("concurrency (threads of all units, or plain loops)")
         axis.set_ylabel(unit)
         axis.set_title(title)
