@@ -133,6 +133,7 @@ def run_drain(
     `count_items`: SQL counting what the run produced, with :since the run's start.
     """
     stack.redis.client().flushall()
+    stack.forget_deliveries()
     drain = Drain(what, deployment.concurrency)
     since = database_now(engine)
     fanout_started = time.time()

@@ -229,6 +229,7 @@ def _send_round(
         mode = "reused connection" if reuse else "session per mail"
         for loops in results.plan.plain_sweep:
             _say(f"mail round {round_number}: send, plain smtplib, {mode}, {loops} loop(s)")
+            stack.forget_deliveries()
             plain = run_plain_smtp(server, login, accounts_file, sends, loops, reuse=reuse)
             results.send_plain.append((round_number, PlainSend(mode, plain)))
             _say(f"  {plain.items} mails, {plain.rate:.1f}/s")

@@ -49,6 +49,11 @@ class MailStack:
             "MAILWORKER_MAIL_CA_FILE": str(self.certificates.ca_file),
         }
 
+    def forget_deliveries(self) -> None:
+        """The SMTP server keeps every message it took, in memory; the bench counts elsewhere."""
+        with self.smtp._lock:
+            self.smtp.deliveries.clear()
+
     def postgres_pid(self) -> int:
         return int((self.postgres.data / "postmaster.pid").read_text().split()[0])
 

@@ -138,9 +138,8 @@ def _summary(results: Results, deploy: list[DeployTiming] | str) -> list[str]:
             f"- ablation, not shipped: no-op throughput ratio with task events off "
             f"(MAILWORKER_TASK_EVENTS=false): {_fmt(ablation, 2)}"
         )
-    if isinstance(deploy, str):
-        lines.append(f"- idempotent site.yml re-run: not measured ({deploy})")
-    else:
+    # A figure that was not measured gets no summary line (the deploy section says why).
+    if not isinstance(deploy, str):
         fast = deploy[-1]
         lines.append(
             f"- idempotent site.yml re-run ({fast.hosts} lab host(s), {fast.variant}): "
