@@ -77,7 +77,13 @@ def _mail(skip: bool, plan: MailPlan) -> MailResults | None:
     missing = missing_servers()
     if missing:
         return MailResults(plan, skipped=missing)
-    return run_mail_phases(plan, load_units())
+    try:
+        return run_mail_phases(plan, load_units())
+    except Exception as failure:  # the servers did not start: the other figures still count
+        first = str(failure).strip().splitlines()
+        return MailResults(
+            plan, skipped=f"the mail phases failed: {first[0] if first else failure!r}"
+        )
 
 
 def _cgroup_note() -> str:

@@ -270,6 +270,24 @@ def synced_within(engine: Engine, drain: Drain, interval: int) -> int:
         )
 
 
+def _idle_phase(run: _Run, registered: int) -> None:
+    results = run.results
+    results.idle_first, results.idle = _idle(
+        run.stack, run.engine, run.units, results.plan, registered
+    )
+    results.idle_within = synced_within(run.engine, results.idle, results.sync_interval)
+
+
+def _guarded(results: MailResults, what: str, phase: Callable[..., None], *args: object) -> None:
+    """Run one phase; a failure is reported with the results, and the other phases still run."""
+    try:
+        phase(*args)
+    except Exception as failure:  # a bench phase must not lose the whole run's figures
+        first = str(failure).strip().splitlines()
+        results.failures.append(f"{what}: {type(failure).__name__}: {first[0] if first else ''}")
+        _say(f"{what} failed: {failure!r}")
+
+
 def results_interval(deployment: Deployment) -> int:
     """The sync interval the shipped units run with (MAILWORKER_SYNC_INTERVAL)."""
     return load_settings(deployment.workers[0].env).sync_interval
@@ -293,16 +311,27 @@ def run_mail_phases(plan: MailPlan, units: list[WorkerUnit]) -> MailResults:
         run = _Run(stack, engine, units, results, work_dir)
         sweep: tuple[int | None, ...] = tuple(plan.threads_sweep)
         for round_number in range(1, plan.rounds + 1):
-            _sync_round(
-                run, accounts, (None, *sweep) if round_number == 1 else (None,), round_number
+            threads = (None, *sweep) if round_number == 1 else (None,)
+            _guarded(
+                results,
+                f"sync, round {round_number}",
+                _sync_round,
+                run,
+                accounts,
+                threads,
+                round_number,
             )
         for round_number in range(1, plan.rounds + 1):
             threads = (None, *sweep) if round_number == 1 else (None,)
-            _send_round(run, accounts_file, threads, round_number)
-        try:
-            results.idle_first, results.idle = _idle(stack, engine, units, plan, len(accounts))
-            results.idle_within = synced_within(engine, results.idle, results.sync_interval)
-        except WorkerFailed as failure:
-            results.failures.append(f"idle: {failure}")
+            _guarded(
+                results,
+                f"send, round {round_number}",
+                _send_round,
+                run,
+                accounts_file,
+                threads,
+                round_number,
+            )
+        _guarded(results, "idle", _idle_phase, run, len(accounts))
         engine.dispose()
     return results
