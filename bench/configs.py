@@ -9,6 +9,7 @@ deployed unit gets, plus `--include=bench.tasks` so the bench's own tasks are re
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,17 +64,20 @@ def baseline(broker_url: str, concurrency: int | None = None) -> Deployment:
     )
 
 
-def _unit_env(broker_url: str, unit: WorkerUnit, concurrency: int) -> dict[str, str]:
+def _unit_env(
+    broker_url: str, unit: WorkerUnit, concurrency: int, connections: Mapping[str, str]
+) -> dict[str, str]:
     return {
         **_base_env(),
         "MAILWORKER_BROKER_URL": broker_url,
         "MAILWORKER_DATABASE_URL": UNUSED_DATABASE_URL,
         "MAILWORKER_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+        **connections,
         **dict(unit.settings),
         "MAILWORKER_QUEUES": ",".join(unit.queues),
         "MAILWORKER_POOL": unit.pool,
         "MAILWORKER_CONCURRENCY": str(concurrency),
-        "MAILWORKER_NODE_NAME": f"bench-{unit.name}@%h",
+        "MAILWORKER_NODE_NAME": f"bench-{unit.name.replace('@', '-')}@%h",
         "MAILWORKER_LOG_FILE": "",
     }
 
@@ -85,11 +89,14 @@ def shipped(
     concurrency: int | None = None,
     *,
     events: bool = True,
+    connections: Mapping[str, str] | None = None,
 ) -> Deployment:
     """The units that serve `queue`; `concurrency` overrides each unit's only for the sweep.
 
     `events=False` is the one ablation: MAILWORKER_TASK_EVENTS=false, what a fleet without
     Flower's task views would run (Flower itself turns events back on unless told not to).
+    `connections`: the MAILWORKER_* a deployment's mailworker.env sets (database, keys, CA) for
+    workers that run the real mail tasks; the synthetic tasks touch no database.
     """
     if not units:
         raise ValueError(f"no shipped worker unit consumes the queue {queue!r}")
@@ -98,7 +105,7 @@ def shipped(
     total = 0
     for unit in units:
         used = concurrency or unit.concurrency
-        env = _unit_env(broker_url, unit, used)
+        env = _unit_env(broker_url, unit, used, connections or {})
         if not events:
             env["MAILWORKER_TASK_EVENTS"] = "false"
         settings = load_settings(env)

@@ -7,9 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import mail_report
 from bench.deploy import DeployTiming
+from bench.layout import memory_limit
 from bench.machine import Machine
-from bench.runner import MEMORY_LIMIT, Session
+from bench.mail_phases import MailResults
+from bench.runner import Session
 from bench.suite import ABLATION, IO, NOOP, Results
 
 START = "<!-- bench:results:start -->"
@@ -118,7 +121,7 @@ def _summary(results: Results, deploy: list[DeployTiming] | str) -> list[str]:
     lines = [
         f"- no-op throughput ratio (shipped/default): {_fmt(noop_ratio, 2)} "
         f"(target >= {NOOP_RATIO_TARGET:.0f}: {noop_verdict})",
-        f"- 50 ms I/O throughput, shipped, one node, {MEMORY_LIMIT // MIB} MiB limit: "
+        f"- 50 ms I/O throughput, shipped, one node, {memory_limit() // MIB} MiB limit: "
         f"{_fmt(io_rate)} tasks/s, ratio {_fmt(io_ratio, 2)} "
         f"(target >= {IO_RATE_TARGET:.0f}/s: {io_verdict})",
         f"- p99 enqueue->start at half of peak, shipped: no-op {_fmt(p99[NOOP.name], 1)} ms, "
@@ -135,9 +138,8 @@ def _summary(results: Results, deploy: list[DeployTiming] | str) -> list[str]:
             f"- ablation, not shipped: no-op throughput ratio with task events off "
             f"(MAILWORKER_TASK_EVENTS=false): {_fmt(ablation, 2)}"
         )
-    if isinstance(deploy, str):
-        lines.append(f"- idempotent site.yml re-run: not measured ({deploy})")
-    else:
+    # A figure that was not measured gets no summary line (the deploy section says why).
+    if not isinstance(deploy, str):
         fast = deploy[-1]
         lines.append(
             f"- idempotent site.yml re-run ({fast.hosts} lab host(s), {fast.variant}): "
@@ -214,7 +216,13 @@ def _deploy_table(deploy: list[DeployTiming] | str) -> list[str]:
 
 
 def render(
-    info: RunInfo, results: Results, deploy: list[DeployTiming] | str, plot_name: str
+    info: RunInfo,
+    results: Results,
+    deploy: list[DeployTiming] | str,
+    plot_name: str,
+    *,
+    mail: MailResults | None = None,
+    mail_plot_name: str = "",
 ) -> str:
     plan = results.plan
     lines = [
@@ -235,6 +243,7 @@ def render(
         "### Summary",
         "",
         *_summary(results, deploy),
+        *mail_report.summary_lines(mail),
         "",
         "### Figures (medians of the rounds)",
         "",
@@ -249,6 +258,8 @@ def render(
         f"![throughput against concurrency]({plot_name})",
         "",
         *_sweep_table(results),
+        "",
+        *mail_report.section(mail, mail_plot_name),
         "",
         "### Deploy time",
         "",
