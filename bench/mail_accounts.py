@@ -13,7 +13,7 @@ import imaplib
 import json
 import ssl
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -21,24 +21,12 @@ from mailworker.cli.main import cli
 
 from bench.mail_messages import sample_message
 from bench.mailstack import MailStack
+from tests.fixtures.servers import Account
 
 ACCOUNTS_PER_TENANT = 100
 
 
-@dataclass(frozen=True)
-class BenchAccount:
-    tenant_id: str
-    user_id: str
-    account_id: str
-    address: str
-    password: str = field(repr=False)
-
-    @property
-    def ids(self) -> list[str]:
-        return [self.tenant_id, self.user_id, self.account_id]
-
-
-def register(stack: MailStack, count: int, prefix: str) -> list[BenchAccount]:
+def register(stack: MailStack, count: int, prefix: str) -> list[Account]:
     """`count` new Dovecot users, each registered with `mailworker account add`."""
     runner = CliRunner()
     env = stack.settings_env()
@@ -66,24 +54,24 @@ def register(stack: MailStack, count: int, prefix: str) -> list[BenchAccount]:
             raise RuntimeError(f"mailworker account add failed: {result.output}")
         ids = dict(line.split("=", 1) for line in result.output.split())
         accounts.append(
-            BenchAccount(
+            Account(
                 ids["tenant_id"], ids["user_id"], ids["account_id"], user.address, user.password
             )
         )
     return accounts
 
 
-def write_accounts(accounts: list[BenchAccount], path: Path) -> None:
+def write_accounts(accounts: list[Account], path: Path) -> None:
     """The accounts, passwords included, for a plain loop process (a file only root reads)."""
     path.write_text(json.dumps([asdict(account) for account in accounts]))
     path.chmod(0o600)
 
 
-def read_accounts(path: Path) -> list[BenchAccount]:
-    return [BenchAccount(**item) for item in json.loads(path.read_text())]
+def read_accounts(path: Path) -> list[Account]:
+    return [Account(**item) for item in json.loads(path.read_text())]
 
 
-def _append(stack: MailStack, account: BenchAccount, count: int) -> None:
+def _append(stack: MailStack, account: Account, count: int) -> None:
     context = ssl.create_default_context(cafile=str(stack.certificates.ca_file))
     with imaplib.IMAP4(stack.dovecot.host, stack.dovecot.port, timeout=30) as conn:
         conn.starttls(context)
@@ -95,7 +83,7 @@ def _append(stack: MailStack, account: BenchAccount, count: int) -> None:
         conn.logout()
 
 
-def fill_mailboxes(stack: MailStack, accounts: list[BenchAccount], per_mailbox: int) -> None:
+def fill_mailboxes(stack: MailStack, accounts: list[Account], per_mailbox: int) -> None:
     """Put `per_mailbox` new messages in each account's INBOX (IMAP APPEND, untimed)."""
     with ThreadPoolExecutor(max_workers=8) as pool:
         for future in [pool.submit(_append, stack, a, per_mailbox) for a in accounts]:

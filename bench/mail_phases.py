@@ -33,7 +33,7 @@ from sqlalchemy import Engine, create_engine, text
 
 from bench.configs import Deployment, shipped
 from bench.layout import WorkerUnit, units_for
-from bench.mail_accounts import BenchAccount, fill_mailboxes, register, write_accounts
+from bench.mail_accounts import Account, fill_mailboxes, register, write_accounts
 from bench.mail_drain import Drain, run_drain
 from bench.mailstack import MailStack, running_mail_stack
 from bench.plain_copy import copy_rows
@@ -189,7 +189,7 @@ class _Run:
 
 
 def _sync_round(
-    run: _Run, accounts: list[BenchAccount], threads: tuple[int | None, ...], round_number: int
+    run: _Run, accounts: list[Account], threads: tuple[int | None, ...], round_number: int
 ) -> None:
     stack, results = run.stack, run.results
     for count in threads:

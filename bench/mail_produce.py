@@ -18,7 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.mail_accounts import BenchAccount, read_accounts
+from bench.mail_accounts import Account, read_accounts
 from bench.mail_messages import send_spec
 
 
@@ -29,7 +29,7 @@ def fanout() -> int:
     return int(result["queued"])
 
 
-def submit(accounts: list[BenchAccount], count: int) -> int:
+def submit(accounts: list[Account], count: int) -> int:
     from mailworker.settings import load_settings  # noqa: PLC0415
     from mailworker.tasks.send import submit_send  # noqa: PLC0415
 

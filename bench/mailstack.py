@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import shutil
 import subprocess
 import sys
@@ -20,9 +19,21 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet
 
-from tests.fixtures.mailservers import DovecotServer, SmtpServer, TestCertificates
+from tests.fixtures.mailservers import (
+    DovecotServer,
+    SmtpServer,
+    TestCertificates,
+    running_dovecot,
+    running_smtp,
+)
 from tests.fixtures.mailservers import make_certificates as make_mail_certificates
-from tests.fixtures.servers import PG_BIN, PostgresServer, RedisServer, free_port
+from tests.fixtures.servers import (
+    PG_BIN,
+    PostgresServer,
+    RedisServer,
+    running_postgres,
+    running_redis,
+)
 
 MAILWORKER = str(Path(sys.executable).parent / "mailworker")
 
@@ -62,60 +73,6 @@ class MailStack:
         if process is None:
             raise RuntimeError("dovecot is not running")
         return process.pid
-
-
-@contextlib.contextmanager
-def _postgres(directory: Path) -> Iterator[PostgresServer]:
-    """What the postgres_server fixture does: initdb, start, CREATE DATABASE; stop after."""
-    run_as: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        postgres = pwd.getpwnam("postgres")
-        os.chown(directory, postgres.pw_uid, postgres.pw_gid)
-        run_as = ["runuser", "-u", "postgres", "--"]
-    server = PostgresServer(free_port(), directory, run_as)
-    server._run(
-        str(PG_BIN / "initdb"), "-D", str(server.data), "-A", "trust", "-U", "postgres",
-        "--no-sync", "-E", "UTF8",
-    )  # fmt: skip
-    server.start()
-    try:
-        server.psql("CREATE DATABASE mailworker")
-        yield server
-    finally:
-        server.stop()
-
-
-@contextlib.contextmanager
-def _redis(directory: Path) -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), directory)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@contextlib.contextmanager
-def _dovecot(root: Path, certificates: TestCertificates) -> Iterator[DovecotServer]:
-    directory = root / "dovecot"
-    directory.mkdir()
-    directory.chmod(0o755)
-    server = DovecotServer(directory, certificates)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@contextlib.contextmanager
-def _smtp(dovecot: DovecotServer, certificates: TestCertificates) -> Iterator[SmtpServer]:
-    server = SmtpServer(dovecot, certificates)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _migrate(stack: MailStack) -> None:
@@ -162,10 +119,10 @@ def running_mail_stack() -> Iterator[MailStack]:
         pg_dir.mkdir()
         redis_dir.mkdir()
         with (
-            _redis(redis_dir) as redis,
-            _postgres(pg_dir) as postgres,
-            _dovecot(root, certificates) as dovecot,
-            _smtp(dovecot, certificates) as smtp,
+            running_redis(redis_dir) as redis,
+            running_postgres(pg_dir) as postgres,
+            running_dovecot(root, certificates) as dovecot,
+            running_smtp(dovecot, certificates) as smtp,
         ):
             stack = MailStack(
                 redis, postgres, dovecot, smtp, certificates, Fernet.generate_key().decode()

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import psycopg2
 from mailworker.services.parsing import parse_message
 
-from bench.mail_accounts import BenchAccount
+from bench.mail_accounts import Account
 from bench.plain_loops import PlainRow
 
 TABLE = "bench_plain_messages"
@@ -36,7 +36,7 @@ def _array(values: Sequence[str]) -> str:
     return "{" + ",".join(f'"{value}"' for value in quoted) + "}"
 
 
-def _csv(rows: Sequence[PlainRow], accounts: dict[str, BenchAccount]) -> bytes:
+def _csv(rows: Sequence[PlainRow], accounts: dict[str, Account]) -> bytes:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     for row in rows:
@@ -54,7 +54,7 @@ def _csv(rows: Sequence[PlainRow], accounts: dict[str, BenchAccount]) -> bytes:
     return buffer.getvalue().encode()
 
 
-def copy_rows(database_url: str, rows: Sequence[PlainRow], accounts: list[BenchAccount]) -> float:
+def copy_rows(database_url: str, rows: Sequence[PlainRow], accounts: list[Account]) -> float:
     """Seconds one COPY of `rows` (and its commit) took, into an emptied copy of `messages`."""
     data = _csv(rows, {account.address: account for account in accounts})
     connection = psycopg2.connect(_dsn(database_url))

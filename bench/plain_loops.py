@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.mail_accounts import BenchAccount, read_accounts, write_accounts
+from bench.mail_accounts import Account, read_accounts, write_accounts
 from bench.mail_messages import send_spec
 
 _UID = re.compile(rb"UID (\d+)")
@@ -76,7 +76,7 @@ def _number(conn: imaplib.IMAP4, code: str) -> int:
     return int(values[-1]) if values and values[-1] else 0
 
 
-def sync_one(host: str, port: int, ca_file: str, account: BenchAccount) -> list[PlainRow]:
+def sync_one(host: str, port: int, ca_file: str, account: Account) -> list[PlainRow]:
     conn = imaplib.IMAP4(host, port, timeout=60)
     try:
         conn.starttls(_context(ca_file))
@@ -242,7 +242,7 @@ def _processes(loops: int) -> int:
 
 
 def run_plain_imap(
-    server: tuple[str, int, str], accounts: list[BenchAccount], loops: int, work_dir: Path
+    server: tuple[str, int, str], accounts: list[Account], loops: int, work_dir: Path
 ) -> tuple[PlainRun, list[PlainRow]]:
     """Read every mailbox with `loops` plain loops; the messages they fetched."""
     host, port, ca_file = server
