@@ -41,6 +41,14 @@ reap_one() {
 }
 
 rm -f "$logs"/molecule-*.rc
+# Each scenario's prerun installs requirements.yml into one shared cache; started together on a
+# clean clone they raced to create its directory (ansible-galaxy: "File exists"). One prerun
+# first, alone, leaves the others nothing to create.
+if ! "$molecule" dependency -s "${scenarios[0]}" > "$logs/molecule-dependency.log" 2>&1; then
+  cat "$logs/molecule-dependency.log"
+  echo "== molecule dependency failed (full log: $logs/molecule-dependency.log)"
+  exit 1
+fi
 for scenario in "${scenarios[@]}"; do
   while ((${#pid_of[@]} >= jobs)); do reap_one; done
   echo "== scenario $scenario: started ($(date -u +%H:%M:%S))"
