@@ -17,6 +17,7 @@ from mailworker import (
 from mailworker.redis_transport import Channel, Transport
 
 from tests.fixtures.servers import RedisServer, free_port
+from tests.fixtures.trickle import TricklingProxy
 
 # The fixture's database 63: no other test uses it.
 DB = 63
@@ -184,3 +185,31 @@ def test_renewing_with_redis_unreachable_neither_raises_nor_sweeps(tmp_path, cap
     finally:
         server.stop()
         redis_transport._held.clear()
+
+
+def test_a_delivery_is_recorded_through_a_new_connection_when_the_pooled_one_hangs(
+    redis_server, caplog
+):
+    """A message BRPOPed from its queue is in Redis only as the unacked entry written next; if
+    that write raised, the consumer's reconnect would drop the message for good. Here the pool's
+    idle connection hangs (a Redis host frozen before a Sentinel failover; new connections reach
+    a live server, as Sentinel's discovery gives them the new master): the entry must still be
+    written."""
+    client = redis_server.client(DB)
+    client.flushdb()
+    with TricklingProxy(redis_server.port, interval=1.0) as frozen_host:
+        url = f"redis://127.0.0.1:{frozen_host.port}/{DB}"
+        with kombu.Connection(url, transport_options={"socket_timeout": 2}) as connection:
+            queue = connection.SimpleQueue("append-test")
+            queue.put({"n": 1})
+            message = queue.get(timeout=5)  # its unacked write left a connection in the pool
+            channel = queue.channel
+            frozen_host.freeze_open()
+            tag = "a-delivery-after-the-failover"
+            with caplog.at_level(logging.WARNING, logger="mailworker.redis_transport"):
+                channel.qos.append(message, tag)
+            assert client.hexists(kombu_redis.Channel.unacked_key, tag)
+            assert _score(client, tag) is not None
+            assert f"could not record delivered task {tag} as unacknowledged" in caplog.text
+            assert tag in redis_transport.held_tags()
+    redis_transport._held.clear()

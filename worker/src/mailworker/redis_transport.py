@@ -22,6 +22,11 @@ the holder of a lease is alive, and might run with another timeout. A worker als
 visibility timeout after it connects, or after its renewals failed, before it sweeps: after a
 Redis outage every live worker gets that long to reconnect and renew its leases.
 
+Deliveries recorded. A message taken from its queue is in Redis only as the unacked entry this
+process writes right after; a failed write would drop it. The write is tried again once through
+a fresh connection (QoS.append: after a Sentinel failover the pool held connections to the old
+master).
+
 One client per channel.
 
 kombu's Redis channel builds a new `redis.Redis` for every synchronous operation: the unacked
@@ -86,7 +91,24 @@ def celery_request_tags() -> set[str]:
 
 class QoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: str) -> None:
-        super().append(message, delivery_tag)
+        try:
+            super().append(message, delivery_tag)
+        except self.channel.connection_errors as error:
+            # The message has left its queue (BRPOP) and is in no unacked entry yet: if this
+            # error reached the consumer it would reconnect and drop it, lost for good. After a
+            # Sentinel failover the BRPOP comes from the new master while the pool's idle
+            # connections still point at the old one (a frozen host answers nothing until the
+            # socket timeout), so drop them and write the entry once more through a new one,
+            # which asks the Sentinels for the master. The same tag and payload twice are
+            # harmless, if the first write did land.
+            logger.warning(
+                "could not record delivered task %s as unacknowledged (%s); reconnecting to "
+                "record it",
+                delivery_tag,
+                error,
+            )
+            self.channel.pool.disconnect()
+            super().append(message, delivery_tag)
         _held[delivery_tag] = self.channel.unacked_index_key
 
     def ack(self, delivery_tag: str) -> None:
