@@ -37,6 +37,7 @@ DATA = _inventory.get_hosts("postgresql")[0]
 APP_HOSTS = _inventory.get_hosts("celery_workers")
 WORKER_A, WORKER_B = APP_HOSTS[0], APP_HOSTS[1]
 SENTINEL_HOSTS = _inventory.get_hosts("redis_sentinel")
+REDIS_HOSTS = _inventory.get_hosts("redis")
 VENV_PYTHON = "/opt/mailworker/venv/bin/python"
 LOADGEN = "/root/fleet_loadgen.py"
 ENV_FILE = "/etc/mailworker/mailworker.env"
