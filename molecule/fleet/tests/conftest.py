@@ -239,7 +239,8 @@ class Load:
         assert result.stdout.strip(), f"loadgen count printed nothing:\n{result.stderr}"
         counts = json.loads(result.stdout)
         counts["phase_seconds"] = round(time.monotonic() - self.started, 1)
-        print(f"\nfleet counts [{self.tag}]: {json.dumps(counts, sort_keys=True)}", flush=True)
+        shown = {key: value for key, value in counts.items() if key != "timeline"}
+        print(f"\nfleet counts [{self.tag}]: {json.dumps(shown, sort_keys=True)}", flush=True)
         sys.stdout.flush()
         return counts
 
