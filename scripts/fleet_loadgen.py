@@ -15,6 +15,8 @@ accepted task has finished or --wait seconds have passed, then checks each one's
   resending (counted apart, `unknown_delivered_once`; any other status is lost);
 - after one last sync, the `messages` table holds exactly one row per Message-ID (no duplicate);
 - each sync task ended in SUCCESS (else lost).
+It also lists when each task was accepted and when it ended (`timeline`), so that a fault test can
+tell which tasks waited for a frozen host.
 It prints the counts as one JSON object and exits 1 when any task was lost or doubled. The run
 file keeps the time (epoch seconds) each task was accepted, and the counts list those of the lost
 ones (`lost_accepted_at`), so that a fault test can tell what a Redis failover may lose (accepted
@@ -38,6 +40,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +145,39 @@ def _sync_states(run: dict[str, Any]) -> dict[str, str]:
     return {sync["id"]: app.AsyncResult(sync["id"]).state for sync in run["syncs"]}
 
 
+def _timeline(run: dict[str, Any]) -> list[list[float | None]]:
+    """[accepted, ended] (epoch seconds) of every task in the order accepted; ended is when a
+    send's row was recorded `sent`, or a sync's result stored; None while it has not."""
+    from mailworker.celery_app import app  # noqa: PLC0415
+    from mailworker.db.engine import session_scope  # noqa: PLC0415
+    from mailworker.db.models import SentMessage  # noqa: PLC0415
+    from mailworker.settings import load_settings  # noqa: PLC0415
+    from sqlalchemy import select  # noqa: PLC0415
+
+    wanted = [uuid.UUID(send["outbox_id"]) for send in run["sends"]]
+    with session_scope(load_settings()) as session:
+        rows = session.execute(
+            select(SentMessage.id, SentMessage.sent_at).where(SentMessage.id.in_(wanted))
+        ).all()
+    ended: dict[str, float | None] = {
+        str(row_id): sent_at.timestamp() if sent_at else None for row_id, sent_at in rows
+    }
+    for sync in run["syncs"]:
+        done = app.AsyncResult(sync["id"]).date_done
+        if isinstance(done, str):
+            done = datetime.fromisoformat(done)
+        if done is not None and done.tzinfo is None:
+            done = done.replace(tzinfo=UTC)  # Celery stores it in UTC
+        ended[sync["id"]] = done.timestamp() if done else None
+    tasks = [(send["at"], send["outbox_id"]) for send in run["sends"]]
+    tasks += [(sync["at"], sync["id"]) for sync in run["syncs"]]
+    timeline: list[list[float | None]] = []
+    for at, key in sorted(tasks):
+        end = ended.get(key)
+        timeline.append([round(at, 1), None if end is None else round(end, 1)])
+    return timeline
+
+
 def _deliveries(host: str, port: int, user: str, password: str) -> Counter[str]:
     """Message-IDs in the sink's INBOX over IMAP (one FETCH of that header for all messages)."""
     seen: Counter[str] = Counter()
@@ -225,6 +261,7 @@ def count(args: argparse.Namespace) -> dict[str, Any]:
         "rows_duplicated": sum(1 for mid in message_ids if rows[mid] > 1),
         "rows_missing": sum(1 for mid in message_ids if rows[mid] == 0),
         "sync_states": dict(Counter(syncs.values())),
+        "timeline": _timeline(run),
     }
     counts["unknown_delivered_once"] = sum(
         1

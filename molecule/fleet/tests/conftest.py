@@ -37,6 +37,7 @@ DATA = _inventory.get_hosts("postgresql")[0]
 APP_HOSTS = _inventory.get_hosts("celery_workers")
 WORKER_A, WORKER_B = APP_HOSTS[0], APP_HOSTS[1]
 SENTINEL_HOSTS = _inventory.get_hosts("redis_sentinel")
+REDIS_HOSTS = _inventory.get_hosts("redis")
 VENV_PYTHON = "/opt/mailworker/venv/bin/python"
 LOADGEN = "/root/fleet_loadgen.py"
 ENV_FILE = "/etc/mailworker/mailworker.env"
@@ -238,7 +239,8 @@ class Load:
         assert result.stdout.strip(), f"loadgen count printed nothing:\n{result.stderr}"
         counts = json.loads(result.stdout)
         counts["phase_seconds"] = round(time.monotonic() - self.started, 1)
-        print(f"\nfleet counts [{self.tag}]: {json.dumps(counts, sort_keys=True)}", flush=True)
+        shown = {key: value for key, value in counts.items() if key != "timeline"}
+        print(f"\nfleet counts [{self.tag}]: {json.dumps(shown, sort_keys=True)}", flush=True)
         sys.stdout.flush()
         return counts
 
