@@ -1,9 +1,13 @@
-"""The two configurations compared: Celery's defaults, and what this project ships.
+"""The configurations compared: Celery's defaults, Celery with the shipped guarantees, and what
+this project ships.
 
 The baseline is `celery -A bench.defaults_app worker` with no option: prefork, concurrency = cores,
-prefetch multiplier 4, early acks, no events, no result backend. The shipped side runs exactly the
-command line `mailworker run worker` execs (mailworker.launch.build_argv) with the environment a
-deployed unit gets, plus `--include=bench.tasks` so the bench's own tasks are registered.
+prefetch multiplier 4, early acks, no events, no result backend. The same-guarantees side is
+`celery -A bench.guarantees_app worker` (late acks, reject on worker lost, task events, results
+in Redis) with the pool, concurrency, prefetch and queues of each shipped unit, one worker per
+unit. The shipped side runs exactly the command line `mailworker run worker` execs
+(mailworker.launch.build_argv) with the environment a deployed unit gets, plus
+`--include=bench.tasks` so the bench's own tasks are registered.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet
 from mailworker.launch import build_argv, celery_command
-from mailworker.settings import load_settings
+from mailworker.settings import Settings, load_settings
 
 from bench.layout import WorkerUnit
 from bench.worker_proc import WorkerSpec
@@ -80,6 +84,67 @@ def _unit_env(
         "MAILWORKER_NODE_NAME": f"bench-{unit.name.replace('@', '-')}@%h",
         "MAILWORKER_LOG_FILE": "",
     }
+
+
+def _unit_settings(broker_url: str, unit: WorkerUnit, concurrency: int) -> Settings:
+    """What the unit's worker runs with: its prefetch, log level and the rest."""
+    return load_settings(_unit_env(broker_url, unit, concurrency, {}))
+
+
+def result_backend_url(broker_url: str) -> str:
+    """Database 1 of the broker's Redis, where the shipped worker keeps its results too."""
+    base, _, database = broker_url.rpartition("/")
+    if not base or not database.isdigit():
+        raise ValueError(f"expected a redis://host:port/N broker URL, got {broker_url!r}")
+    return f"{base}/1"
+
+
+def same_guarantees(
+    broker_url: str, queue: str, units: list[WorkerUnit], concurrency: int | None = None
+) -> Deployment:
+    """Celery by hand with the shipped guarantees (bench.guarantees_app), one worker per unit
+    that serves `queue`, each with that unit's pool, concurrency, prefetch, queues and log level:
+    what differs from `shipped` is the framework, not the pool."""
+    if not units:
+        raise ValueError(f"no shipped worker unit consumes the queue {queue!r}")
+    env = {
+        **_base_env(),
+        "BENCH_BROKER_URL": broker_url,
+        "BENCH_RESULT_BACKEND": result_backend_url(broker_url),
+    }
+    workers = []
+    parts = []
+    total = 0
+    for unit in units:
+        used = concurrency or unit.concurrency
+        settings = _unit_settings(broker_url, unit, used)
+        argv = [
+            *celery_command(),
+            "-A",
+            "bench.guarantees_app",
+            "worker",
+            f"--queues={','.join(unit.queues)}",
+            f"--pool={unit.pool}",
+            f"--concurrency={used}",
+            f"--prefetch-multiplier={settings.prefetch_multiplier}",
+            f"--hostname=bench-guarantees-{unit.name.replace('@', '-')}@%h",
+            # The unit's own log level (INFO: two lines per task), so both sides log alike.
+            f"--loglevel={settings.log_level}",
+        ]
+        workers.append(WorkerSpec(tuple(argv), env))
+        total += used
+        parts.append(
+            f"{unit.name}: {unit.pool} -c {used}, prefetch x{settings.prefetch_multiplier}"
+        )
+    return Deployment(
+        label="same guarantees",
+        summary="; ".join(parts) + ", late ack, reject on worker lost, task events, results",
+        concurrency=total,
+        queue=queue,
+        producer_app="bench.guarantees_app:app",
+        producer_env=env,
+        workers=tuple(workers),
+    )
 
 
 def shipped(

@@ -13,7 +13,7 @@ from bench.layout import memory_limit
 from bench.machine import Machine
 from bench.mail_phases import MailResults
 from bench.runner import Session
-from bench.suite import ABLATION, IO, NOOP, Results
+from bench.suite import ABLATION, GUARANTEES, IO, NOOP, Results
 
 START = "<!-- bench:results:start -->"
 END = "<!-- bench:results:end -->"
@@ -25,6 +25,8 @@ IO_RATE_TARGET = 500.0
 P99_TARGET_MS = 10.0
 RSS_TARGET_MB = 60.0
 RERUN_TARGET_S = 20.0
+# Target from issue 12: shipped worker CPU per no-op task over Celery's with the same guarantees.
+FRAMEWORK_CPU_TARGET = 0.5
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,16 @@ def _verdict(value: float, ok: Callable[[float], bool]) -> str:
     return "met" if ok(value) else "MISSED"
 
 
+def _verdict_at_most(value: float, target: float) -> str:
+    """ "met", or "MISSED", with how far from the target, for a lower-is-better figure."""
+    if math.isnan(value) or target <= 0:
+        return "n/a"
+    margin = (value - target) / target
+    if value <= target:
+        return f"met, {margin:+.0%}"
+    return f"MISSED by {margin:.0%}"
+
+
 def _rss_mb(s: Session) -> float:
     return s.memory.max_process_rss / MIB if s.memory.per_process else math.nan
 
@@ -79,24 +91,27 @@ ROWS: list[tuple[str, Callable[[Session], float], int, bool]] = [
 
 def _table(results: Results) -> list[str]:
     lines = [
-        "| figure | workload | Celery defaults | shipped | shipped/default |",
-        "|---|---|---:|---:|---:|",
+        "| figure | workload | Celery defaults | same guarantees | shipped | shipped/default "
+        "| shipped/same guarantees |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for workload in (NOOP.name, IO.name):
         for name, value, digits, _ in ROWS:
             default = results.median(workload, "default", value)
+            same = results.median(workload, GUARANTEES, value)
             shipped = results.median(workload, "shipped", value)
             lines.append(
-                f"| {name} | {workload} | {_fmt(default, digits)} | {_fmt(shipped, digits)} "
-                f"| {_fmt(_ratio(shipped, default), 2)} |"
+                f"| {name} | {workload} | {_fmt(default, digits)} | {_fmt(same, digits)} "
+                f"| {_fmt(shipped, digits)} | {_fmt(_ratio(shipped, default), 2)} "
+                f"| {_fmt(_ratio(shipped, same), 2)} |"
             )
         common99 = results.median(workload, "shipped", lambda s: s.common_p99_ms)
         common_rate = results.median(workload, "shipped", lambda s: s.common_rate)
         default99 = results.median(workload, "default", lambda s: s.latency_p99_ms)
         lines.append(
             f"| p99 enqueue->start at the default's half peak ({_fmt(common_rate)}/s), ms "
-            f"| {workload} | {_fmt(default99, 1)} | {_fmt(common99, 1)} "
-            f"| {_fmt(_ratio(common99, default99), 2)} |"
+            f"| {workload} | {_fmt(default99, 1)} | | {_fmt(common99, 1)} "
+            f"| {_fmt(_ratio(common99, default99), 2)} | |"
         )
     return lines
 
@@ -129,6 +144,14 @@ def _summary(results: Results, deploy: list[DeployTiming] | str) -> list[str]:
         f"- largest worker process peak RSS, shipped: {_fmt(rss, 1)} MiB (Celery defaults: "
         f"{_fmt(default_rss, 1)} MiB) (target <= {RSS_TARGET_MB:.0f} MiB: {rss_verdict})",
     ]
+    framework = _ratio(
+        results.median(NOOP.name, "shipped", lambda s: s.worker_cpu_ms),
+        results.median(NOOP.name, GUARANTEES, lambda s: s.worker_cpu_ms),
+    )
+    lines.append(
+        f"- framework CPU per task (shipped/same-guarantees): {_fmt(framework, 2)} "
+        f"(target <= {FRAMEWORK_CPU_TARGET}: {_verdict_at_most(framework, FRAMEWORK_CPU_TARGET)})"
+    )
     ablation = _ratio(
         results.median(NOOP.name, ABLATION, lambda s: s.drain_rate),
         results.median(NOOP.name, "default", lambda s: s.drain_rate),
@@ -153,7 +176,7 @@ def _summary(results: Results, deploy: list[DeployTiming] | str) -> list[str]:
 def _command_mix(results: Results) -> list[str]:
     lines = []
     for workload in (NOOP.name, IO.name):
-        for label in ("default", "shipped"):
+        for label in ("default", GUARANTEES, "shipped"):
             sessions = results.of(workload, label)
             if sessions:
                 last = sessions[-1]
@@ -233,11 +256,13 @@ def render(
         f"- Machine: {info.machine.describe()}.",
         f"- Load average (1, 5, 15 min) before: {' '.join(f'{v:.2f}' for v in info.load_before)}; "
         f"after: {' '.join(f'{v:.2f}' for v in info.load_after)}.",
-        f"- Rounds: {plan.rounds}, each running both configurations back to back (medians below). "
+        f"- Rounds: {plan.rounds}, each running the configurations back to back (medians below). "
         f"Tasks per session: {plan.noop_tasks} no-op, {plan.io_tasks} I/O; the latency phases "
         f"run {plan.latency_seconds:.0f} s (at least 100 tasks).",
         f"- Memory: {info.cgroup}.",
         f"- Celery defaults: {results.summaries.get('default', '')}.",
+        f"- Same guarantees (Celery by hand, bench/guarantees_app.py): "
+        f"{results.summaries.get(GUARANTEES, '')}.",
         f"- Shipped: {results.summaries.get('shipped', '')}.",
         "",
         "### Summary",

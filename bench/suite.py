@@ -1,4 +1,4 @@
-"""The measured runs: interleaved rounds of both configurations, then the concurrency sweep."""
+"""The measured runs: interleaved rounds of the configurations, then the concurrency sweep."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bench.configs import Deployment, baseline, shipped
+from bench.configs import Deployment, baseline, same_guarantees, shipped
 from bench.layout import WorkerUnit, shipped_units, units_for
 from bench.redis_server import RedisServer
 from bench.runner import Session, Workload, run_session
@@ -20,7 +20,8 @@ IO = Workload("50 ms I/O", IO_WAIT_TASK, 0.05)
 # Both workloads go to `send`, the queue that carries the SMTP round trips: the bench measures
 # the units the roles run for it, exactly as deployed.
 QUEUE = "send"
-LABELS = ("default", "shipped")
+GUARANTEES = "same guarantees"
+LABELS = ("default", GUARANTEES, "shipped")
 ABLATION = "shipped, events off"
 
 
@@ -77,9 +78,11 @@ def _deployments(
 
 
 def run_rounds(redis: RedisServer, plan: Plan, results: Results) -> None:
-    """Both configurations back to back for each workload, `rounds` times, so noise hits both."""
+    """The configurations back to back for each workload, `rounds` times, so noise hits all."""
     deployments = _deployments(redis, results.units)
-    deployments[ABLATION] = shipped(redis.url, QUEUE, units_for(QUEUE, results.units), events=False)
+    served_by = units_for(QUEUE, results.units)
+    deployments[GUARANTEES] = same_guarantees(redis.url, QUEUE, served_by)
+    deployments[ABLATION] = shipped(redis.url, QUEUE, served_by, events=False)
     results.summaries = {label: d.summary for label, d in deployments.items()}
     for round_number in range(1, plan.rounds + 1):
         for workload, tasks in ((NOOP, plan.noop_tasks), (IO, plan.io_tasks)):
