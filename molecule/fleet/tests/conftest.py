@@ -307,6 +307,13 @@ def beat_sends(name: str, since: float) -> list[tuple[float, str]]:
     return sends
 
 
+def unit_runs(name: str, unit: str) -> tuple[str, str]:
+    """(NRestarts, InvocationID): both change when systemd or a health check restarts UNIT."""
+    out = host(name).check_output(f"systemctl show -p NRestarts -p InvocationID --value {unit}")
+    restarts, invocation = out.split()
+    return restarts, invocation
+
+
 def psql(query: str) -> str:
     result = host(DATA).run(f"runuser -u postgres -- psql -d mailworker -Atc {shlex.quote(query)}")
     assert result.rc == 0, result.stderr

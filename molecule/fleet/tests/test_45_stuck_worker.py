@@ -21,6 +21,7 @@ from conftest import (
     assert_exactly_once,
     host,
     setting,
+    unit_runs,
     wait_for,
     workers_answer,
 )
@@ -47,11 +48,6 @@ CANCEL = (
     " timeout=10);"
     "print(len(replies))"
 )
-
-
-def unit_runs(name: str, unit: str) -> str:
-    """InvocationID: changes when systemd or a health check restarts UNIT."""
-    return host(name).check_output(f"systemctl show -p InvocationID --value {unit}")
 
 
 def cancel_consumers(name: str) -> None:

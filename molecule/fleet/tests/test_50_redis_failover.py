@@ -36,6 +36,7 @@ from conftest import (
     host,
     leader,
     setting,
+    unit_runs,
     wait_for,
     workers_answer,
 )
@@ -128,13 +129,6 @@ def sentinel_events(name: str, since: float) -> list[str]:
                     f"{stamp.timestamp() - since:.1f} s {found.group(2)} {found.group(3)}"
                 )
     return events
-
-
-def unit_runs(name: str, unit: str) -> tuple[str, str]:
-    """(NRestarts, InvocationID): both change when systemd or a health check restarts UNIT."""
-    out = host(name).check_output(f"systemctl show -p NRestarts -p InvocationID --value {unit}")
-    restarts, invocation = out.split()
-    return restarts, invocation
 
 
 def freeze(name: str, *, signal: str) -> None:
