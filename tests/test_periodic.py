@@ -1,6 +1,7 @@
 """The periodic work: beat fans out one sync per active account; cleanup marks stuck state; the
 beat heartbeat that `mailworker health beat` reads."""
 
+import re
 import subprocess
 import time
 import uuid
@@ -61,6 +62,7 @@ def test_beat_fans_out_one_sync_per_active_account(fleet, make_account, dovecot,
         MAILWORKER_BEAT_HEARTBEAT_MAX_AGE="5",
     )
     worker = fleet.start_worker()
+    start = time.time()
     assert health_beat(fleet.env).returncode == 1  # no beat yet, no heartbeat
     beat = fleet.start_beat(tmp_path)
     for account in active:
@@ -76,6 +78,12 @@ def test_beat_fans_out_one_sync_per_active_account(fleet, make_account, dovecot,
         ).all()
     assert fan_outs, "sync_all_accounts never ran"
     assert "Scheduler: Sending due task sync-all-accounts" in beat.log
+    # The claimed time of each run, which molecule/fleet's fencing check reads.
+    claimed = re.findall(
+        r"beat \S+ claimed the run of sync-all-accounts at ([0-9.]+)$", beat.log, re.M
+    )
+    assert claimed, beat.log[-1500:]
+    assert all(start < float(at) < time.time() for at in claimed), claimed
 
     ok = health_beat(beat.env)
     assert ok.returncode == 0, ok.stdout + ok.stderr

@@ -60,6 +60,7 @@ LEASE_HOLDER = (
 SENT = re.compile(
     r"^\[([0-9-]+ [0-9:]+),(\d+): INFO/MainProcess\] Scheduler: Sending due task (\S+) "
 )
+CLAIMED = re.compile(r"INFO/MainProcess\] beat \S+ claimed the run of (\S+) at ([0-9.]+)$")
 
 
 def host(name: str) -> Any:
@@ -305,6 +306,16 @@ def beat_sends(name: str, since: float) -> list[tuple[float, str]]:
             if at >= since:
                 sends.append((at, found.group(3)))
     return sends
+
+
+def beat_claims(name: str, since: float) -> list[tuple[float, str]]:
+    """(claimed time, entry) of every run beat on host NAME claimed since the epoch time SINCE."""
+    log = host(name).run("grep -h ' claimed the run of ' /var/log/mailworker/beat.log").stdout
+    claims = []
+    for found in map(CLAIMED.search, log.splitlines()):
+        if found and float(found.group(2)) >= since:
+            claims.append((float(found.group(2)), found.group(1)))
+    return claims
 
 
 def unit_runs(name: str, unit: str) -> tuple[str, str]:

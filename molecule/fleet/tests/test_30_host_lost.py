@@ -19,6 +19,7 @@ from conftest import (
     WORKER_B,
     Load,
     assert_exactly_once,
+    beat_claims,
     beat_sends,
     docker,
     host,
@@ -34,6 +35,8 @@ pytestmark = [
     pytest.mark.units("celery-beat.service", "celery-worker.service"),
     pytest.mark.timeout(600),
 ]
+# The beat's Redis calls time out after min(5, lease / 2) s (mailworker.beat).
+CLAIM_TIMEOUT = 5.0
 
 
 def test_losing_the_beat_leaders_host_keeps_consuming_and_scheduling_once():
@@ -96,20 +99,26 @@ def test_losing_the_beat_leaders_host_keeps_consuming_and_scheduling_once():
     assert first_run is not None
     assert first_run <= bound + 5, f"first run {first_run} s after the pause, above {bound} s"
     time.sleep(2 * loop)  # the woken leader finds its lease gone and stands by, sending nothing
-    runs: dict[str, list[float]] = {}
-    for name in (WORKER_A, WORKER_B):
-        for at, entry in beat_sends(name, since):
-            runs.setdefault(entry, []).append(at)
     intervals = {
         "resubmit-due-sends": interval,
         "sync-all-accounts": setting("SYNC_INTERVAL"),
         "cleanup-stale-tasks": setting("CLEANUP_INTERVAL"),
     }
-    for entry, times in runs.items():
+    claimed: dict[str, list[float]] = {}
+    for name in (WORKER_A, WORKER_B):
+        claims = beat_claims(name, since - interval)
+        for at, entry in claims:
+            claimed.setdefault(entry, []).append(at)
+        # Fencing: every send follows its own claim (a Redis round trip, under 5 s).
+        for at, entry in beat_sends(name, since):
+            assert any(e == entry and at - CLAIM_TIMEOUT <= c <= at for c, e in claims), (
+                f"{name} sent {entry} at {at} without claiming the run"
+            )
+    for entry, times in claimed.items():
         times.sort()
         gaps = [b - a for a, b in itertools.pairwise(times)]
-        # Two runs of one slot would be seconds apart, not an interval.
-        assert all(gap >= intervals.get(entry, interval) - 1 for gap in gaps), (entry, times)
+        # Each claim starts from the last claimed run, so claims are an interval apart at least.
+        assert all(gap >= intervals.get(entry, interval) - 0.01 for gap in gaps), (entry, times)
     assert leader() == f"celery-beat@{WORKER_A}"
     assert wait_for(lambda: workers_answer(WORKER_B), 90), (
         f"{WORKER_B}'s workers do not answer 90 s after it woke up: "

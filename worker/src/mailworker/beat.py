@@ -142,7 +142,8 @@ class LeaseScheduler(Scheduler):
     def reserve(self, entry: ScheduleEntry) -> ScheduleEntry:
         """Claim the run (fenced by the lease) before Celery sends it; see the module docstring."""
         new_entry = next(entry)
-        run = f"{new_entry.last_run_at.timestamp():.6f} {self.beat_name}"
+        stamp = f"{new_entry.last_run_at.timestamp():.6f}"
+        run = f"{stamp} {self.beat_name}"
         try:
             claimed = self._claim(
                 keys=[LEASE_KEY, STATE_KEY],
@@ -160,6 +161,8 @@ class LeaseScheduler(Scheduler):
             raise self._lost(f"found the last run of {entry.name} changed by another beat")
         self._last_runs[entry.name] = run
         self.schedule[entry.name] = new_entry
+        # The claimed time, not the log line's: the claim is a Redis round trip before the send.
+        logger.info("beat %s claimed the run of %s at %s", self.beat_name, entry.name, stamp)
         return new_entry
 
     def close(self) -> None:
