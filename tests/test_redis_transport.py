@@ -213,3 +213,38 @@ def test_a_delivery_is_recorded_through_a_new_connection_when_the_pooled_one_han
             assert f"could not record delivered task {tag} as unacknowledged" in caplog.text
             assert tag in redis_transport.held_tags()
     redis_transport._held.clear()
+
+
+def test_publishes_go_through_new_connections_when_the_pooled_ones_hang(redis_server, caplog):
+    """A publisher whose pool holds several connections to a host that froze (the old master,
+    before a Sentinel failover; new connections reach a live server): without a reconnect each
+    stale connection fails one publish after the socket timeout. The first failure, in the
+    routing lookup or in the write, drops them all and the publish goes through."""
+    client = redis_server.client(DB)
+    client.flushdb()
+
+    def stale_pool(channel: Channel) -> None:
+        idle = [channel.pool.get_connection() for _ in range(3)]
+        for pooled in idle:
+            channel.pool.release(pooled)
+        frozen_host.freeze_open()
+
+    with TricklingProxy(redis_server.port, interval=1.0) as frozen_host:
+        url = f"redis://127.0.0.1:{frozen_host.port}/{DB}"
+        with kombu.Connection(url, transport_options={"socket_timeout": 2}) as connection:
+            queue = connection.SimpleQueue("publish-test")
+            stale_pool(queue.channel)
+            with caplog.at_level(logging.WARNING, logger="mailworker.redis_transport"):
+                queue.put({"n": 1})  # its lookup meets a stale connection first
+                queue.put({"n": 2})
+            assert client.llen("publish-test") == 2
+            assert caplog.text.count("reconnecting to try once more") == 1, caplog.text
+            assert "could not look up the queues of publish-test" in caplog.text
+
+            caplog.clear()
+            stale_pool(queue.channel)
+            message = queue.channel.prepare_message("3")
+            with caplog.at_level(logging.WARNING, logger="mailworker.redis_transport"):
+                queue.channel._put("publish-test", message)
+            assert client.llen("publish-test") == 3
+            assert "could not publish to publish-test" in caplog.text

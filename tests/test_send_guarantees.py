@@ -296,6 +296,34 @@ def test_deferred_send_whose_retries_ran_out_is_resubmitted(
     assert attempt(defaults, alice, entry.outbox_id)["status"] == "sent"
 
 
+def test_a_send_no_attempt_took_is_published_again_after_twice_the_redelivery_delay(
+    defaults, make_account, smtp_server, db_engine
+):
+    """A stored send whose task never started (its delivery died in a killed worker's BRPOP, or
+    a Redis failover lost it) waits 2 x (visibility timeout + restore interval), 140 s at the
+    defaults, for the sweeper; then one attempt sends it and a second copy of the task sends
+    nothing."""
+    alice, bob = make_account(), make_account()
+    entry = store(defaults, alice, {"to": [bob.address], "body": "lost on its way"})
+    row = row_of(db_engine, entry.outbox_id)
+    assert row.next_attempt_at - row.queued_at == timedelta(seconds=140)
+    published: list[list[str]] = []
+    outbox.resubmit_due(defaults, published.append)
+    assert [*alice.ids, str(entry.outbox_id)] not in published  # its task comes first
+
+    with Session(db_engine) as session, session.begin():
+        session.execute(
+            update(SentMessage)
+            .where(SentMessage.id == entry.outbox_id)
+            .values(next_attempt_at=func.now(), queued_at=func.now() - timedelta(seconds=140))
+        )
+    outbox.resubmit_due(defaults, published.append)
+    assert published.count([*alice.ids, str(entry.outbox_id)]) == 1
+    assert attempt(defaults, alice, entry.outbox_id)["status"] == "sent"
+    assert attempt(defaults, alice, entry.outbox_id)["duplicate"] is True
+    assert len(smtp_server.delivered(entry.message_id)) == 1
+
+
 def test_send_past_its_retry_window_fails_saying_so(defaults, make_account, smtp_server, db_engine):
     alice, bob = make_account(), make_account()
     entry = store(defaults, alice, {"to": [bob.address], "body": "too late"})

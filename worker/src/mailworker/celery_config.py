@@ -51,8 +51,9 @@ _BROKER_CONNECTION_REASON = (
     "above BRPOP's 1 s server-side wait) instead of hanging the worker, and is retried by "
     "Celery's reconnect; keepalives close a silent connection after "
     f"{keepalive.DEAD_AFTER} s; kombu's health checks drop a stale BRPOP or pub/sub connection "
-    "within BRPOP timeout + 2 x health_check_interval; retry_on_timeout stays off because a "
-    "timed-out publish may have reached Redis and a replay would queue the task twice."
+    "within BRPOP timeout + 2 x health_check_interval; retry_on_timeout stays off: it would "
+    "replay any timed-out command on the same server; a publish is replayed once, through a "
+    "fresh connection that asks the Sentinels (mailworker.redis_transport)."
 )
 
 _SENTINEL_REASON = (

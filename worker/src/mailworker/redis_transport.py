@@ -25,7 +25,8 @@ Redis outage every live worker gets that long to reconnect and renew its leases.
 Deliveries recorded. A message taken from its queue is in Redis only as the unacked entry this
 process writes right after; a failed write would drop it. The write is tried again once through
 a fresh connection (QoS.append: after a Sentinel failover the pool held connections to the old
-master).
+master). A publish that fails on a connection error is tried once more the same way: otherwise
+each stale connection in the pool fails one publish after a socket timeout.
 
 One client per channel.
 
@@ -157,7 +158,33 @@ class _OneSyncClient:
         return client
 
 
-class Channel(_OneSyncClient, kombu_redis.Channel):
+class _PublishOnFreshConnection:
+    """Mixin for kombu's Redis channels: a publish (its routing lookup or its write) that fails
+    on a connection error drops the pool's connections and is tried once more through a new one.
+
+    After a Sentinel failover the pool's idle connections still point at the old master; each
+    publish through one hangs for a socket timeout and fails, one stale connection at a time. A
+    new connection asks the Sentinels for the master. Should a failed write have landed after
+    all (a slow Redis, not a frozen one), the task is queued twice, as a Celery publish retry
+    would queue it: a second delivery, which the tasks absorb as they absorb a redelivery (they
+    are idempotent: docs/reliability.md)."""
+
+    def get_table(self, exchange: str) -> Any:
+        return self._once_more(f"look up the queues of {exchange}", super().get_table, exchange)
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        self._once_more(f"publish to {queue}", super()._put, queue, message, **kwargs)
+
+    def _once_more(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except self.connection_errors as error:
+            logger.warning("could not %s (%s); reconnecting to try once more", what, error)
+            self.pool.disconnect()
+            return call(*args, **kwargs)
+
+
+class Channel(_PublishOnFreshConnection, _OneSyncClient, kombu_redis.Channel):
     QoS = QoS
 
 
@@ -226,7 +253,7 @@ class Transport(kombu_redis.Transport):
         return options.get("visibility_timeout", kombu_redis.Channel.visibility_timeout)
 
 
-class SentinelChannel(_OneSyncClient, kombu_redis.SentinelChannel):
+class SentinelChannel(_PublishOnFreshConnection, _OneSyncClient, kombu_redis.SentinelChannel):
     QoS = QoS
 
 

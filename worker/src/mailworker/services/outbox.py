@@ -68,6 +68,17 @@ def retry_delay(settings: Settings) -> timedelta:
     return timedelta(seconds=settings.retry_backoff_max)
 
 
+def first_resend_delay(settings: Settings) -> timedelta:
+    """How long a stored send that no attempt has taken yet is left to its task before the
+    sweeper publishes it again: twice the redelivery delay (visibility timeout + restore
+    interval). A task held by a worker that died comes back within one; a task gone from Redis
+    (a delivery in a killed worker's pending BRPOP, writes a Redis failover lost) is published
+    again after two, not after RETRY_BACKOFF_MAX. A task still waiting in a long queue by then
+    is queued twice: whichever attempt comes second finds the send taken or done (its advisory
+    lock and status, services/send.py) and sends nothing."""
+    return 2 * timedelta(seconds=settings.visibility_timeout + settings.broker_restore_interval)
+
+
 def store(
     settings: Settings,
     tenant_id: uuid.UUID,
@@ -110,7 +121,7 @@ def store(
                 attempts=0,
                 copied_to_sent=False,
                 queued_at=func.now(),
-                next_attempt_at=func.now() + retry_delay(settings),
+                next_attempt_at=func.now() + first_resend_delay(settings),
             )
             .on_conflict_do_nothing(constraint="uq_sent_messages_msgid")
             .returning(SentMessage.id)
@@ -142,7 +153,7 @@ def store(
             row.size = len(content)
             row.error = None
             row.queued_at = func.now()
-            row.next_attempt_at = func.now() + retry_delay(settings)
+            row.next_attempt_at = func.now() + first_resend_delay(settings)
             queued = True
         return Submission(row.id, message_id, row.status, queued)
 
