@@ -274,8 +274,10 @@ def count(args: argparse.Namespace) -> dict[str, Any]:
         if sends.get(send["outbox_id"]) not in ("sent", "unknown")
         or delivered[send["message_id"]] == 0
     ]
-    lost_at += [sync["at"] for sync in run["syncs"] if syncs.get(sync["id"]) != "SUCCESS"]
+    lost_syncs_at = [sync["at"] for sync in run["syncs"] if syncs.get(sync["id"]) != "SUCCESS"]
+    lost_at += lost_syncs_at
     counts["lost"] = len(lost_at)
+    counts["lost_syncs_accepted_at"] = sorted(lost_syncs_at)
     counts["lost_accepted_at"] = sorted(lost_at)
     counts["doubled"] = counts["delivered_twice_or_more"] + counts["rows_duplicated"]
     counts["ok"] = (

@@ -58,8 +58,10 @@ def test_a_killed_main_process_has_its_tasks_run_again_within_the_promised_delay
     load = Load("kill-main", rate=4, count=40, seconds=20)
     time.sleep(5)
     before = {unit: main_pid(WORKER_B, unit) for unit in UNITS}
+    first_kill = time.time()
     for pid in before.values():
         host(WORKER_B).run(f"kill -9 {pid}")
+    last_kill = time.time()
     killed = time.monotonic()
     assert wait_for(
         lambda: all(main_pid(WORKER_B, unit) not in (0, before[unit]) for unit in UNITS), 60
@@ -69,5 +71,14 @@ def test_a_killed_main_process_has_its_tasks_run_again_within_the_promised_delay
     counts = load.counts(wait=2 * delay + setting("SEND_SWEEP_INTERVAL") + 30)
     counts["seconds_after_kill"] = round(time.monotonic() - killed, 1)
     print(f"redelivery delay promised: {delay} s; counts: {counts}", flush=True)
-    assert_exactly_once(counts, killed=True)
+    # The known limit (docs/reliability.md): a task Redis had handed to a killed process's
+    # pending BRPOP, not yet recorded as unacknowledged, is gone. A send comes back through the
+    # outbox (waited for above); a sync does not, and the next sync redoes its work (the final
+    # one here: rows_missing is 0). At most one, accepted around the kills.
+    lost_syncs = counts["lost_syncs_accepted_at"]
+    assert len(lost_syncs) <= 1, counts
+    assert all(first_kill - 2 <= at <= last_kill for at in lost_syncs), (first_kill, counts)
+    assert_exactly_once({**counts, "lost": counts["lost"] - len(lost_syncs)}, killed=True)
+    assert counts["final_sync"] == "SUCCESS", counts
+    assert counts["rows_missing"] == 0, counts
     assert wait_for(lambda: workers_answer(WORKER_B), 60)
