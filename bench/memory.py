@@ -1,4 +1,4 @@
-"""What the workers use: a memory cgroup that caps them like MemoryMax, peak RSS, CPU time."""
+"""What the workers use: a memory cgroup capping them like MemoryMax, peak RSS and PSS, CPU."""
 
 from __future__ import annotations
 
@@ -85,6 +85,19 @@ def peak_rss_bytes(pid: int) -> int | None:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     except OSError:
+        return None
+    return None
+
+
+def pss_bytes(pid: int) -> int | None:
+    """Proportional set size now, in bytes: each page shared by N processes counts 1/N to each,
+    so the sum over a group of processes is what the group holds (RSS counts shared pages, the
+    prefork children's copy-on-write pages included, once per process)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
         return None
     return None
 

@@ -69,6 +69,14 @@ def _rss_mb(s: Session) -> float:
     return s.memory.max_process_rss / MIB if s.memory.per_process else math.nan
 
 
+def _pss_mb(s: Session) -> float:
+    return s.memory.max_process_pss / MIB if s.memory.pss_per_process else math.nan
+
+
+def _pss_sum_mb(s: Session) -> float:
+    return s.memory.pss_sum_peak / MIB if s.memory.pss_per_process else math.nan
+
+
 def _cgroup_mb(s: Session) -> float:
     return s.memory.cgroup_peak / MIB if s.memory.cgroup_peak else math.nan
 
@@ -84,6 +92,8 @@ ROWS: list[tuple[str, Callable[[Session], float], int, bool]] = [
     ("p99 enqueue->start at half of own peak, ms", lambda s: s.latency_p99_ms, 1, False),
     ("offered load for those latencies, tasks/s", lambda s: s.latency_rate, 0, True),
     ("peak RSS of the largest worker process, MiB", _rss_mb, 1, False),
+    ("peak PSS of the largest worker process (sampled), MiB", _pss_mb, 1, False),
+    ("peak PSS of all worker processes together (sampled), MiB", _pss_sum_mb, 1, False),
     ("peak memory of all worker processes (cgroup), MiB", _cgroup_mb, 1, False),
     ("start until consuming, s", lambda s: s.ready_seconds, 1, False),
 ]
@@ -129,6 +139,8 @@ def _summary(results: Results, deploy: list[DeployTiming] | str) -> list[str]:
     worst_p99 = max(p99.values())
     rss = max(results.median(w, "shipped", _rss_mb) for w in (NOOP.name, IO.name))
     default_rss = max(results.median(w, "default", _rss_mb) for w in (NOOP.name, IO.name))
+    pss = max(results.median(w, "shipped", _pss_mb) for w in (NOOP.name, IO.name))
+    pss_sum = max(results.median(w, "shipped", _pss_sum_mb) for w in (NOOP.name, IO.name))
     noop_verdict = _verdict(noop_ratio, lambda v: v >= NOOP_RATIO_TARGET)
     io_verdict = _verdict(io_rate, lambda v: v >= IO_RATE_TARGET)
     p99_verdict = _verdict(worst_p99, lambda v: v < P99_TARGET_MS)
@@ -143,6 +155,8 @@ def _summary(results: Results, deploy: list[DeployTiming] | str) -> list[str]:
         f"I/O {_fmt(p99[IO.name], 1)} ms (target < {P99_TARGET_MS:.0f} ms: {p99_verdict})",
         f"- largest worker process peak RSS, shipped: {_fmt(rss, 1)} MiB (Celery defaults: "
         f"{_fmt(default_rss, 1)} MiB) (target <= {RSS_TARGET_MB:.0f} MiB: {rss_verdict})",
+        f"- worker processes' peak PSS, shipped: largest {_fmt(pss, 1)} MiB, all together "
+        f"{_fmt(pss_sum, 1)} MiB, against the units' {memory_limit() // MIB} MiB MemoryMax",
     ]
     framework = _ratio(
         results.median(NOOP.name, "shipped", lambda s: s.worker_cpu_ms),

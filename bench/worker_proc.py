@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.memory import MemoryCgroup, descendants, peak_rss_bytes, process_name
+from bench.memory import MemoryCgroup, descendants, peak_rss_bytes, process_name, pss_bytes
 from bench.records import RecordReader
 from bench.tasks import RECORD_DIR_ENV
 
@@ -31,24 +31,39 @@ class WorkerSpec:
 
 @dataclass
 class MemorySample:
-    """Peak RSS per process (bytes) and the cgroup's peak for the whole group of workers."""
+    """Peak RSS and sampled peak PSS per process (bytes), the largest PSS sum of one sample, and
+    the cgroup's peak for the whole group of workers."""
 
     per_process: dict[int, tuple[str, int]] = field(default_factory=dict)
+    pss_per_process: dict[int, tuple[str, int]] = field(default_factory=dict)
+    pss_sum_peak: int = 0
     cgroup_peak: int | None = None
     oom_kills: int = 0
 
     def record(self, root_pids: list[int]) -> None:
+        pss_sum = 0
         for root in root_pids:
             for pid in descendants(root):
                 rss = peak_rss_bytes(pid)
                 if rss is None:
                     continue
+                name = process_name(pid)
                 _, known = self.per_process.get(pid, ("", 0))
-                self.per_process[pid] = (process_name(pid), max(known, rss))
+                self.per_process[pid] = (name, max(known, rss))
+                pss = pss_bytes(pid)
+                if pss is not None:
+                    pss_sum += pss
+                    _, known = self.pss_per_process.get(pid, ("", 0))
+                    self.pss_per_process[pid] = (name, max(known, pss))
+        self.pss_sum_peak = max(self.pss_sum_peak, pss_sum)
 
     @property
     def max_process_rss(self) -> int:
         return max((rss for _, rss in self.per_process.values()), default=0)
+
+    @property
+    def max_process_pss(self) -> int:
+        return max((pss for _, pss in self.pss_per_process.values()), default=0)
 
 
 @dataclass

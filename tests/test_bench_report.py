@@ -6,9 +6,11 @@ from __future__ import annotations
 import math
 import re
 
-from bench.report import _summary, _table, _verdict_at_most
+from bench.layout import memory_limit
+from bench.report import MIB, _summary, _table, _verdict_at_most
 from bench.runner import Session
 from bench.suite import GUARANTEES, IO, LABELS, NOOP, Plan, Results
+from bench.worker_proc import MemorySample
 
 PLAN = Plan(1, 10, 10, 1.0, (), (), 1.0, (1, 1))
 FRAMEWORK = re.compile(
@@ -71,10 +73,28 @@ def test_the_other_summary_lines_keep_their_wording() -> None:
         "- 50 ms I/O throughput, shipped, one node, ",
         "- p99 enqueue->start at half of peak, shipped: ",
         "- largest worker process peak RSS, shipped: ",
+        "- worker processes' peak PSS, shipped: ",
         "- framework CPU per task (shipped/same-guarantees): ",
     ]
     assert len(lines) >= len(prefixes)
     assert [line[: len(p)] for line, p in zip(lines, prefixes, strict=False)] == prefixes
+
+
+def test_pss_line_takes_the_median_of_the_shipped_sessions_peaks() -> None:
+    results = Results(PLAN, [])
+    for number, (largest, together) in enumerate([(40, 90), (50, 100), (45, 300)], start=1):
+        for workload in (NOOP.name, IO.name):
+            session = _session("shipped", workload, 1.0)
+            session.memory = MemorySample(
+                pss_per_process={1: ("celery", largest * MIB), 2: ("celery", MIB)},
+                pss_sum_peak=together * MIB,
+            )
+            results.sessions.append((number, session))
+    lines = [line for line in _summary(results, "skipped") if "peak PSS" in line]
+    assert lines == [
+        "- worker processes' peak PSS, shipped: largest 45.0 MiB, all together 100.0 MiB, "
+        f"against the units' {memory_limit() // MIB} MiB MemoryMax"
+    ]
 
 
 def test_verdict_at_most_is_lower_is_better() -> None:
