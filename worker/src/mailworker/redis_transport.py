@@ -92,24 +92,19 @@ def celery_request_tags() -> set[str]:
 
 class QoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: str) -> None:
-        try:
-            super().append(message, delivery_tag)
-        except self.channel.connection_errors as error:
-            # The message has left its queue (BRPOP) and is in no unacked entry yet: if this
-            # error reached the consumer it would reconnect and drop it, lost for good. After a
-            # Sentinel failover the BRPOP comes from the new master while the pool's idle
-            # connections still point at the old one (a frozen host answers nothing until the
-            # socket timeout), so drop them and write the entry once more through a new one,
-            # which asks the Sentinels for the master. The same tag and payload twice are
-            # harmless, if the first write did land.
-            logger.warning(
-                "could not record delivered task %s as unacknowledged (%s); reconnecting to "
-                "record it",
-                delivery_tag,
-                error,
-            )
-            self.channel.pool.disconnect()
-            super().append(message, delivery_tag)
+        # The message has left its queue (BRPOP) and is in no unacked entry yet: if this write's
+        # error reached the consumer it would reconnect and drop it, lost for good. After a
+        # Sentinel failover the BRPOP comes from the new master while the pool's idle
+        # connections still point at the old one (a frozen host answers nothing until the
+        # socket timeout). The same tag and payload twice are harmless, if the first write did
+        # land.
+        _once_more(
+            self.channel,
+            f"record delivered task {delivery_tag} as unacknowledged",
+            super().append,
+            message,
+            delivery_tag,
+        )
         _held[delivery_tag] = self.channel.unacked_index_key
 
     def ack(self, delivery_tag: str) -> None:
@@ -170,18 +165,21 @@ class _PublishOnFreshConnection:
     are idempotent: docs/reliability.md)."""
 
     def get_table(self, exchange: str) -> Any:
-        return self._once_more(f"look up the queues of {exchange}", super().get_table, exchange)
+        return _once_more(self, f"look up the queues of {exchange}", super().get_table, exchange)
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
-        self._once_more(f"publish to {queue}", super()._put, queue, message, **kwargs)
+        _once_more(self, f"publish to {queue}", super()._put, queue, message, **kwargs)
 
-    def _once_more(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        try:
-            return call(*args, **kwargs)
-        except self.connection_errors as error:
-            logger.warning("could not %s (%s); reconnecting to try once more", what, error)
-            self.pool.disconnect()
-            return call(*args, **kwargs)
+
+def _once_more(channel: Any, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`call`; on a connection error, drop the channel pool's connections and call it once more
+    through a new one (a Sentinel-managed connection asks the Sentinels for the master)."""
+    try:
+        return call(*args, **kwargs)
+    except channel.connection_errors as error:
+        logger.warning("could not %s (%s); reconnecting to try once more", what, error)
+        channel.pool.disconnect()
+        return call(*args, **kwargs)
 
 
 class Channel(_PublishOnFreshConnection, _OneSyncClient, kombu_redis.Channel):
