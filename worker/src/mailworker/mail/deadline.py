@@ -60,9 +60,8 @@ class Deadline:
         self._watched: socket.socket | None = None
         self._fired = False
         self._cancelled = False
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
-        self._timer.name = f"deadline {seconds:g} s: {what}"
+        self._generation = 0  # which timer may fire: pause() and restart() retire the old one
+        self._timer = self._new_timer(seconds)
         self._timer.start()
 
     @property
@@ -113,6 +112,31 @@ class Deadline:
             self.check()
         return result
 
+    def pause(self) -> None:
+        """Stop the clock and keep watching: a connection kept idle between two exchanges
+        (mail/smtp_sessions.py) has no deadline until `restart`."""
+        with self._lock:
+            self._generation += 1
+            self._expires = float("inf")
+            timer = self._timer
+        timer.cancel()
+
+    def restart(self, seconds: float) -> bool:
+        """A new deadline, `seconds` from now, on the same socket (the next exchange on a kept
+        connection); False if this one already fired or was cancelled (the socket is gone)."""
+        if not seconds > 0:
+            raise ValueError(f"deadline of {self.what} must be positive, got {seconds!r}")
+        with self._lock:
+            if self._fired or self._cancelled:
+                return False
+            self._generation += 1
+            old, self._timer = self._timer, self._new_timer(seconds)
+            self.seconds = seconds
+            self._expires = time.monotonic() + seconds
+            self._timer.start()
+        old.cancel()
+        return True
+
     def cancel(self) -> None:
         self._timer.cancel()
         with self._lock:
@@ -121,8 +145,16 @@ class Deadline:
         if watched is not None:
             watched.close()
 
-    def _fire(self) -> None:
+    def _new_timer(self, seconds: float) -> threading.Timer:
+        timer = threading.Timer(seconds, self._fire, args=(self._generation,))
+        timer.daemon = True
+        timer.name = f"deadline {seconds:g} s: {self.what}"
+        return timer
+
+    def _fire(self, generation: int | None = None) -> None:
         with self._lock:
+            if generation is not None and generation != self._generation:
+                return  # a timer that pause() or restart() retired, firing late
             self._fired = True
             watched, self._watched = self._watched, None
         if watched is not None:
