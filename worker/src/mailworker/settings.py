@@ -527,6 +527,26 @@ class Settings:
         "the reply to the final `.` plus 5 min for the rest.",
         "900",
     )
+    smtp_idle_reuse: float = _setting(
+        Number(),
+        "Seconds an authenticated SMTP connection is kept per account after a clean send, for "
+        "that account's next send (0 = a new session per mail): well below the 5 min after "
+        "which servers drop idle clients (RFC 5321 4.5.3.2.7).",
+        "60",
+    )
+    smtp_reuse_max_messages: int = _setting(
+        Integer(minimum=1),
+        "Messages one kept SMTP connection carries before it is closed, so no session lives "
+        "on for ever under steady traffic.",
+        "100",
+    )
+    smtp_reuse_max_connections: int = _setting(
+        Integer(minimum=1),
+        "Idle SMTP connections one worker process keeps (one coming back to a full cache is "
+        "closed): as many as a threads instance's 20 threads, so a host holds at most twice "
+        "as many connections to its relays as it runs sending threads.",
+        "20",
+    )
     imap_tls_verify: bool = _setting(Boolean(), "Verify IMAP server certificates.", "true")
     smtp_tls_verify: bool = _setting(Boolean(), "Verify SMTP server certificates.", "true")
     mail_ca_file: str = _setting(

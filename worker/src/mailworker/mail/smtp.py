@@ -14,6 +14,13 @@ gets its own timeout (RFC 5321 4.5.3.2.6: 10 minutes), the other phases the endp
 caller's `on_accepted` runs with the result as soon as the server accepted the message, before
 QUIT (the outbox commits `sent` there: a process killed during QUIT has recorded the delivery).
 
+Connection reuse (mail/smtp_sessions.py, when the caller passes `sessions`): after a clean
+transaction (250 to the final ".") the connection is kept for the same account and endpoint
+instead of QUIT; every error above closes it. The next message on it starts at MAIL with a new
+deadline; a kept connection found dead at MAIL (before any RCPT, so nothing can have been
+delivered on it) is replaced by a new session once. From the accepted MAIL on, all of the above
+holds unchanged, per message.
+
 Error texts name no address (servers echo them in replies): they end up in task results.
 """
 
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import re
 import smtplib
 from collections.abc import Callable
@@ -32,11 +40,14 @@ from io import BytesIO
 
 from mailworker.errors import AuthenticationFailed, PermanentError, TransientError
 from mailworker.mail.compose import build_message
-from mailworker.mail.deadline import DeadlineSMTP, DeadlineSMTPSSL
+from mailworker.mail.deadline import DeadlineExceeded, DeadlineSMTP, DeadlineSMTPSSL
 from mailworker.mail.endpoints import MailEndpoint
 from mailworker.mail.failures import network_error
+from mailworker.mail.smtp_sessions import SessionKey, SmtpSessions
 
 __all__ = ["DeliveryUnknown", "SendResult", "build_message", "send_message"]
+
+logger = logging.getLogger(__name__)
 
 _TEMPORARY = range(400, 500)
 _REPLY_CODES = range(200, 600)  # what a complete reply to the final "." can carry
@@ -70,37 +81,41 @@ def send_message(
     final_reply_timeout: float = RFC_FINAL_REPLY_TIMEOUT,
     before_final_dot: Callable[[], None] = lambda: None,
     on_accepted: Callable[[SendResult], None] = lambda _: None,
+    sessions: SmtpSessions | None = None,
+    account: str = "",
 ) -> SendResult:
-    """Submit `message` to the envelope recipients from its To, Cc and Bcc (Bcc is not sent)."""
+    """Submit `message` to the envelope recipients from its To, Cc and Bcc (Bcc is not sent).
+
+    With `sessions`, the connection kept for (`account`, `endpoint`) is used if there is one,
+    and this one is kept there after a clean transaction (mail/smtp_sessions.py)."""
     message_id = str(message.get("Message-ID", "")).strip()
     sender = _single_address(message, "From")
     recipients = _recipients(message)
     if not message_id or not recipients:
         raise PermanentError("message needs a Message-ID and at least one recipient")
+    international = not all(address.isascii() for address in (sender, *recipients))
     where = f"SMTP server {endpoint.address}"
+    key = SessionKey.of(account, endpoint) if sessions is not None and sessions.enabled else None
     try:
-        smtp = _open(endpoint)
+        smtp, carried = _begin(endpoint, sessions, key, sender, international=international)
+        kept = False
         try:
-            if endpoint.username:
-                smtp.login(endpoint.username, endpoint.password)
             refused = _transfer(
                 smtp,
                 endpoint,
                 message,
-                sender=sender,
                 recipients=recipients,
+                international=international,
                 final_reply_timeout=final_reply_timeout,
                 before_final_dot=before_final_dot,
             )
             accepted = tuple(rcpt for rcpt in recipients if rcpt not in refused)
             result = SendResult(message_id, accepted, _replies(endpoint, refused))
             on_accepted(result)
-            # The server has the message: nothing after this may turn it into a resend (a
-            # failing QUIT, a time limit): only errors raised before the final "." escape.
-            with contextlib.suppress(Exception):
-                smtp.quit()
+            kept = _keep_or_quit(smtp, sessions, key, carried + 1)
         finally:
-            smtp.close()
+            if not kept:
+                smtp.close()
     except smtplib.SMTPAuthenticationError as exc:
         text = _reply_text(endpoint, exc.smtp_code, exc.smtp_error)
         if exc.smtp_code in _TEMPORARY:
@@ -129,31 +144,110 @@ def send_message(
     return result
 
 
+def _keep_or_quit(
+    smtp: smtplib.SMTP, sessions: SmtpSessions | None, key: SessionKey | None, carried: int
+) -> bool:
+    """After the 250 to the final ".": keep the connection for the account's next message
+    (True), or QUIT. The server has the message: nothing here may turn it into a resend (a
+    failing QUIT, a time limit), so nothing raises; only errors before the final "." escape."""
+    with contextlib.suppress(Exception):
+        if sessions is not None and key is not None and sessions.give_back(key, smtp, carried):
+            return True
+    with contextlib.suppress(Exception):
+        smtp.quit()
+    return False
+
+
+def _begin(
+    endpoint: MailEndpoint,
+    sessions: SmtpSessions | None,
+    key: SessionKey | None,
+    sender: str,
+    *,
+    international: bool,
+) -> tuple[smtplib.SMTP, int]:
+    """A connection whose MAIL the server accepted, and how many messages it carried before:
+    the one kept under `key` if it still answers, else a new session.
+
+    A kept connection found dead at MAIL (closed by the server, reset, timed out, or a 421)
+    cannot have delivered anything: no RCPT was accepted on it. It is closed and a new session
+    is opened once, within what is left of the deadline. Any other reply to MAIL counts as on
+    a new connection."""
+    deadline = endpoint.deadline
+    taken = sessions.take(key, deadline) if sessions is not None and key is not None else None
+    if taken is not None:
+        smtp, carried = taken
+        try:
+            alive = _mail_on_kept(smtp, sender, international=international)
+        except BaseException:
+            smtp.close()
+            raise
+        if alive:
+            return smtp, carried
+        deadline = smtp.deadline.remaining()  # type: ignore[attr-defined]
+        smtp.close()
+        logger.info(
+            "kept SMTP connection to %s was closed meanwhile; opening a new one", endpoint.address
+        )
+        if deadline <= 0:
+            raise DeadlineExceeded(f"SMTP exchange with {endpoint.address} passed its deadline")
+    smtp = _open(endpoint, deadline)
+    try:
+        if endpoint.username:
+            smtp.login(endpoint.username, endpoint.password)
+        _mail(smtp, sender, international=international)
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp, 0
+
+
+def _mail(smtp: smtplib.SMTP, sender: str, *, international: bool) -> None:
+    code, reply = smtp.mail(sender, _mail_options(smtp, international=international))
+    if code != OK:
+        _reset(smtp, code)
+        raise smtplib.SMTPSenderRefused(code, reply, sender)
+
+
+def _mail_on_kept(smtp: smtplib.SMTP, sender: str, *, international: bool) -> bool:
+    """MAIL on a kept connection: False if the connection turned out dead."""
+    options = _mail_options(smtp, international=international)
+    try:
+        code, reply = smtp.mail(sender, options)
+    except OSError:  # smtplib's SMTPServerDisconnected, a reset, a timeout, a TLS EOF
+        return False
+    if code == CLOSING or code not in _REPLY_CODES:  # a 421 on closing, a reply cut short
+        return False
+    if code != OK:
+        _reset(smtp, code)
+        raise smtplib.SMTPSenderRefused(code, reply, sender)
+    return True
+
+
+def _mail_options(smtp: smtplib.SMTP, *, international: bool) -> list[str]:
+    smtp.ehlo_or_helo_if_needed()
+    if not international:
+        return []
+    if not smtp.has_extn("smtputf8"):
+        raise smtplib.SMTPNotSupportedError(
+            "an address is not ASCII and the server does not support SMTPUTF8"
+        )
+    return ["SMTPUTF8", "BODY=8BITMIME"]
+
+
 def _transfer(
     smtp: smtplib.SMTP,
     endpoint: MailEndpoint,
     message: EmailMessage,
     *,
-    sender: str,
     recipients: list[str],
+    international: bool,
     final_reply_timeout: float,
     before_final_dot: Callable[[], None],
 ) -> dict[str, tuple[int, bytes]]:
-    """MAIL, RCPT, DATA and the data; the refused recipients. What smtplib's sendmail does,
-    phase by phase, so that only a failure after the final "." is DeliveryUnknown."""
-    smtp.ehlo_or_helo_if_needed()
-    international = not all(address.isascii() for address in (sender, *recipients))
-    options: list[str] = []
-    if international:
-        if not smtp.has_extn("smtputf8"):
-            raise smtplib.SMTPNotSupportedError(
-                "an address is not ASCII and the server does not support SMTPUTF8"
-            )
-        options = ["SMTPUTF8", "BODY=8BITMIME"]
-    code, reply = smtp.mail(sender, options)
-    if code != OK:
-        _reset(smtp, code)
-        raise smtplib.SMTPSenderRefused(code, reply, sender)
+    """RCPT, DATA and the data, after the accepted MAIL; the refused recipients. What smtplib's
+    sendmail does, phase by phase, so that only a failure after the final "." is
+    DeliveryUnknown."""
     refused: dict[str, tuple[int, bytes]] = {}
     for rcpt in recipients:
         code, reply = smtp.rcpt(rcpt)
@@ -229,7 +323,7 @@ def _reset(smtp: smtplib.SMTP, code: int) -> None:
             smtp.rset()
 
 
-def _open(endpoint: MailEndpoint) -> smtplib.SMTP:
+def _open(endpoint: MailEndpoint, deadline: float) -> smtplib.SMTP:
     """A connected client, upgraded to TLS when the endpoint asks for it."""
     if endpoint.security == "ssl":
         return DeadlineSMTPSSL(
@@ -237,11 +331,9 @@ def _open(endpoint: MailEndpoint) -> smtplib.SMTP:
             endpoint.port,
             timeout=endpoint.timeout,
             context=endpoint.tls_context(),
-            deadline=endpoint.deadline,
+            deadline=deadline,
         )
-    smtp = DeadlineSMTP(
-        endpoint.host, endpoint.port, timeout=endpoint.timeout, deadline=endpoint.deadline
-    )
+    smtp = DeadlineSMTP(endpoint.host, endpoint.port, timeout=endpoint.timeout, deadline=deadline)
     if endpoint.security == "starttls":
         try:
             smtp.ehlo()

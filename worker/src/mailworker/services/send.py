@@ -31,6 +31,12 @@ resending risks a loss. We never resend blindly:
    - with it, it looks for the Message-ID in the Sent folder. Found: the row becomes `sent`.
      Not found: `unknown`, and the task fails with a message saying it was *not* resent.
 
+Connections: an account's SMTP connection is kept between its sends (mail/smtp_sessions.py,
+MAILWORKER_SMTP_IDLE_REUSE), but only after a transaction that ended with the server's 250 to
+the final "."; points 1-6 hold per message whatever connection carries it: a kept connection
+found dead before any RCPT is replaced (nothing can have been delivered on it), any later
+failure is judged exactly as on a new connection, and closes it.
+
 Memory: an attempt reserves its message's size (times SEND_RESERVES_PER_BYTE) in the process's
 MAILWORKER_MAIL_MEMORY_BUDGET (mail/memory_budget.py) before it loads the content, and holds it
 until the Sent copy is done; it waits, rather than starts, when the budget is full. The content
@@ -71,6 +77,7 @@ from mailworker.errors import (
 from mailworker.mail.imap import ImapSession
 from mailworker.mail.memory_budget import budget_for
 from mailworker.mail.smtp import DeliveryUnknown, SendResult, send_message
+from mailworker.mail.smtp_sessions import SmtpSessions, close_all_kept, sessions_for
 from mailworker.services.access import AccountAccess
 from mailworker.services.outbox import PENDING, fail_expired, lock_of, retry_delay
 from mailworker.settings import Settings
@@ -205,6 +212,8 @@ def _send_now(
             final_reply_timeout=settings.smtp_final_reply_timeout,
             before_final_dot=partial(_mark_data_sent, settings, access, outbox_id, attempt),
             on_accepted=record_sent,
+            sessions=smtp_sessions(settings),
+            account=str(access.account_id),
         )
     except Exception as error:
         if not accepted:
@@ -228,6 +237,20 @@ def _send_now(
         len(result.refused),
     )
     return _result(outbox_id, message_id, result, copied)
+
+
+def smtp_sessions(settings: Settings) -> SmtpSessions:
+    """This process's kept SMTP connections (MAILWORKER_SMTP_IDLE_REUSE and its limits)."""
+    return sessions_for(
+        settings.smtp_idle_reuse,
+        settings.smtp_reuse_max_messages,
+        settings.smtp_reuse_max_connections,
+    )
+
+
+def close_kept_connections() -> None:
+    """QUIT the SMTP connections this process keeps idle (at worker shutdown)."""
+    close_all_kept()
 
 
 def _record_failure(set_status: Callable[..., None], message_id: str, error: Exception) -> None:

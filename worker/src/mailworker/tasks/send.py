@@ -12,14 +12,22 @@ from collections.abc import Mapping
 from typing import Any
 
 from celery.result import denied_join_result
+from celery.signals import worker_process_shutdown, worker_shutdown
 
 from mailworker.celery_app import app
 from mailworker.services import outbox
 from mailworker.services.access import owned_access
-from mailworker.services.send import send
+from mailworker.services.send import close_kept_connections, send
 from mailworker.settings import Settings
 from mailworker.tasks.base import MailTask
 from mailworker.tenancy import parse_uuid
+
+
+@worker_process_shutdown.connect  # a prefork pool process ends
+@worker_shutdown.connect  # the worker ends (a threads pool's sends ran in this process)
+def _close_kept_smtp_connections(**_: Any) -> None:
+    """Say QUIT to the SMTP connections kept between sends (best effort)."""
+    close_kept_connections()
 
 
 @app.task(
