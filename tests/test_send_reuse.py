@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import signal
 import threading
 import time
 import uuid
@@ -29,6 +30,7 @@ from mailworker.settings import load_settings
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from tests.fixtures.outbox import submit
 from tests.test_send_guarantees import attempt, row_of, store
 
 pytestmark = pytest.mark.slow
@@ -308,3 +310,35 @@ def test_a_kept_connection_does_not_survive_a_fork(smtp_server, dovecot):
     result = send_message(endpoint, mail(smtp_server, bob.address), sessions=kept, account="fork")
     assert len(smtp_server.delivered(result.message_id)) == 1
     kept.close_all()
+
+
+# -- in a worker, as deployed -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_a_worker_keeps_the_session_between_tasks_and_says_quit_at_shutdown(
+    default_fleet, make_account, smtp_server, pool
+):
+    default_fleet.configure(
+        MAILWORKER_POOL=pool, MAILWORKER_CONCURRENCY="1", MAILWORKER_QUEUES="send"
+    )
+    settings = load_settings(default_fleet.env)
+    worker = default_fleet.start_worker()
+    client = default_fleet.client()
+    alice, bob = make_account(), make_account()
+    entries = []
+    for n in range(3):
+        entry, result = submit(settings, client, alice, {"to": [bob.address], "body": f"{n}"})
+        assert result is not None
+        assert result.get(timeout=60)["status"] == "sent", worker.log
+        entries.append(entry)
+    (number,) = {connection_of(smtp_server, entry) for entry in entries}
+
+    # A warm stop as systemd does it (KillMode=mixed: SIGTERM to the main process only).
+    assert worker.process is not None
+    os.kill(worker.process.pid, signal.SIGTERM)
+    worker.process.wait(60)
+    deadline = time.monotonic() + 5
+    while f"QUIT on connection {number}" not in smtp_server.log():
+        assert time.monotonic() < deadline, f"{smtp_server.log()}\n{worker.log}"
+        time.sleep(0.05)
