@@ -321,7 +321,9 @@ def test_send_killed_after_the_servers_acceptance_is_sent_not_unknown(
     """A worker killed after the server's 250 (here while the server holds its reply to QUIT)
     has committed `sent`: the redelivered task sends nothing and makes the one Sent copy (before,
     `sent` was committed after QUIT, and the fleet's kill -9 under load left such a send
-    `unknown`)."""
+    `unknown`). With SMTP connection reuse off: a kept connection gets no QUIT after its send,
+    but one that is not kept (reuse off, its message limit reached, the cache full) does."""
+    fleet.configure(MAILWORKER_SMTP_IDLE_REUSE="0")
     quit_relay = holding_relay(hold=0.0, hold_quit=30.0)
     # Killed once the server accepted the message, its reply to QUIT pending.
     alice, bob, result = send_then_kill(fleet, make_account, quit_relay, quit_relay.in_quit)
