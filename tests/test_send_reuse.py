@@ -1,4 +1,4 @@
-"""SMTP connection reuse per account (mail/smtp_sessions.py) at the DEFAULT settings, against the
+"""SMTP connection reuse per account (mail/kept_connections.py) at the DEFAULT settings, against the
 real aiosmtpd and Dovecot: one session carries an account's sends, never another account's; a
 kept connection the server closed is replaced before anything is sent on it; any failure inside
 a transaction closes the connection with the outcome send had without reuse (`deferred`,
@@ -23,9 +23,9 @@ import pytest
 from mailworker.crypto import encrypt_password
 from mailworker.db.models import MailAccount
 from mailworker.errors import PermanentError, TransientError
-from mailworker.mail.smtp import build_message, send_message
-from mailworker.mail.smtp_sessions import SessionKey, SmtpSessions, sessions_for
-from mailworker.services.send import smtp_sessions
+from mailworker.mail.kept_connections import SessionKey
+from mailworker.mail.smtp import build_message, kept_smtp_connections, send_message
+from mailworker.services.send import kept_smtp
 from mailworker.settings import load_settings
 from sqlalchemy import update
 from sqlalchemy.orm import Session
@@ -43,7 +43,7 @@ def reuse(default_env) -> SimpleNamespace:
     bounded: a full one keeps nothing more)."""
     defaults = load_settings(default_env)
     assert (defaults.smtp_timeout, defaults.smtp_final_reply_timeout) == (30, 600)
-    kept = smtp_sessions(defaults)
+    kept = kept_smtp(defaults)
     assert (kept.idle_seconds, kept.max_messages, kept.max_connections) == (60, 100, 20)
     kept.close_all()
     return SimpleNamespace(settings=defaults, sessions=kept)
@@ -208,7 +208,7 @@ def test_reuse_off_opens_a_session_per_mail(reuse, make_account, smtp_server):
     assert len({connection_of(smtp_server, e) for e in entries}) == 3
     assert smtp_server.logins - logins == 3
     assert smtp_server.quits - quits == 3  # each one ended with QUIT, as before reuse
-    assert smtp_sessions(off).idle_count() == 0
+    assert kept_smtp(off).idle_count() == 0
 
 
 # -- the bounds and the process rules, on send_message itself -----------------------------------
@@ -221,7 +221,7 @@ def mail(smtp_server, recipient: str, body: str = "x"):
 
 
 def test_an_idle_connection_is_closed_with_quit_after_the_idle_time(smtp_server, dovecot):
-    kept = SmtpSessions(idle_seconds=1.0, max_messages=100, max_connections=4)
+    kept = kept_smtp_connections(1.0, 100, 4)
     endpoint = smtp_server.endpoint()
     bob = dovecot.new_user()
     quits = smtp_server.quits
@@ -240,7 +240,7 @@ def test_an_idle_connection_is_closed_with_quit_after_the_idle_time(smtp_server,
 def test_a_connection_carries_at_most_max_messages_and_the_cache_at_most_max_connections(
     smtp_server, dovecot
 ):
-    kept = SmtpSessions(idle_seconds=60.0, max_messages=2, max_connections=1)
+    kept = kept_smtp_connections(60.0, 2, 1)
     endpoint = smtp_server.endpoint()
     bob = dovecot.new_user()
     logins = smtp_server.logins
@@ -260,7 +260,7 @@ def test_a_connection_carries_at_most_max_messages_and_the_cache_at_most_max_con
 
 
 def test_threads_never_share_a_connection_at_once(smtp_server, dovecot):
-    kept = SmtpSessions(idle_seconds=60.0, max_messages=100, max_connections=8)
+    kept = kept_smtp_connections(60.0, 100, 8)
     endpoint = smtp_server.endpoint()
     bob = dovecot.new_user()
     logins = smtp_server.logins
@@ -292,7 +292,7 @@ def test_threads_never_share_a_connection_at_once(smtp_server, dovecot):
 def test_a_kept_connection_does_not_survive_a_fork(smtp_server, dovecot):
     endpoint = smtp_server.endpoint()
     bob = dovecot.new_user()
-    kept = sessions_for(60.0, 100, 20)
+    kept = kept_smtp_connections(60.0, 100, 20)
     send_message(endpoint, mail(smtp_server, bob.address), sessions=kept, account="fork")
     key = SessionKey.of("fork", endpoint)
     assert kept.idle_count(key) == 1
@@ -300,7 +300,7 @@ def test_a_kept_connection_does_not_survive_a_fork(smtp_server, dovecot):
     if pid == 0:  # the child: neither the parent's cache nor its connection
         ok = False
         try:
-            child = sessions_for(60.0, 100, 20)
+            child = kept_smtp_connections(60.0, 100, 20)
             ok = child is not kept and child.idle_count() == 0 and kept.take(key, 10) is None
         finally:
             os._exit(0 if ok else 1)

@@ -114,7 +114,7 @@ class Deadline:
 
     def pause(self) -> None:
         """Stop the clock and keep watching: a connection kept idle between two exchanges
-        (mail/smtp_sessions.py) has no deadline until `restart`."""
+        (mail/kept_connections.py) has no deadline until `restart`."""
         with self._lock:
             self._generation += 1
             self._expires = float("inf")

@@ -14,7 +14,7 @@ gets its own timeout (RFC 5321 4.5.3.2.6: 10 minutes), the other phases the endp
 caller's `on_accepted` runs with the result as soon as the server accepted the message, before
 QUIT (the outbox commits `sent` there: a process killed during QUIT has recorded the delivery).
 
-Connection reuse (mail/smtp_sessions.py, when the caller passes `sessions`): after a clean
+Connection reuse (mail/kept_connections.py, when the caller passes `sessions`): after a clean
 transaction (250 to the final ".") the connection is kept for the same account and endpoint
 instead of QUIT; every error above closes it. The next message on it starts at MAIL with a new
 deadline; a kept connection found dead at MAIL (before any RCPT, so nothing can have been
@@ -43,9 +43,20 @@ from mailworker.mail.compose import build_message
 from mailworker.mail.deadline import DeadlineExceeded, DeadlineSMTP, DeadlineSMTPSSL
 from mailworker.mail.endpoints import MailEndpoint
 from mailworker.mail.failures import network_error
-from mailworker.mail.smtp_sessions import SessionKey, SmtpSessions
+from mailworker.mail.kept_connections import (
+    GOODBYE_TIMEOUT,
+    KeptConnections,
+    SessionKey,
+    kept_for,
+)
 
-__all__ = ["DeliveryUnknown", "SendResult", "build_message", "send_message"]
+__all__ = [
+    "DeliveryUnknown",
+    "SendResult",
+    "build_message",
+    "kept_smtp_connections",
+    "send_message",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +92,13 @@ def send_message(
     final_reply_timeout: float = RFC_FINAL_REPLY_TIMEOUT,
     before_final_dot: Callable[[], None] = lambda: None,
     on_accepted: Callable[[SendResult], None] = lambda _: None,
-    sessions: SmtpSessions | None = None,
+    sessions: KeptConnections | None = None,
     account: str = "",
 ) -> SendResult:
     """Submit `message` to the envelope recipients from its To, Cc and Bcc (Bcc is not sent).
 
     With `sessions`, the connection kept for (`account`, `endpoint`) is used if there is one,
-    and this one is kept there after a clean transaction (mail/smtp_sessions.py)."""
+    and this one is kept there after a clean transaction (mail/kept_connections.py)."""
     message_id = str(message.get("Message-ID", "")).strip()
     sender = _single_address(message, "From")
     recipients = _recipients(message)
@@ -144,8 +155,26 @@ def send_message(
     return result
 
 
+def kept_smtp_connections(
+    idle_seconds: float, max_messages: int, max_connections: int
+) -> KeptConnections:
+    """This process's kept SMTP connections for these bounds (mail/kept_connections.py)."""
+    return kept_for(
+        "smtp",
+        (idle_seconds, max_messages, max_connections),
+        goodbye=_quit_kept,
+        drop=smtplib.SMTP.close,
+    )
+
+
+def _quit_kept(smtp: smtplib.SMTP) -> None:
+    if smtp.sock is not None:
+        smtp.sock.settimeout(GOODBYE_TIMEOUT)
+    smtp.quit()
+
+
 def _keep_or_quit(
-    smtp: smtplib.SMTP, sessions: SmtpSessions | None, key: SessionKey | None, carried: int
+    smtp: smtplib.SMTP, sessions: KeptConnections | None, key: SessionKey | None, carried: int
 ) -> bool:
     """After the 250 to the final ".": keep the connection for the account's next message
     (True), or QUIT. The server has the message: nothing here may turn it into a resend (a
@@ -160,7 +189,7 @@ def _keep_or_quit(
 
 def _begin(
     endpoint: MailEndpoint,
-    sessions: SmtpSessions | None,
+    sessions: KeptConnections | None,
     key: SessionKey | None,
     sender: str,
     *,

@@ -31,7 +31,7 @@ resending risks a loss. We never resend blindly:
    - with it, it looks for the Message-ID in the Sent folder. Found: the row becomes `sent`.
      Not found: `unknown`, and the task fails with a message saying it was *not* resent.
 
-Connections: an account's SMTP connection is kept between its sends (mail/smtp_sessions.py,
+Connections: an account's SMTP connection is kept between its sends (mail/kept_connections.py,
 MAILWORKER_SMTP_IDLE_REUSE), but only after a transaction that ended with the server's 250 to
 the final "."; points 1-6 hold per message whatever connection carries it: a kept connection
 found dead before any RCPT is replaced (nothing can have been delivered on it), any later
@@ -75,9 +75,14 @@ from mailworker.errors import (
     TransientError,
 )
 from mailworker.mail.imap import ImapSession
+from mailworker.mail.kept_connections import KeptConnections, close_all_kept
 from mailworker.mail.memory_budget import budget_for
-from mailworker.mail.smtp import DeliveryUnknown, SendResult, send_message
-from mailworker.mail.smtp_sessions import SmtpSessions, close_all_kept, sessions_for
+from mailworker.mail.smtp import (
+    DeliveryUnknown,
+    SendResult,
+    kept_smtp_connections,
+    send_message,
+)
 from mailworker.services.access import AccountAccess
 from mailworker.services.outbox import PENDING, fail_expired, lock_of, retry_delay
 from mailworker.settings import Settings
@@ -212,7 +217,7 @@ def _send_now(
             final_reply_timeout=settings.smtp_final_reply_timeout,
             before_final_dot=partial(_mark_data_sent, settings, access, outbox_id, attempt),
             on_accepted=record_sent,
-            sessions=smtp_sessions(settings),
+            sessions=kept_smtp(settings),
             account=str(access.account_id),
         )
     except Exception as error:
@@ -239,9 +244,9 @@ def _send_now(
     return _result(outbox_id, message_id, result, copied)
 
 
-def smtp_sessions(settings: Settings) -> SmtpSessions:
+def kept_smtp(settings: Settings) -> KeptConnections:
     """This process's kept SMTP connections (MAILWORKER_SMTP_IDLE_REUSE and its limits)."""
-    return sessions_for(
+    return kept_smtp_connections(
         settings.smtp_idle_reuse,
         settings.smtp_reuse_max_messages,
         settings.smtp_reuse_max_connections,
@@ -249,7 +254,7 @@ def smtp_sessions(settings: Settings) -> SmtpSessions:
 
 
 def close_kept_connections() -> None:
-    """QUIT the SMTP connections this process keeps idle (at worker shutdown)."""
+    """Say goodbye to the mail connections this process keeps idle (at worker shutdown)."""
     close_all_kept()
 
 

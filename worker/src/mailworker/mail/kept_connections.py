@@ -1,9 +1,11 @@
-"""Authenticated SMTP connections kept per account between sends, in this process.
+"""Authenticated mail connections kept per account between tasks, in this process.
 
-Opening a session (TCP, EHLO, STARTTLS, EHLO, AUTH) costs more than sending a small message.
-send_message (mail/smtp.py) takes a kept connection from here before a message and gives it back
-after a clean transaction only: the server answered 250 to the final "." (the transaction is
-over, RFC 5321 4.1.1.4). Any error, timeout or unexpected reply closes the connection instead.
+Opening a session costs more than a small message: TCP, TLS and AUTH for SMTP (EHLO twice),
+TLS and LOGIN for IMAP. A protocol module takes a kept connection from here before its work and
+gives it back only when that work ended cleanly: for SMTP, the server answered 250 to the final
+"." (the transaction is over, RFC 5321 4.1.1.4; mail/smtp.py); for IMAP, the APPEND of the Sent
+copy was answered OK (mail/imap.py). Any error, timeout or unexpected reply closes the
+connection instead. One cache per protocol (`kind`) and bounds.
 
 - Who may share: a connection is kept under its key, the account AND the endpoint (host, port,
   security, username, TLS verification and CA file) AND a keyed digest of the password. A
@@ -14,12 +16,13 @@ over, RFC 5321 4.1.1.4). Any error, timeout or unexpected reply closes the conne
 - Processes: a connection never survives a fork. A child forgets every connection its parent
   kept (an at-fork hook drops them without a word on the wire: they are the parent's), and each
   cache also checks that it is used in the process that made it.
-- Bounds: a connection idle for IDLE seconds is closed (QUIT) by a reaper thread, one that has
-  carried MAX_MESSAGES messages is closed when it comes back, and at most MAX_CONNECTIONS idle
-  ones are kept per process (a connection that comes back to a full cache is closed).
-- Deadlines: the per-exchange deadline (mail/deadline.py) is paused while a connection waits
+- Bounds: a connection idle for IDLE seconds is closed (the protocol's goodbye: QUIT, LOGOUT)
+  by a reaper thread, one that has done MAX_MESSAGES messages is closed when it comes back, and
+  at most MAX_CONNECTIONS idle ones are kept per process and protocol (a connection that comes
+  back to a full cache is closed).
+- Deadlines: the per-session deadline (mail/deadline.py) is paused while a connection waits
   here and started afresh, at its full length, when one is taken.
-- Shutdown: close_all_kept() says QUIT to every idle connection (the tasks connect it to
+- Shutdown: close_all_kept() says goodbye to every idle connection (the tasks connect it to
   Celery's worker_process_shutdown and worker_shutdown signals).
 """
 
@@ -30,17 +33,18 @@ import hashlib
 import hmac
 import os
 import secrets
-import smtplib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from mailworker.mail.endpoints import MailEndpoint
 
-__all__ = ["SessionKey", "SmtpSessions", "close_all_kept", "sessions_for"]
+__all__ = ["GOODBYE_TIMEOUT", "KeptConnections", "SessionKey", "close_all_kept", "kept_for"]
 
-# Seconds a QUIT to a connection being retired may take: nobody waits for it.
-QUIT_TIMEOUT = 5.0
+# Seconds a goodbye (QUIT, LOGOUT) to a connection being retired may take: nobody waits for it.
+GOODBYE_TIMEOUT = 5.0
 # A random key per process for the password digests: a digest in memory (or in a core dump)
 # cannot be matched against a list of guessed passwords' plain hashes.
 _DIGEST_KEY = secrets.token_bytes(32)
@@ -77,30 +81,42 @@ class SessionKey:
 @dataclass
 class _Idle:
     key: SessionKey
-    smtp: smtplib.SMTP
+    conn: Any  # a client of mail/deadline.py (it has a `deadline`)
     messages: int  # messages it carried
     until: float  # monotonic time it is closed at unless taken
 
 
-class SmtpSessions:
-    """The idle connections of one process (see the module docstring). `idle_seconds` of 0
-    keeps none: every send opens and closes its own session."""
+class KeptConnections:
+    """The idle connections of one protocol in one process (see the module docstring).
+    `goodbye(conn)` ends a connection politely (QUIT, LOGOUT; it gets GOODBYE_TIMEOUT and may
+    raise), `drop(conn)` closes it without a word. `idle_seconds` of 0 keeps none: every task
+    opens and closes its own session."""
 
-    def __init__(self, idle_seconds: float, max_messages: int, max_connections: int) -> None:
+    def __init__(
+        self,
+        idle_seconds: float,
+        max_messages: int,
+        max_connections: int,
+        *,
+        goodbye: Callable[[Any], None],
+        drop: Callable[[Any], None],
+    ) -> None:
         self.idle_seconds = idle_seconds
         self.max_messages = max_messages
         self.max_connections = max_connections
+        self._goodbye = goodbye
+        self._drop = drop
         self._pid = os.getpid()
         self._lock = threading.Condition()
         self._idle: list[_Idle] = []  # oldest first
-        self._retiring: list[smtplib.SMTP] = []  # for the reaper to QUIT
+        self._retiring: list[Any] = []  # for the reaper to say goodbye to
         self._reaper: threading.Thread | None = None
 
     @property
     def enabled(self) -> bool:
         return self.idle_seconds > 0 and self.max_messages > 1 and self.max_connections > 0
 
-    def take(self, key: SessionKey, deadline: float) -> tuple[smtplib.SMTP, int] | None:
+    def take(self, key: SessionKey, deadline: float) -> tuple[Any, int] | None:
         """An idle connection kept under `key` and the messages it carried, its deadline
         restarted at `deadline` seconds; None if there is none."""
         if os.getpid() != self._pid:
@@ -112,23 +128,23 @@ class SmtpSessions:
                 if entry.key != key:
                     continue
                 del self._idle[index]
-                if entry.until <= now or not entry.smtp.deadline.restart(deadline):  # type: ignore[attr-defined]
-                    self._retire(entry.smtp)
+                if entry.until <= now or not entry.conn.deadline.restart(deadline):
+                    self._retire(entry.conn)
                     continue
-                return entry.smtp, entry.messages
+                return entry.conn, entry.messages
         return None
 
-    def give_back(self, key: SessionKey, smtp: smtplib.SMTP, messages: int) -> bool:
-        """Keep `smtp`, whose last transaction ended with a 250 to its final "." and which has
-        carried `messages` messages; False (the caller closes it) if it may not be kept."""
+    def give_back(self, key: SessionKey, conn: Any, messages: int) -> bool:
+        """Keep `conn`, whose last work ended cleanly and which has carried `messages`
+        messages; False (the caller closes it) if it may not be kept."""
         if not self.enabled or os.getpid() != self._pid or messages >= self.max_messages:
             return False
         with self._lock:
             if len(self._idle) >= self.max_connections:
                 return False
-            smtp.deadline.pause()  # type: ignore[attr-defined]
+            conn.deadline.pause()
             until = time.monotonic() + self.idle_seconds
-            self._idle.append(_Idle(key, smtp, messages, until))
+            self._idle.append(_Idle(key, conn, messages, until))
             self._start_reaper()
             self._lock.notify()
         return True
@@ -139,27 +155,28 @@ class SmtpSessions:
             return sum(1 for entry in self._idle if key is None or entry.key == key)
 
     def close_all(self) -> None:
-        """QUIT every idle connection now (worker shutdown); connections in use are left alone."""
+        """Say goodbye to every idle connection now (worker shutdown); connections in use are
+        left alone."""
         if os.getpid() != self._pid:
             return
         with self._lock:
-            closing = [entry.smtp for entry in self._idle] + self._retiring
+            closing = [entry.conn for entry in self._idle] + self._retiring
             self._idle.clear()
             self._retiring.clear()
-        for smtp in closing:
-            _quit(smtp)
+        for conn in closing:
+            self._end(conn)
 
-    # -- the reaper: QUITs expired and retired connections, away from the sending threads
+    # -- the reaper: ends expired and retired connections, away from the task threads
 
-    def _retire(self, smtp: smtplib.SMTP) -> None:
-        self._retiring.append(smtp)
+    def _retire(self, conn: Any) -> None:
+        self._retiring.append(conn)
         self._start_reaper()
         self._lock.notify()
 
     def _start_reaper(self) -> None:
         if self._reaper is None or not self._reaper.is_alive():
             self._reaper = threading.Thread(
-                target=self._reap, name="smtp-sessions-reaper", daemon=True
+                target=self._reap, name="kept-connections-reaper", daemon=True
             )
             self._reaper.start()
 
@@ -169,7 +186,7 @@ class SmtpSessions:
                 now = time.monotonic()
                 expired = [entry for entry in self._idle if entry.until <= now]
                 self._idle = [entry for entry in self._idle if entry.until > now]
-                closing = [entry.smtp for entry in expired] + self._retiring
+                closing = [entry.conn for entry in expired] + self._retiring
                 self._retiring = []
                 if not closing:
                     if not self._idle:
@@ -177,37 +194,44 @@ class SmtpSessions:
                         return
                     self._lock.wait(min(entry.until for entry in self._idle) - now)
                     continue
-            for smtp in closing:
-                _quit(smtp)
+            for conn in closing:
+                self._end(conn)
+
+    def _end(self, conn: Any) -> None:
+        """Goodbye within GOODBYE_TIMEOUT (the deadline shuts the socket down after it),
+        whatever the server does, then close."""
+        with contextlib.suppress(Exception):
+            if conn.deadline.restart(GOODBYE_TIMEOUT):
+                self._goodbye(conn)
+        with contextlib.suppress(Exception):
+            self._drop(conn)
 
 
-def _quit(smtp: smtplib.SMTP) -> None:
-    """QUIT and close, within QUIT_TIMEOUT, whatever the server does."""
-    with contextlib.suppress(Exception):
-        if smtp.deadline.restart(QUIT_TIMEOUT) and smtp.sock is not None:  # type: ignore[attr-defined]
-            smtp.sock.settimeout(QUIT_TIMEOUT)
-            smtp.quit()
-    with contextlib.suppress(Exception):
-        smtp.close()
-
-
-_registry: dict[tuple[float, int, int], SmtpSessions] = {}
+_registry: dict[tuple[str, float, int, int], KeptConnections] = {}
 _registry_lock = threading.Lock()
 
 
-def sessions_for(idle_seconds: float, max_messages: int, max_connections: int) -> SmtpSessions:
-    """This process's cache for these bounds (MAILWORKER_SMTP_IDLE_REUSE and its two limits),
-    made on first use; a process that loads settings with other bounds (tests) gets another."""
-    bounds = (idle_seconds, max_messages, max_connections)
+def kept_for(
+    kind: str,
+    bounds: tuple[float, int, int],
+    *,
+    goodbye: Callable[[Any], None],
+    drop: Callable[[Any], None],
+) -> KeptConnections:
+    """This process's cache of `kind` ("smtp", "imap") connections for these `bounds` (idle
+    seconds, messages per connection, idle connections), made on first use; a process that
+    loads settings with other bounds (tests) gets another."""
+    name = (kind, *bounds)
     with _registry_lock:
-        found = _registry.get(bounds)
+        found = _registry.get(name)
         if found is None or found._pid != os.getpid():
-            found = _registry[bounds] = SmtpSessions(*bounds)
+            found = _registry[name] = KeptConnections(*bounds, goodbye=goodbye, drop=drop)
         return found
 
 
 def close_all_kept() -> None:
-    """QUIT every idle connection of this process (at worker shutdown; best effort)."""
+    """Say goodbye to every idle connection of this process (at worker shutdown; best
+    effort)."""
     with _registry_lock:
         caches = list(_registry.values())
     for cache in caches:
@@ -216,9 +240,9 @@ def close_all_kept() -> None:
 
 
 def _forget_after_fork() -> None:
-    """In a new child: the parent's connections are the parent's. Dropped, not closed (a QUIT
-    would end the parent's session; dropping only closes this process's copies of the sockets),
-    and the locks made anew (another thread of the parent may have held one at the fork)."""
+    """In a new child: the parent's connections are the parent's. Forgotten, not ended (a
+    goodbye would end the parent's session; letting go of them only closes this process's
+    copies of the sockets), and the lock made anew (a thread of the parent may have held it)."""
     global _registry_lock  # noqa: PLW0603 - module state by design: one registry per process
     _registry_lock = threading.Lock()
     _registry.clear()
