@@ -2,10 +2,11 @@
 real aiosmtpd and Dovecot: one session carries an account's sends, never another account's; a
 kept connection the server closed is replaced before anything is sent on it; any failure inside
 a transaction closes the connection with the outcome send had without reuse (`deferred`,
-`unknown`); a changed password or MAILWORKER_SMTP_IDLE_REUSE=0 gets a session per need.
+`unknown`); a changed password or MAILWORKER_SMTP_IDLE_REUSE=0 gets a session per need. The
+same for the IMAP session of the copies to Sent (MAILWORKER_IMAP_IDLE_REUSE).
 
-The server numbers its connections (Delivery.connection) and counts accepted logins, one per
-session; the tests read both.
+The SMTP server numbers its connections (Delivery.connection) and counts accepted logins, one
+per session; Dovecot's log counts IMAP logins. The tests read those.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import os
 import secrets
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -25,7 +27,7 @@ from mailworker.db.models import MailAccount
 from mailworker.errors import PermanentError, TransientError
 from mailworker.mail.kept_connections import SessionKey
 from mailworker.mail.smtp import build_message, kept_smtp_connections, send_message
-from mailworker.services.send import kept_smtp
+from mailworker.services.send import kept_imap, kept_smtp
 from mailworker.settings import load_settings
 from sqlalchemy import update
 from sqlalchemy.orm import Session
@@ -45,7 +47,9 @@ def reuse(default_env) -> SimpleNamespace:
     assert (defaults.smtp_timeout, defaults.smtp_final_reply_timeout) == (30, 600)
     kept = kept_smtp(defaults)
     assert (kept.idle_seconds, kept.max_messages, kept.max_connections) == (60, 100, 20)
+    assert defaults.imap_idle_reuse == 60
     kept.close_all()
+    kept_imap(defaults).close_all()
     return SimpleNamespace(settings=defaults, sessions=kept)
 
 
@@ -316,8 +320,8 @@ def test_a_kept_connection_does_not_survive_a_fork(smtp_server, dovecot):
 
 
 @pytest.mark.parametrize("pool", ["threads", "prefork"])
-def test_a_worker_keeps_the_session_between_tasks_and_says_quit_at_shutdown(
-    default_fleet, make_account, smtp_server, pool
+def test_a_worker_keeps_its_sessions_between_tasks_and_says_goodbye_at_shutdown(
+    default_fleet, make_account, smtp_server, dovecot, pool
 ):
     default_fleet.configure(
         MAILWORKER_POOL=pool, MAILWORKER_CONCURRENCY="1", MAILWORKER_QUEUES="send"
@@ -333,6 +337,8 @@ def test_a_worker_keeps_the_session_between_tasks_and_says_quit_at_shutdown(
         assert result.get(timeout=60)["status"] == "sent", worker.log
         entries.append(entry)
     (number,) = {connection_of(smtp_server, entry) for entry in entries}
+    assert imap_logins(dovecot, alice.address, at_least=1) == 1  # the Sent copies' session
+    assert logouts(dovecot, alice.address) == 0
 
     # A warm stop as systemd does it (KillMode=mixed: SIGTERM to the main process only).
     assert worker.process is not None
@@ -342,3 +348,72 @@ def test_a_worker_keeps_the_session_between_tasks_and_says_quit_at_shutdown(
     while f"QUIT on connection {number}" not in smtp_server.log():
         assert time.monotonic() < deadline, f"{smtp_server.log()}\n{worker.log}"
         time.sleep(0.05)
+    while logouts(dovecot, alice.address) != 1:
+        assert time.monotonic() < deadline, f"{dovecot.log()}\n{worker.log}"
+        time.sleep(0.05)
+
+
+def logouts(dovecot, address: str) -> int:
+    """IMAP sessions of `address` that ended with LOGOUT (Dovecot's log)."""
+    text = dovecot.log_file.read_text(errors="replace")
+    return sum(
+        1
+        for line in text.splitlines()
+        if f"imap({address})" in line and "Disconnected: Logged out" in line
+    )
+
+
+# -- the Sent copy's IMAP session ----------------------------------------------------------------
+
+
+def imap_logins(dovecot, address: str, at_least: int = 0) -> int:
+    """Dovecot's count of logins of `address` (its log), once it has logged `at_least`."""
+    line = f"Login: user=<{address}>"
+    deadline = time.monotonic() + 5
+    while dovecot.log_file.read_text(errors="replace").count(line) < at_least:
+        assert time.monotonic() < deadline, dovecot.log()
+        time.sleep(0.05)
+    time.sleep(0.3)  # a later login still on its way to the log
+    return dovecot.log_file.read_text(errors="replace").count(line)
+
+
+def test_the_sent_copies_of_one_account_share_one_imap_session(
+    reuse, make_account, smtp_server, dovecot
+):
+    alice, bob = make_account(), make_account()
+    entries = [send_one(reuse.settings, alice, bob.address, f"mail {n}") for n in range(3)]
+    assert imap_logins(dovecot, alice.address, at_least=1) == 1
+    copies = {stored.message_id for stored in dovecot.mailbox(alice.address, "Sent")}
+    assert copies == {entry.message_id for entry in entries}
+
+
+def test_a_kept_imap_session_the_server_closed_is_replaced_and_the_copy_made_once(
+    reuse, make_account, smtp_server, dovecot, db_engine
+):
+    alice, bob = make_account(), make_account()
+    first = send_one(reuse.settings, alice, bob.address)
+    assert imap_logins(dovecot, alice.address, at_least=1) == 1
+    kicked = subprocess.run(
+        ["doveadm", "-c", str(dovecot.config_file), "kick", alice.address],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert kicked.returncode == 0, kicked.stderr
+
+    second = send_one(reuse.settings, alice, bob.address, "after the kick")
+    third = send_one(reuse.settings, alice, bob.address, "on the new session")
+    assert row_of(db_engine, second.outbox_id).copied_to_sent is True
+    assert imap_logins(dovecot, alice.address, at_least=2) == 2  # one new session, kept
+    sent = [stored.message_id for stored in dovecot.mailbox(alice.address, "Sent")]
+    assert sorted(sent) == sorted(e.message_id for e in (first, second, third))
+
+
+def test_imap_reuse_off_logs_in_for_every_copy(reuse, make_account, smtp_server, dovecot):
+    off = dataclasses.replace(reuse.settings, imap_idle_reuse=0.0)
+    alice, bob = make_account(), make_account()
+    for n in range(3):
+        send_one(off, alice, bob.address, f"mail {n}")
+    assert imap_logins(dovecot, alice.address, at_least=3) == 3
+    assert len(dovecot.mailbox(alice.address, "Sent")) == 3

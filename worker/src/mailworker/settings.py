@@ -534,17 +534,24 @@ class Settings:
         "which servers drop idle clients (RFC 5321 4.5.3.2.7).",
         "60",
     )
-    smtp_reuse_max_messages: int = _setting(
+    imap_idle_reuse: float = _setting(
+        Number(),
+        "Seconds the IMAP session of a send's copy to Sent is kept per account for the next "
+        "copy (0 = a login per copy): as long as the SMTP one, far below the 30 min an idle "
+        "IMAP client may stay (RFC 9051 5.4).",
+        "60",
+    )
+    mail_reuse_max_messages: int = _setting(
         Integer(minimum=1),
-        "Messages one kept SMTP connection carries before it is closed, so no session lives "
-        "on for ever under steady traffic.",
+        "Messages one kept SMTP connection or IMAP session carries before it is closed, so no "
+        "session lives on for ever under steady traffic.",
         "100",
     )
-    smtp_reuse_max_connections: int = _setting(
+    mail_reuse_max_connections: int = _setting(
         Integer(minimum=1),
-        "Idle SMTP connections one worker process keeps (one coming back to a full cache is "
-        "closed): as many as a threads instance's 20 threads, so a host holds at most twice "
-        "as many connections to its relays as it runs sending threads.",
+        "Idle SMTP connections, and idle IMAP sessions, one worker process keeps (one coming "
+        "back to a full cache is closed): as many as a threads instance's 20 threads, so a "
+        "host holds at most twice as many connections to a server as it runs sending threads.",
         "20",
     )
     imap_tls_verify: bool = _setting(Boolean(), "Verify IMAP server certificates.", "true")

@@ -8,6 +8,12 @@
 Replies map to errors so a task knows whether to retry: a dropped connection, a timeout or a
 BYE, or a NO with [UNAVAILABLE]/[INUSE]/[SERVERBUG] (RFC 5530), is a TransientError; a rejected
 login is AuthenticationFailed; any other NO or BAD is a PermanentError.
+
+`kept_imap_session(endpoint, kept, account)` is an ImapSession that may be one kept from an
+earlier task of the same account (mail/kept_connections.py: the Sent copy of each send would
+otherwise log in and out every time): a kept session that does not answer a NOOP is replaced by
+a new one, and the session is kept again only if its block ended without an error and with no
+folder selected.
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ from mailworker.errors import (
 )
 from mailworker.mail import imap_replies as replies
 from mailworker.mail import imap_syntax as syntax
-from mailworker.mail.deadline import DeadlineIMAP4, DeadlineIMAP4SSL
+from mailworker.mail.deadline import Deadline, DeadlineIMAP4, DeadlineIMAP4SSL
 from mailworker.mail.endpoints import MailEndpoint
 from mailworker.mail.failures import network_error
+from mailworker.mail.kept_connections import GOODBYE_TIMEOUT, KeptConnections, SessionKey, kept_for
 from mailworker.mail.memory_budget import MemoryBudget
 
 _TRANSIENT_CODES = frozenset({"UNAVAILABLE", "INUSE", "SERVERBUG"})
@@ -111,6 +118,17 @@ class ImapSession:
                 conn.logout()
             with contextlib.suppress(OSError):
                 conn.shutdown()
+
+    def close(self) -> None:
+        """LOGOUT if the connection still works, and close (what leaving the block does)."""
+        self.__exit__(None, None, None)
+
+    @property
+    def deadline(self) -> Deadline:
+        """The session's deadline (mail/kept_connections.py pauses and restarts it)."""
+        conn = self._connection()
+        assert isinstance(conn, DeadlineIMAP4 | DeadlineIMAP4SSL)
+        return conn.deadline
 
     # -- the interface the tasks use -------------------------------------------------------------
 
@@ -421,6 +439,24 @@ class ImapSession:
             words = syntax.as_text(self._ok("capability", conn.capability)[-1]).split()
         return frozenset(word.upper() for word in words)
 
+    # -- kept sessions ---------------------------------------------------------------------------
+
+    def _answers(self) -> bool:
+        """NOOP on a kept session: False if the server closed it meanwhile (or says BYE)."""
+        try:
+            typ, _ = self._connection().noop()
+        except (imaplib.IMAP4.error, OSError):
+            return False
+        return typ == "OK"
+
+    def _drop(self) -> None:
+        """Close without a word (a connection found dead)."""
+        conn, self._conn = self._conn, None
+        self.selected = None
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.shutdown()
+
     # -- helpers ---------------------------------------------------------------------------------
 
     def _connection(self) -> imaplib.IMAP4:
@@ -511,6 +547,56 @@ class ImapSession:
         text = self.endpoint.redact(syntax.as_text(detail).strip())
         who = f"{self.endpoint.username} on {self.endpoint.address}"
         return f"IMAP {action} as {who} failed: {text}"
+
+
+def kept_imap_connections(
+    idle_seconds: float, max_messages: int, max_connections: int
+) -> KeptConnections:
+    """This process's kept IMAP sessions for these bounds (mail/kept_connections.py)."""
+    return kept_for(
+        "imap",
+        (idle_seconds, max_messages, max_connections),
+        goodbye=_logout_kept,
+        drop=ImapSession._drop,
+    )
+
+
+def _logout_kept(session: ImapSession) -> None:
+    conn = session._connection()
+    conn.sock.settimeout(GOODBYE_TIMEOUT)
+    session.close()
+
+
+@contextlib.contextmanager
+def kept_imap_session(
+    endpoint: MailEndpoint, kept: KeptConnections | None, account: str
+) -> Iterator[ImapSession]:
+    """An ImapSession for `endpoint`: the one kept for (`account`, `endpoint`) if it still
+    answers, else a new one; kept again after a block that raised nothing (see the module
+    docstring). Without `kept` (or with reuse off) what `with ImapSession(endpoint)` does."""
+    key = SessionKey.of(account, endpoint) if kept is not None and kept.enabled else None
+    taken = kept.take(key, endpoint.deadline) if kept is not None and key is not None else None
+    session: ImapSession | None = None
+    carried = 0
+    if taken is not None:
+        session, carried = taken
+        assert session is not None
+        if not session._answers():
+            session._drop()
+            session, carried = None, 0
+    if session is None:
+        session = ImapSession(endpoint).__enter__()
+    finished = False
+    try:
+        yield session
+        finished = True
+    finally:
+        kept_again = False
+        if finished and kept is not None and key is not None and session.selected is None:
+            with contextlib.suppress(Exception):
+                kept_again = kept.give_back(key, session, carried + 1)
+        if not kept_again:
+            session.close()
 
 
 def plan_batches(

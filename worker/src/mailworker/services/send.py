@@ -35,7 +35,9 @@ Connections: an account's SMTP connection is kept between its sends (mail/kept_c
 MAILWORKER_SMTP_IDLE_REUSE), but only after a transaction that ended with the server's 250 to
 the final "."; points 1-6 hold per message whatever connection carries it: a kept connection
 found dead before any RCPT is replaced (nothing can have been delivered on it), any later
-failure is judged exactly as on a new connection, and closes it.
+failure is judged exactly as on a new connection, and closes it. The IMAP session of the copy
+to Sent is kept the same way (MAILWORKER_IMAP_IDLE_REUSE) after an APPEND answered OK; one that
+does not answer a NOOP is replaced before the APPEND, so no copy is appended twice by it.
 
 Memory: an attempt reserves its message's size (times SEND_RESERVES_PER_BYTE) in the process's
 MAILWORKER_MAIL_MEMORY_BUDGET (mail/memory_budget.py) before it loads the content, and holds it
@@ -74,7 +76,7 @@ from mailworker.errors import (
     TenantMismatch,
     TransientError,
 )
-from mailworker.mail.imap import ImapSession
+from mailworker.mail.imap import ImapSession, kept_imap_connections, kept_imap_session
 from mailworker.mail.kept_connections import KeptConnections, close_all_kept
 from mailworker.mail.memory_budget import budget_for
 from mailworker.mail.smtp import (
@@ -248,8 +250,17 @@ def kept_smtp(settings: Settings) -> KeptConnections:
     """This process's kept SMTP connections (MAILWORKER_SMTP_IDLE_REUSE and its limits)."""
     return kept_smtp_connections(
         settings.smtp_idle_reuse,
-        settings.smtp_reuse_max_messages,
-        settings.smtp_reuse_max_connections,
+        settings.mail_reuse_max_messages,
+        settings.mail_reuse_max_connections,
+    )
+
+
+def kept_imap(settings: Settings) -> KeptConnections:
+    """This process's kept IMAP sessions for Sent copies (MAILWORKER_IMAP_IDLE_REUSE)."""
+    return kept_imap_connections(
+        settings.imap_idle_reuse,
+        settings.mail_reuse_max_messages,
+        settings.mail_reuse_max_connections,
     )
 
 
@@ -335,7 +346,8 @@ def _finish_sent_copy(
 def _copy_to_sent(settings: Settings, access: AccountAccess, content: bytes) -> bool:
     """Append the sent message to the Sent folder; the send stands even if this fails."""
     try:
-        with ImapSession(access.imap) as imap:
+        kept = kept_imap(settings)
+        with kept_imap_session(access.imap, kept, str(access.account_id)) as imap:
             imap.append(settings.sent_folder, content, flags=("\\Seen",))
     except Exception as error:  # a soft time limit too: the row must still say `sent`
         logger.warning("sent, but the copy to %r failed: %s", settings.sent_folder, error)
