@@ -19,6 +19,7 @@ folder selected.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import imaplib
 import itertools
 from collections.abc import Callable, Iterator, Sequence
@@ -582,8 +583,13 @@ def kept_imap_session(
         session, carried = taken
         assert session is not None
         if not session._answers():
+            # The new session gets what is left of this one's deadline, as in mail/smtp.py.
+            left = session.deadline.remaining()
             session._drop()
             session, carried = None, 0
+            if left <= 0:
+                raise TransientError(f"IMAP session with {endpoint.address} passed its deadline")
+            endpoint = dataclasses.replace(endpoint, deadline=left)
     if session is None:
         session = ImapSession(endpoint).__enter__()
     finished = False
