@@ -5,7 +5,9 @@ trips a 30 s timeout, and Celery's time limits do not run on the threads pool th
 sync. So every mail connection starts a deadline when it opens. When the deadline passes, a timer
 shuts the connection's socket down (SHUT_RDWR): a read or write blocked in another thread returns
 at once, and the client raises DeadlineExceeded, a TimeoutError whose message names the deadline
-(the mail modules turn it into a TransientError like any other timeout).
+(the mail modules turn it into a TransientError like any other timeout). A connection kept
+between tasks (mail/kept_connections.py) has its deadline paused while it waits and restarted,
+at full length, for each exchange: the deadline bounds one exchange, not the connection's life.
 
 The timer holds a duplicate of the socket's descriptor. shutdown() acts on the socket, not the
 descriptor, so it also reaches the connection after a TLS wrap (implicit TLS or STARTTLS replace
