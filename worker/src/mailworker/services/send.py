@@ -57,12 +57,13 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from email.message import EmailMessage
 from functools import partial
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import defer
 
@@ -152,7 +153,7 @@ def _message_id_of(
 
 def _claim(settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, task_id: str) -> Claim:
     with session_scope(settings) as session:
-        row = _row(session, access, outbox_id, with_content=True)
+        row, now = _row_and_now(session, access, outbox_id)
         if row.status == "sent":
             if row.content is not None and not row.copied_to_sent:
                 return Claim("copy", _outcome(row), row.content)
@@ -172,7 +173,7 @@ def _claim(settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, task
             )
         elif row.status not in PENDING:
             raise PermanentError(f"{row.message_id} has unexpected send status {row.status!r}")
-        if _window_ended(session, row, settings):
+        if _window_ended(row, now, settings):
             fail_expired(row, settings)
             gave_up = PermanentError(f"send of {row.message_id} failed: {row.error}")
         elif row.content is None:
@@ -188,10 +189,9 @@ def _claim(settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, task
     raise gave_up  # after the commit that recorded it
 
 
-def _window_ended(session: Any, row: SentMessage, settings: Settings) -> bool:
+def _window_ended(row: SentMessage, now: datetime, settings: Settings) -> bool:
     if row.queued_at is None:
         return False
-    now = session.scalar(select(func.now()))
     return (now - row.queued_at).total_seconds() > settings.send_retry_window
 
 
@@ -294,9 +294,7 @@ def _mark_data_sent(
 ) -> None:
     """Commit that this attempt writes the final "." now; a superseded one stops before it."""
     try:
-        with session_scope(settings) as session:
-            row = _attempt_row(session, access, outbox_id, attempt, ("sending",))
-            row.data_sent_at = func.now()
+        _update_attempt(settings, access, outbox_id, attempt, ("sending",), data_sent_at=func.now())
     except SQLAlchemyError as error:
         raise TransientError(
             f"could not record that the message data ends ({type(error).__name__}); "
@@ -312,13 +310,18 @@ def _record_sent(
     result: SendResult,
 ) -> None:
     """The server took it: `sent` (from `unknown` too, which a resolver may have concluded)."""
-    with session_scope(settings) as session:
-        row = _attempt_row(session, access, outbox_id, attempt, ("sending", "unknown"))
-        row.status = "sent"
-        row.accepted = list(result.accepted)
-        row.refused = dict(result.refused)
-        row.sent_at = func.now()
-        row.error = None
+    _update_attempt(
+        settings,
+        access,
+        outbox_id,
+        attempt,
+        ("sending", "unknown"),
+        status="sent",
+        accepted=list(result.accepted),
+        refused=dict(result.refused),
+        sent_at=func.now(),
+        error=None,
+    )
 
 
 def _record_copy(
@@ -326,9 +329,15 @@ def _record_copy(
 ) -> None:
     """After the Sent copy (or its failure): drop the content; the hash keeps the claim."""
     with session_scope(settings) as session:
-        row = _row(session, access, outbox_id)
-        row.copied_to_sent = copied
-        row.content = None
+        updated = session.scalar(
+            update(SentMessage)
+            .where(SentMessage.id == outbox_id)
+            .where(SentMessage.account_id == access.account_id)
+            .values(copied_to_sent=copied, content=None)
+            .returning(SentMessage.id)
+        )
+    if updated is None:  # only a manual DELETE since the claim gets here
+        raise PermanentError(f"outbox entry {outbox_id} disappeared")
 
 
 def _finish_sent_copy(
@@ -390,15 +399,12 @@ def _unknown_message(message_id: str, reason: str) -> str:
     )
 
 
-def _row(
-    session: Any, access: AccountAccess, outbox_id: uuid.UUID, *, with_content: bool = False
-) -> SentMessage:
-    """The entry, locked; its content only if asked for (one attempt loads it once)."""
-    query = select(SentMessage)
-    if not with_content:
-        query = query.options(defer(SentMessage.content))
+def _row(session: Any, access: AccountAccess, outbox_id: uuid.UUID) -> SentMessage:
+    """The entry, locked, without its content."""
     row = session.scalar(
-        query.where(SentMessage.id == outbox_id)
+        select(SentMessage)
+        .options(defer(SentMessage.content))
+        .where(SentMessage.id == outbox_id)
         .where(SentMessage.account_id == access.account_id)
         .with_for_update()
     )
@@ -424,6 +430,49 @@ def _attempt_row(
     return row
 
 
+def _row_and_now(
+    session: Any, access: AccountAccess, outbox_id: uuid.UUID
+) -> tuple[SentMessage, datetime]:
+    """The entry with its content, locked, and the database's clock (one round trip)."""
+    found = session.execute(
+        select(SentMessage, func.now())
+        .where(SentMessage.id == outbox_id)
+        .where(SentMessage.account_id == access.account_id)
+        .with_for_update(of=SentMessage)
+    ).first()
+    if found is None:  # only a manual DELETE between the Message-ID's lookup and now
+        raise PermanentError(f"outbox entry {outbox_id} disappeared")
+    return found[0], found[1]
+
+
+def _update_attempt(
+    settings: Settings,
+    access: AccountAccess,
+    outbox_id: uuid.UUID,
+    attempt: int,
+    statuses: tuple[str, ...],
+    **values: Any,
+) -> None:
+    """Write `values` if attempt `attempt` still owns the entry in one of `statuses`.
+
+    One UPDATE whose WHERE carries the fencing check: PostgreSQL re-checks it on the row it
+    locks, so an attempt overtaken in between writes nothing (as the locked read did).
+    """
+    with session_scope(settings) as session:
+        updated = session.scalar(
+            update(SentMessage)
+            .where(SentMessage.id == outbox_id)
+            .where(SentMessage.account_id == access.account_id)
+            .where(SentMessage.attempts == attempt)
+            .where(SentMessage.status.in_(statuses))
+            .values(**values)
+            .returning(SentMessage.id)
+        )
+        if updated is None:
+            _attempt_row(session, access, outbox_id, attempt, statuses)  # raises, saying why
+            raise AttemptSuperseded(f"attempt {attempt} of {outbox_id} was overtaken")
+
+
 def _set_status(
     settings: Settings,
     access: AccountAccess,
@@ -434,12 +483,10 @@ def _set_status(
     error: str,
 ) -> None:
     """The outcome of attempt `attempt`, still `sending`."""
-    with session_scope(settings) as session:
-        row = _attempt_row(session, access, outbox_id, attempt, ("sending",))
-        row.status = status
-        row.error = error
-        if status == "deferred":
-            row.next_attempt_at = func.now() + retry_delay(settings)
+    values: dict[str, Any] = {"status": status, "error": error}
+    if status == "deferred":
+        values["next_attempt_at"] = func.now() + retry_delay(settings)
+    _update_attempt(settings, access, outbox_id, attempt, ("sending",), **values)
 
 
 def _outcome(row: SentMessage) -> dict[str, Any]:
