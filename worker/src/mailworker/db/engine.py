@@ -2,14 +2,20 @@
 
 Prefork children must not share their parent's sockets: `forget_engines()` runs in every new
 pool process (see tasks/base.py) so each child opens its own connections.
+
+One connection per running task: while a task holds an advisory lock (db/locks.py), the lock's
+connection carries the task's sessions too (`sessions_on`), instead of a second connection from
+the pool for every transaction. A session-level advisory lock lives as long as its connection,
+whatever the transactions on it commit or roll back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,19 +24,20 @@ from mailworker.errors import TransientError
 from mailworker.settings import Settings, mask_url
 
 _engines: dict[str, Engine] = {}
+# The connection this thread's sessions run on while it holds an advisory lock.
+_lock_connection: ContextVar[Connection | None] = ContextVar("lock_connection", default=None)
 
 
 def get_engine(settings: Settings) -> Engine:
     engine = _engines.get(settings.database_url)
     if engine is None:
-        # A running task holds up to two connections (its session and an advisory lock); the
-        # threads pool runs `concurrency` tasks in one process, prefork and solo one each.
-        tasks = settings.concurrency if settings.pool == "threads" else 1
         engine = create_engine(
             settings.database_url,
             pool_pre_ping=True,  # a PostgreSQL restart costs one reconnect, not a failed task
             hide_parameters=True,  # SQL errors never echo message bodies or password tokens
-            pool_size=2 * tasks,
+            pool_size=pool_size(settings),
+            # For a session opened inside another (none today) and a lock taken while a
+            # session is open.
             max_overflow=2,
             # Keepalives: a PostgreSQL host that vanished fails the query within DEAD_AFTER
             # seconds instead of hanging the task for hours (mailworker/keepalive.py).
@@ -44,6 +51,12 @@ def get_engine(settings: Settings) -> Engine:
     return engine
 
 
+def pool_size(settings: Settings) -> int:
+    """One connection per running task (its sessions run on its advisory lock's connection):
+    the threads pool runs `concurrency` tasks in one process, prefork and solo one each."""
+    return settings.concurrency if settings.pool == "threads" else 1
+
+
 def forget_engines() -> None:
     """Drop inherited pools without closing the parent's connections (after fork)."""
     for engine in _engines.values():
@@ -52,10 +65,26 @@ def forget_engines() -> None:
 
 
 @contextmanager
+def sessions_on(connection: Connection) -> Iterator[None]:
+    """Run this thread's sessions on `connection` (idle between them) inside the block."""
+    token = _lock_connection.set(connection)
+    try:
+        yield
+    finally:
+        _lock_connection.reset(token)
+
+
+@contextmanager
 def session_scope(settings: Settings) -> Iterator[Session]:
     """A session that commits when the block ends and rolls back when it raises."""
-    factory = sessionmaker(get_engine(settings), expire_on_commit=False)
-    with factory() as session, session.begin():
+    connection = _lock_connection.get()
+    if connection is None or connection.in_transaction() or connection.invalidated:
+        factory = sessionmaker(get_engine(settings), expire_on_commit=False)
+        with factory() as session, session.begin():
+            yield session
+        return
+    # The session begins, commits or rolls back its own transaction on the lock's connection.
+    with Session(bind=connection, expire_on_commit=False) as session, session.begin():
         yield session
 
 

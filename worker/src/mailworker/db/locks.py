@@ -1,5 +1,6 @@
 """PostgreSQL session-level advisory locks: held while a connection lives, so a worker killed
-with -9 releases its locks the moment the server sees the connection drop."""
+with -9 releases its locks the moment the server sees the connection drop. While the lock is
+held, the thread's sessions run on its connection (db/engine.py `sessions_on`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from contextlib import contextmanager
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailworker.db.engine import get_engine
+from mailworker.db.engine import get_engine, sessions_on
 from mailworker.settings import Settings
 
 
@@ -27,7 +28,11 @@ def advisory_lock(settings: Settings, key: int) -> Iterator[bool]:
         held = bool(connection.scalar(select(func.pg_try_advisory_lock(key))))
         connection.commit()
         try:
-            yield held
+            if held:
+                with sessions_on(connection):
+                    yield held
+            else:
+                yield held
         finally:
             if held:
                 try:
