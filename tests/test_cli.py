@@ -105,6 +105,59 @@ def test_config_check_warns_about_unknown_variables():
     assert "warning: MAILWORKER_CONCURENCY is not a mailworker setting" in ran.stderr
 
 
+def test_config_check_environments_checks_each_unit_in_one_run():
+    # What the deploy sends before any host changes: the shared file, then each unit's own
+    # settings, one environment per unit. The process environment holds only the key, as the
+    # controller's does not; each environment is judged alone, and no value is ever printed.
+    shared = "\n".join(
+        f'{name}="{value}"' for name, value in GOOD.items() if name != "MAILWORKER_ENCRYPTION_KEYS"
+    )
+    environments = {
+        "celery-worker": shared + '\nMAILWORKER_CONCURRENCY="4"\n',
+        "celery-worker@io": shared + '\nMAILWORKER_POOL="eventlet"\nMAILWORKER_CONCURENCY="2"\n',
+        "celery-beat": 'MAILWORKER_BROKER_URL="redis://:brokersecret@127.0.0.1:6399/0"\n',
+        "celery-flower": "this is not KEY=VALUE brokersecret\n",
+    }
+    env = clean_env(MAILWORKER_ENCRYPTION_KEYS=ENCRYPTION_KEY)
+    ran = mailworker(
+        "config", "check", "--environments", "-", env=env, stdin=json.dumps(environments)
+    )
+    shown = f"stdout: {ran.stdout}\nstderr: {ran.stderr}"
+    assert ran.returncode == 1, shown
+    results = json.loads(ran.stdout)
+    assert list(results) == list(environments), shown
+    assert results["celery-worker"] == {"ok": True, "error": None, "unknown": []}, shown
+    assert results["celery-worker@io"]["ok"] is False, shown
+    assert results["celery-worker@io"]["error"].startswith("MAILWORKER_POOL: expected one of")
+    assert results["celery-worker@io"]["unknown"] == ["MAILWORKER_CONCURENCY"], shown
+    assert results["celery-beat"]["error"] == "MAILWORKER_DATABASE_URL is required but not set"
+    assert results["celery-flower"]["error"] == "celery-flower: line 1 is not KEY=VALUE", shown
+    for secret in ("brokersecret", "dbsecret", ENCRYPTION_KEY):
+        assert secret not in ran.stdout + ran.stderr, shown
+
+
+def test_config_check_environments_exits_0_when_every_unit_passes():
+    environments = {
+        "celery-worker": "\n".join(f'{name}="{value}"' for name, value in GOOD.items()),
+        "celery-beat": "\n".join(f"{name}={value}" for name, value in GOOD.items()),
+    }
+    ran = mailworker(
+        "config", "check", "--environments", "-", env=clean_env(), stdin=json.dumps(environments)
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert json.loads(ran.stdout) == {
+        name: {"ok": True, "error": None, "unknown": []} for name in environments
+    }
+
+
+def test_config_check_environments_refuses_what_is_not_an_object_of_texts():
+    for stdin in ("not json", json.dumps(["celery-worker"]), json.dumps({"celery-worker": 4})):
+        ran = mailworker("config", "check", "--environments", "-", env=clean_env(), stdin=stdin)
+        assert ran.returncode == 1, ran.stdout + ran.stderr
+        assert ran.stderr.startswith("Error: --environments: "), ran.stderr
+        assert ran.stdout == ""
+
+
 def test_run_print_shows_the_command_lines(tmp_path):
     env = clean_env(
         **GOOD,
