@@ -10,7 +10,8 @@ Redis), with the shipped defaults; no worker process. Two cases, each R rounds o
 account after one untimed first sync: idle mailboxes, and `--new` new 4 KB messages per mailbox
 (appended over IMAP before each round, untimed).
 
-Per sync it reports CPU (this process's time.process_time), wall time, the statements
+Per sync it reports CPU (this process's time.process_time; on a shared machine the lower
+quartile moves least with the neighbours' load), wall time, the statements
 SQLAlchemy sent (`before_cursor_execute`), the pool checkouts, and what PostgreSQL itself
 received: every statement with log_statement=all (BEGIN, COMMIT and the pool's pre-ping
 included), each one round trip with psycopg2's simple query protocol. With --profile it runs the
@@ -73,6 +74,7 @@ class Case:
         return (
             f"{self.name}: {self.syncs} syncs\n"
             f"  CPU per sync: median {statistics.median(self.cpu_ms):.2f} ms, "
+            f"lower quartile {statistics.quantiles(self.cpu_ms, n=4)[0]:.2f} ms, "
             f"mean {statistics.fmean(self.cpu_ms):.2f} ms\n"
             f"  wall per sync: median {statistics.median(self.wall_ms):.2f} ms\n"
             f"  SQLAlchemy statements per sync: {self.statements / per:.2f}; pool checkouts "
