@@ -1,15 +1,17 @@
 """sync_mailbox over several folders against the real Dovecot and PostgreSQL: a folder that fails
-does not keep the others from syncing, and the task still fails, naming it."""
+does not keep the others from syncing, and the task still fails, naming it; a batch that an
+earlier run partly stored stores the rest only."""
 
 import dataclasses
 import uuid
 
 import pytest
-from mailworker.db.models import Message
+from mailworker.db.models import FolderSyncState, Message
 from mailworker.errors import PermanentError
 from mailworker.services.access import owned_access
 from mailworker.services.sync import sync_account
-from sqlalchemy import select
+from mailworker.settings import load_settings
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 MESSAGE = b"From: sender@example.org\r\nSubject: hello\r\n\r\nhello\r\n"
@@ -28,3 +30,46 @@ def test_a_failing_folder_does_not_stop_the_others(app_settings, make_account, d
     with Session(db_engine) as session:
         query = select(Message.folder, Message.uid).where(Message.account_id == account.account_id)
         assert session.execute(query).all() == [("INBOX", 1)]
+
+
+def test_a_batch_partly_stored_before_stores_only_the_rest(
+    default_env, make_account, dovecot, db_engine
+):
+    """One multi-row INSERT per batch: the rows an earlier run stored are left alone, the others
+    stored, and only those are counted and queued for classification."""
+    settings = load_settings(default_env)
+    account = make_account()
+    for number in range(1, 5):
+        dovecot.deliver(account.address, f"Subject: m{number}\r\n\r\nbody {number}\r\n".encode())
+    access = owned_access(settings, *(uuid.UUID(value) for value in account.ids))
+    queued: list[uuid.UUID] = []
+
+    def classify(_tenant: uuid.UUID, _user: uuid.UUID, ids: list[uuid.UUID]) -> None:
+        queued.extend(ids)
+
+    assert sync_account(settings, access, ["INBOX"], classify=classify)["stored"] == 4
+    first = stored(db_engine, account.account_id)
+    # As if the sync had died after storing UIDs 1 and 3 of the batch, before its commit moved
+    # the cursor: a re-run fetches the whole batch again.
+    with Session(db_engine) as session, session.begin():
+        session.execute(delete(Message).where(Message.id.in_([first[2], first[4]])))
+        session.execute(
+            update(FolderSyncState)
+            .where(FolderSyncState.account_id == account.account_id)
+            .values(last_uid=0)
+        )
+    queued.clear()
+
+    result = sync_account(settings, access, ["INBOX"], classify=classify)
+
+    again = stored(db_engine, account.account_id)
+    assert (result["stored"], result["classify_queued"]) == (2, 2)
+    assert sorted(again) == [1, 2, 3, 4]
+    assert (again[1], again[3]) == (first[1], first[3])  # left alone
+    assert sorted(queued) == sorted([again[2], again[4]])
+
+
+def stored(db_engine, account_id: str) -> dict[int, uuid.UUID]:
+    with Session(db_engine) as session:
+        query = select(Message.uid, Message.id).where(Message.account_id == account_id)
+        return {uid: row_id for uid, row_id in session.execute(query)}

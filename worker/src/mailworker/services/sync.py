@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
 
 from mailworker.db.engine import session_scope
 from mailworker.db.locks import advisory_lock, lock_key
@@ -228,28 +229,49 @@ def _store_batch(
     """
     inserted: list[str] = []
     present: list[uuid.UUID] = []
-    with session_scope(settings) as session:
-        # One INSERT per message: psycopg2 builds each statement in memory with the raw bytes
-        # hex-escaped (about 4x their size), so one message's worth, not the whole batch's;
-        # a large message's bytes are streamed into its row afterwards (db/raw_copy.py).
-        for fetched in batch:
-            row = _row(access, folder, uidvalidity, fetched)
-            streamed = fetched.raw is not None and len(fetched.raw) > STREAMED_RAW_BYTES
-            if streamed:
-                row["raw"] = b""
+
+    def insert_rows(session: Session, rows: list[dict]) -> None:
+        if len(rows) == 1:  # the statement whose peak memory for one large row is lowest
             state = session.scalar(
                 insert(Message)
-                .values(row)
+                .values(rows[0])
                 .on_conflict_do_nothing(constraint="uq_messages_uid")
                 .returning(Message.state)
             )
-            if state is None:  # stored by an earlier run
-                continue
+            returned = [] if state is None else [(rows[0]["id"], state)]
+        else:  # a list of rows: SQLAlchemy sends them as one multi-row INSERT
+            returned = session.execute(_INSERT, rows).all()
+        # Only the rows not stored by an earlier run come back.
+        for row_id, state in returned:
             inserted.append(state)
             if state == "present":
-                present.append(row["id"])
-            if streamed and fetched.raw is not None:
-                copy_raw(session, row["id"], fetched.raw)
+                present.append(row_id)
+
+    with session_scope(settings) as session:
+        # One INSERT for several messages, holding at most STREAMED_RAW_BYTES of raw: psycopg2
+        # builds a statement in memory with the raw bytes hex-escaped (about 4x their size), so
+        # a statement costs what one message sent in its INSERT may, not the whole batch. A
+        # larger message is inserted alone, its raw bytes streamed into its row afterwards
+        # (db/raw_copy.py).
+        group: list[dict] = []
+        group_bytes = 0
+        for fetched in batch:
+            size = len(fetched.raw) if fetched.raw is not None else 0
+            if group and (size > STREAMED_RAW_BYTES or group_bytes + size > STREAMED_RAW_BYTES):
+                insert_rows(session, group)
+                group, group_bytes = [], 0
+            row = _row(access, folder, uidvalidity, fetched)
+            if size > STREAMED_RAW_BYTES and fetched.raw is not None:
+                row["raw"] = b""
+                stored = len(inserted)
+                insert_rows(session, [row])
+                if len(inserted) > stored:  # new: its bytes go in now
+                    copy_raw(session, row["id"], fetched.raw)
+                continue
+            group.append(row)
+            group_bytes += size
+        if group:
+            insert_rows(session, group)
         session.execute(
             update(FolderSyncState)
             .where(FolderSyncState.account_id == access.account_id)
@@ -261,6 +283,14 @@ def _store_batch(
             )
         )
     return present, len(inserted) - len(present)
+
+
+# ON CONFLICT DO NOTHING: a message stored by an earlier run is not stored twice.
+_INSERT = (
+    insert(Message.__table__)
+    .on_conflict_do_nothing(constraint="uq_messages_uid")
+    .returning(Message.__table__.c.id, Message.__table__.c.state)
+)
 
 
 def _row(access: AccountAccess, folder: str, uidvalidity: int, fetched: FetchedMessage) -> dict:
