@@ -7,6 +7,11 @@ One connection per running task: while a task holds an advisory lock (db/locks.p
 connection carries the task's sessions too (`sessions_on`), instead of a second connection from
 the pool for every transaction. A session-level advisory lock lives as long as its connection,
 whatever the transactions on it commit or roll back.
+
+`session_scope` is a transaction (BEGIN ... COMMIT). `autocommit_connection` is none: each
+statement commits by itself, which saves the BEGIN and COMMIT round trips where the work is one
+statement, or reads that need no snapshot shared between them (PostgreSQL's READ COMMITTED gives
+each statement its own snapshot anyway).
 """
 
 from __future__ import annotations
@@ -85,6 +90,31 @@ def session_scope(settings: Settings) -> Iterator[Session]:
         return
     # The session begins, commits or rolls back its own transaction on the lock's connection.
     with Session(bind=connection, expire_on_commit=False) as session, session.begin():
+        yield session
+
+
+@contextmanager
+def autocommit_connection(settings: Settings) -> Iterator[Connection]:
+    """A pooled connection in autocommit mode (see the module docstring).
+
+    psycopg2's `autocommit` is set on the connection itself, as SQLAlchemy's own pre-ping does:
+    a flag of the client (it stops sending BEGIN), so switching it costs no round trip, where
+    the isolation_level="AUTOCOMMIT" execution option costs a SET on checkout and one on return.
+    """
+    with get_engine(settings).connect() as connection:
+        dbapi = connection.connection.dbapi_connection
+        dbapi.autocommit = True  # checked out idle: no transaction is open
+        try:
+            yield connection
+        finally:
+            if connection.connection.dbapi_connection is dbapi and not dbapi.closed:
+                dbapi.autocommit = False  # back to the pool as every other connection is
+
+
+@contextmanager
+def autocommit_session(settings: Settings) -> Iterator[Session]:
+    """A session on an autocommit connection: for reads only, each its own statement."""
+    with autocommit_connection(settings) as connection, Session(connection) as session:
         yield session
 
 

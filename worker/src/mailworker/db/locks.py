@@ -1,6 +1,11 @@
 """PostgreSQL session-level advisory locks: held while a connection lives, so a worker killed
-with -9 releases its locks the moment the server sees the connection drop. While the lock is
-held, the thread's sessions run on its connection (db/engine.py `sessions_on`)."""
+with -9 releases its locks the moment the server sees the connection drop.
+
+The lock's connection is in autocommit mode: taking and releasing the lock are one round trip
+each, with no transaction around them; `locked_connection` lends that connection to the lock's
+holder for statements of its own that need no transaction. While the lock is held, the thread's
+sessions run on that connection too, each a transaction of its own (db/engine.py
+`sessions_on`): one connection per running task."""
 
 from __future__ import annotations
 
@@ -8,10 +13,10 @@ import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailworker.db.engine import get_engine, sessions_on
+from mailworker.db.engine import autocommit_connection, sessions_on
 from mailworker.settings import Settings
 
 
@@ -24,20 +29,26 @@ def lock_key(*parts: object) -> int:
 @contextmanager
 def advisory_lock(settings: Settings, key: int) -> Iterator[bool]:
     """Try the lock without waiting; yields whether this process holds it."""
-    with get_engine(settings).connect() as connection:
+    with locked_connection(settings, key) as connection:
+        yield connection is not None
+
+
+@contextmanager
+def locked_connection(settings: Settings, key: int) -> Iterator[Connection | None]:
+    """Try the lock without waiting; yields its (autocommit) connection if this process holds
+    it, else None."""
+    with autocommit_connection(settings) as connection:
         held = bool(connection.scalar(select(func.pg_try_advisory_lock(key))))
-        connection.commit()
         try:
             if held:
                 with sessions_on(connection):
-                    yield held
+                    yield connection
             else:
-                yield held
+                yield None
         finally:
             if held:
                 try:
                     connection.scalar(select(func.pg_advisory_unlock(key)))
-                    connection.commit()
                 except SQLAlchemyError:
                     # Closing the connection is what releases a session lock for sure.
                     connection.invalidate()

@@ -1,7 +1,8 @@
 """What a service needs to reach one account's mail servers, loaded after the tenancy check.
 
-The DB session closes before any mail I/O; the password is decrypted into the endpoint only
-(never into a dict, a log line or a result) and `MailEndpoint` keeps it out of repr().
+The DB session (reads only, no transaction: db/engine.py autocommit_session) closes before any
+mail I/O; the password is decrypted into the endpoint only (never into a dict, a log line or a
+result) and `MailEndpoint` keeps it out of repr().
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 
 from mailworker.crypto import decrypt_password
-from mailworker.db.engine import session_scope
+from mailworker.db.engine import autocommit_session
 from mailworker.db.models import MailAccount
 from mailworker.mail.endpoints import MailEndpoint
 from mailworker.settings import Settings
@@ -64,6 +65,6 @@ def owned_access(
     settings: Settings, tenant_id: uuid.UUID, user_id: uuid.UUID, account_id: uuid.UUID
 ) -> AccountAccess:
     """The account's endpoints, after checking tenant, user and ownership (TenantMismatch)."""
-    with session_scope(settings) as session:
+    with autocommit_session(settings) as session:
         account = owned_account(session, tenant_id, user_id, account_id)
         return AccountAccess.of(account, settings)

@@ -13,7 +13,8 @@ TransientError after the batch before it is stored, so the cursor never passes a
 was not stored. A message above MAILWORKER_MAX_MESSAGE_SIZE is never fetched: it is stored as a
 `skipped` row (size and flags, no raw) and the cursor moves past it. A changed UIDVALIDITY voids
 every UID of the folder: its rows and cursor reset. One sync per account at a time: a
-PostgreSQL advisory lock, released by the server if the worker dies.
+PostgreSQL advisory lock, released by the server if the worker dies; the cursors are read once
+it is held, on its connection, since only its holder writes them.
 
 The messages each batch stored (present, in a folder classified automatically) are queued for
 classify_spam after the batch's commit, at most CLASSIFY_BATCH ids per task. A publish that
@@ -31,12 +32,12 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Connection, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from mailworker.db.engine import session_scope
-from mailworker.db.locks import advisory_lock, lock_key
+from mailworker.db.locks import lock_key, locked_connection
 from mailworker.db.models import FolderSyncState, Message
 from mailworker.db.raw_copy import copy_raw
 from mailworker.errors import MailworkerError, TransientError
@@ -106,17 +107,28 @@ def sync_account(
     """Store the new messages of `folders`; `classify` queues what was stored (None: the
     classify sweep does, after its grace)."""
     queue = _ClassifyQueue(settings, access, classify)
-    with advisory_lock(settings, lock_key("sync", access.account_id)) as held:
-        if not held:
+    with locked_connection(settings, lock_key("sync", access.account_id)) as locked:
+        if locked is None:
             logger.info("account %s: another sync is running, skipped", access.account_id)
             return {"account_id": str(access.account_id), "skipped": "another sync is running"}
+        # Read once the lock is held: only the lock's holder writes them.
+        cursors = _cursors(locked, access)
         results: list[FolderResult] = []
         failures: list[MailworkerError] = []
         with ImapSession(access.imap) as imap:
             for folder in folders:
                 # One folder stuck on a message (or gone) must not keep the others from syncing.
                 try:
-                    results.append(_sync_folder(settings, access, imap, folder, queue))
+                    result = _sync_folder(
+                        settings,
+                        access,
+                        imap,
+                        folder,
+                        queue,
+                        locked=locked,
+                        known=cursors.get(folder),
+                    )
+                    results.append(result)
                 except MailworkerError as error:
                     logger.warning("account %s folder %r: %s", access.account_id, folder, error)
                     failures.append(error)
@@ -139,9 +151,17 @@ def _sync_folder(
     imap: ImapSession,
     folder: str,
     queue: _ClassifyQueue,
+    *,
+    locked: Connection,
+    known: tuple[int, int] | None,
 ) -> FolderResult:
+    """`locked`: the sync lock's connection (autocommit); `known`: the folder's cursor
+    (uidvalidity, last_uid) as read after the lock was taken, None if it has none."""
     server = imap.select(folder)
-    after_uid, reset = _cursor(settings, access, folder, server.uidvalidity)
+    if known is not None and known[0] == server.uidvalidity:
+        after_uid, reset = known[1], False
+    else:  # a new folder, or one the server renumbered
+        after_uid, reset = _cursor(settings, access, folder, server.uidvalidity)
     stored = skipped = 0
     last_uid = after_uid
     batches = imap.fetch_batches(
@@ -160,14 +180,13 @@ def _sync_folder(
             skipped += new_skipped
             last_uid = max(last_uid, batch[-1].uid)
             del batch  # hold no batch while the next one is fetched
-    if stored == 0:
-        with session_scope(settings) as session:
-            session.execute(
-                update(FolderSyncState)
-                .where(FolderSyncState.account_id == access.account_id)
-                .where(FolderSyncState.folder == folder)
-                .values(synced_at=func.now())
-            )
+    if stored == 0:  # one statement: no transaction needed
+        locked.execute(
+            update(FolderSyncState)
+            .where(FolderSyncState.account_id == access.account_id)
+            .where(FolderSyncState.folder == folder)
+            .values(synced_at=func.now())
+        )
     logger.info(
         "account %s folder %r: stored %d new message(s), %d too large and skipped, last uid %d%s",
         access.account_id,
@@ -178,6 +197,16 @@ def _sync_folder(
         " (uidvalidity changed, folder re-read)" if reset else "",
     )
     return FolderResult(folder, server.uidvalidity, stored, skipped, last_uid, reset)
+
+
+def _cursors(locked: Connection, access: AccountAccess) -> dict[str, tuple[int, int]]:
+    """Every folder's cursor of the account: {folder: (uidvalidity, last_uid)}."""
+    rows = locked.execute(
+        select(FolderSyncState.folder, FolderSyncState.uidvalidity, FolderSyncState.last_uid).where(
+            FolderSyncState.account_id == access.account_id
+        )
+    )
+    return {folder: (uidvalidity, last_uid) for folder, uidvalidity, last_uid in rows}
 
 
 def _cursor(

@@ -4,6 +4,9 @@ Best effort by design: the ledger is for operators and cleanup, so a database hi
 logged and the task goes on (the task's own database work reports the outage properly). A
 redelivered task reads its earlier rows back (`history`): attempts that never finished bound its
 redeliveries, and the oldest row stands in for its first attempt's time.
+
+Each write is one statement on an autocommit connection (db/engine.py): atomic by itself, with
+no BEGIN and COMMIT round trips around it.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailworker.db.engine import session_scope
+from mailworker.db.engine import autocommit_connection
 from mailworker.db.models import TaskAttempt
 from mailworker.settings import Settings
 
@@ -45,9 +48,9 @@ def start(
 ) -> uuid.UUID | None:
     attempt_id = uuid.uuid4()
     try:
-        with session_scope(settings) as session:
-            session.add(
-                TaskAttempt(
+        with autocommit_connection(settings) as connection:
+            connection.execute(
+                insert(TaskAttempt).values(
                     id=attempt_id,
                     task_id=task_id,
                     task_name=task_name,
@@ -70,8 +73,8 @@ def finish(
     if attempt_id is None:
         return
     try:
-        with session_scope(settings) as session:
-            session.execute(
+        with autocommit_connection(settings) as connection:
+            connection.execute(
                 update(TaskAttempt)
                 .where(TaskAttempt.id == attempt_id)
                 .values(state=state, error=error, finished_at=func.now())
@@ -102,8 +105,8 @@ def history(
         func.count().filter(and_(*unfinished)),
     ).where(TaskAttempt.task_id == task_id)
     try:
-        with session_scope(settings) as session:
-            first_started_at, count = session.execute(query).one()
+        with autocommit_connection(settings) as connection:
+            first_started_at, count = connection.execute(query).one()
     except SQLAlchemyError as error:
         logger.warning("task ledger not read: %s", _first_line(error))
         return None
