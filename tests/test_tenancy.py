@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from mailworker.db.models import FolderSyncState, Message, TaskAttempt, Tenant
+from mailworker.db.models import FolderSyncState, MailAccount, Message, TaskAttempt, Tenant, User
 from mailworker.errors import TenantMismatch
 from mailworker.services import outbox
+from mailworker.tenancy import owned_account
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -182,3 +183,39 @@ def test_malformed_arguments_are_rejected_without_retry(
 ):
     message = rejections.check(name, args, kwargs)
     assert reason in message
+
+
+def test_owned_account_refuses_each_mismatch_with_its_reason(db_engine, make_account):
+    """The ownership check (one query) names the first thing that does not match, in order."""
+    alice, bob = make_account(), make_account()
+    ids = {name: uuid.UUID(value) for name, value in zip(("t", "u", "a"), alice.ids, strict=True)}
+    other = {name: uuid.UUID(value) for name, value in zip(("t", "u", "a"), bob.ids, strict=True)}
+    t, u, a = ids["t"], ids["u"], ids["a"]
+    with Session(db_engine) as session:
+        tenant_name = session.scalar(select(Tenant.name).where(Tenant.id == t))
+    colleague = uuid.UUID(make_account(tenant_name).account_id)  # same tenant, another user
+
+    def refusal(tenant: uuid.UUID, user: uuid.UUID, account: uuid.UUID) -> str:
+        with Session(db_engine) as session, pytest.raises(TenantMismatch) as raised:
+            owned_account(session, tenant, user, account)
+        return str(raised.value)
+
+    def set_active(model: Any, row_id: uuid.UUID, active: bool) -> None:
+        with Session(db_engine) as session, session.begin():
+            session.execute(update(model).where(model.id == row_id).values(active=active))
+
+    with Session(db_engine) as session:
+        assert owned_account(session, t, u, a).id == a
+    nil = uuid.UUID(int=0)
+    assert refusal(nil, u, a) == f"tenant {nil} does not exist"
+    assert refusal(t, other["u"], a) == f"user {other['u']} does not belong to tenant {t}"
+    assert refusal(other["t"], u, a) == f"user {u} does not belong to tenant {other['t']}"
+    assert refusal(t, u, other["a"]) == f"account {other['a']} does not belong to user {u}"
+    assert refusal(t, u, nil) == f"account {nil} does not belong to user {u}"
+    assert refusal(t, u, colleague) == f"account {colleague} does not belong to user {u}"
+    set_active(MailAccount, a, False)
+    assert refusal(t, u, a) == f"account {a} is not active"
+    set_active(User, u, False)
+    assert refusal(t, u, a) == f"user {u} is not active"
+    set_active(Tenant, t, False)
+    assert refusal(t, u, a) == f"tenant {t} is not active"

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Final
 
-from sqlalchemy import select
+from sqlalchemy import and_, select
 from sqlalchemy.orm import Session, load_only
 
 from mailworker.db.models import MailAccount, Message, Tenant, User
@@ -93,15 +93,35 @@ def require_tenant_and_user(session: Session, tenant_id: uuid.UUID, user_id: uui
 def owned_account(
     session: Session, tenant_id: uuid.UUID, user_id: uuid.UUID, account_id: uuid.UUID
 ) -> MailAccount:
-    """The active account `account_id`, if tenant and user exist, are active and own it."""
-    require_tenant_and_user(session, tenant_id, user_id)
-    account = session.scalar(
-        select(MailAccount).where(
-            MailAccount.id == account_id,
-            MailAccount.tenant_id == tenant_id,
-            MailAccount.user_id == user_id,
+    """The active account `account_id`, if tenant and user exist, are active and own it.
+
+    One query (one round trip): the tenant, joined to the user only if the user is the tenant's,
+    and to the account only if it is that user's in that tenant; the errors are those of
+    require_tenant_and_user and then the account's, in the same order.
+    """
+    row = session.execute(
+        select(Tenant.active, User.id, User.active, MailAccount)
+        .select_from(Tenant)
+        .outerjoin(User, and_(User.id == user_id, User.tenant_id == Tenant.id))
+        .outerjoin(
+            MailAccount,
+            and_(
+                MailAccount.id == account_id,
+                MailAccount.tenant_id == Tenant.id,
+                MailAccount.user_id == User.id,
+            ),
         )
-    )
+        .where(Tenant.id == tenant_id)
+    ).first()
+    if row is None:
+        raise TenantMismatch(f"tenant {tenant_id} does not exist")
+    tenant_active, found_user, user_active, account = row
+    if not tenant_active:
+        raise TenantMismatch(f"tenant {tenant_id} is not active")
+    if found_user is None:
+        raise TenantMismatch(f"user {user_id} does not belong to tenant {tenant_id}")
+    if not user_active:
+        raise TenantMismatch(f"user {user_id} is not active")
     if account is None:
         raise TenantMismatch(f"account {account_id} does not belong to user {user_id}")
     if not account.active:
