@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
+import ssl
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +21,14 @@ from mailworker.mail.endpoints import MailEndpoint, Security
 from mailworker.mail.imap import FetchedMessage, ImapSession
 
 from tests.fixtures.imap_wire import BodyDroppingProxy
-from tests.fixtures.mailservers import HOST, LEGACY_USER, DovecotServer, MailUser, free_port
+from tests.fixtures.mailservers import (
+    HOST,
+    LEGACY_USER,
+    DovecotServer,
+    MailUser,
+    free_port,
+    make_certificates,
+)
 
 
 def message(number: int, *, subject: str | None = None) -> bytes:
@@ -249,6 +259,30 @@ def test_tls_without_the_ca_fails_permanently(dovecot, user, security):
 
 def test_tls_verification_can_be_switched_off(dovecot, user):
     endpoint = dovecot.endpoint(user.address, "ssl", ca_file=None, verify_tls=False)
+    with ImapSession(endpoint) as imap:
+        assert imap.select("INBOX").exists == 0
+
+
+def test_one_tls_context_per_ca_bundle_until_the_bundle_changes(dovecot, user, tmp_path):
+    """The context is built once and shared; a CA bundle rewritten in place (a renewed CA) is
+    loaded by the next session, and a verified context stays verified."""
+    other = tmp_path / "other"
+    other.mkdir()
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(make_certificates(other).ca_file.read_bytes())  # another CA
+    endpoint = dovecot.endpoint(user.address, "ssl", ca_file=str(bundle))
+    context = endpoint.tls_context()
+    assert endpoint.tls_context() is context
+    assert (context.verify_mode, context.check_hostname) == (ssl.CERT_REQUIRED, True)
+    unverified = dataclasses.replace(endpoint, verify_tls=False).tls_context()
+    assert (unverified.verify_mode, unverified.check_hostname) == (ssl.CERT_NONE, False)
+    assert endpoint.tls_context() is context
+    with pytest.raises(PermanentError, match="certificate verification failed"):
+        ImapSession(endpoint).__enter__()
+
+    bundle.write_bytes(Path(dovecot.ca_file).read_bytes())  # the server's CA, same path
+
+    assert endpoint.tls_context() is not context
     with ImapSession(endpoint) as imap:
         assert imap.select("INBOX").exists == 0
 
