@@ -62,6 +62,13 @@ def test_the_structure_header_cache_parses_as_the_email_package_does(raw, monkey
     assert cached == [parse_message(raw)] * 2
 
 
+def test_one_header_class_per_kind_whatever_the_header_names():
+    for number in range(200):
+        parse_message(f"X-Custom-{number}: a\r\nSubject: s\r\nFrom: a@x.test\r\n\r\nb".encode())
+    registry = parsing.PARSE_POLICY.header_factory
+    assert len(registry._classes) <= len(set(registry.registry.values())) + 1
+
+
 def test_the_structure_header_cache_is_bounded():
     for number in range(2 * parsing.CACHED_HEADERS):
         parse_message(f'Content-Type: text/plain; name="{number}"\r\n\r\nx\r\n'.encode())
