@@ -107,7 +107,9 @@ def autocommit_connection(settings: Settings) -> Iterator[Connection]:
         try:
             yield connection
         finally:
-            if connection.connection.dbapi_connection is dbapi and not dbapi.closed:
+            # An invalidated connection is closed, not returned (and asking for
+            # connection.connection would open a new one).
+            if not connection.invalidated and not dbapi.closed:
                 dbapi.autocommit = False  # back to the pool as every other connection is
 
 
