@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 from mailworker.db.engine import get_engine, pool_size, session_scope
-from mailworker.db.locks import advisory_lock, lock_key
+from mailworker.db.locks import advisory_lock, lock_key, locked_connection
 from mailworker.services import outbox
 from mailworker.services.access import owned_access
 from mailworker.services.send import send
@@ -77,6 +77,35 @@ def test_the_lock_outlives_the_sessions_commits_and_rollbacks(defaults, db_engin
             assert not again
         assert backend_pid(defaults) == holder
     assert lock_holder(db_engine, key) is None
+
+
+def test_a_session_on_the_lock_connection_is_one_transaction(defaults, db_engine):
+    """The lock's connection is in autocommit between sessions (db/locks.py); a session on it
+    is still one transaction: one transaction id for its statements, and a rollback undoes all
+    of them."""
+    key = lock_key("test", uuid.uuid4())
+    name = f"t_{uuid.uuid4().hex}"
+    with db_engine.begin() as connection:
+        connection.execute(text(f"CREATE TABLE {name} (n int)"))
+    try:
+        with locked_connection(defaults, key) as held:
+            assert held is not None
+            with session_scope(defaults) as session:
+                first = session.scalar(text("SELECT txid_current()"))
+                session.execute(text(f"INSERT INTO {name} VALUES (1)"))
+                assert session.scalar(text("SELECT txid_current()")) == first
+            with pytest.raises(RuntimeError), session_scope(defaults) as session:  # noqa: PT012
+                session.execute(text(f"INSERT INTO {name} VALUES (2)"))
+                raise RuntimeError("rolled back")
+            # Back in autocommit: each statement its own transaction.
+            one = held.scalar(text("SELECT txid_current()"))
+            assert held.scalar(text("SELECT txid_current()")) != one
+            assert lock_holder(db_engine, key) is not None
+        with db_engine.connect() as connection:
+            assert connection.scalars(text(f"SELECT n FROM {name}")).all() == [1]
+    finally:
+        with db_engine.begin() as connection:
+            connection.execute(text(f"DROP TABLE {name}"))
 
 
 def test_other_threads_sessions_do_not_use_a_held_lock_connection(defaults, db_engine):

@@ -31,6 +31,7 @@ from mailworker.settings import Settings, mask_url
 _engines: dict[str, Engine] = {}
 # The connection this thread's sessions run on while it holds an advisory lock.
 _lock_connection: ContextVar[Connection | None] = ContextVar("lock_connection", default=None)
+_IN_SESSION = "mailworker_session_open"  # in Connection.info while a session runs on it
 
 
 def get_engine(settings: Settings) -> Engine:
@@ -83,14 +84,38 @@ def sessions_on(connection: Connection) -> Iterator[None]:
 def session_scope(settings: Settings) -> Iterator[Session]:
     """A session that commits when the block ends and rolls back when it raises."""
     connection = _lock_connection.get()
-    if connection is None or connection.in_transaction() or connection.invalidated:
+    if connection is None or connection.invalidated or connection.info.get(_IN_SESSION):
         factory = sessionmaker(get_engine(settings), expire_on_commit=False)
         with factory() as session, session.begin():
             yield session
         return
     # The session begins, commits or rolls back its own transaction on the lock's connection.
-    with Session(bind=connection, expire_on_commit=False) as session, session.begin():
+    with (
+        _transactions_on(connection),
+        Session(bind=connection, expire_on_commit=False) as session,
+        session.begin(),
+    ):
         yield session
+
+
+@contextmanager
+def _transactions_on(connection: Connection) -> Iterator[None]:
+    """The lock's autocommit connection, with real transactions for the block (a session's
+    statements commit together); autocommit again after it."""
+    if connection.in_transaction():
+        # SQLAlchemy's marker of the statements run on it in autocommit: none is open on the
+        # server, so this sends nothing.
+        connection.commit()
+    dbapi = connection.connection.dbapi_connection
+    autocommit = dbapi.autocommit
+    dbapi.autocommit = False  # a client flag: no round trip
+    connection.info[_IN_SESSION] = True
+    try:
+        yield
+    finally:
+        connection.info.pop(_IN_SESSION, None)
+        if not connection.invalidated and not dbapi.closed:
+            dbapi.autocommit = autocommit
 
 
 @contextmanager
