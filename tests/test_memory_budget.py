@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import random
 import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -286,3 +288,32 @@ def test_a_send_waits_for_the_budget_and_loads_its_content_once(
     assert len(content_reads) == 1, content_reads  # the claim's read; status updates defer it
     assert budget.high_water <= budget.capacity
     assert (budget.in_use, budget.waiting) == (0, 0)
+
+
+_FREE_AFTER_A_LARGE_FREE = """
+import re, sys
+from mailworker.mail.memory_budget import budget_for
+def rss():
+    return int(re.search(r"VmRSS:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+if sys.argv[1] == "budget":
+    budget_for(1 << 20)
+first = bytearray(4 << 20)
+del first  # glibc's dynamic threshold rises above 4 MiB here
+second = bytearray(3 << 20)
+pinned = [bytearray(200) for _ in range(2000)]  # allocated after it: above it in the heap
+held = rss()
+del second
+print(held - rss())
+"""
+
+
+def test_freed_message_buffers_leave_the_process():
+    """A budget fixes glibc's mmap threshold (the module docstring): a 3 MiB buffer freed after
+    a larger one was is unmapped, not left in the heap under later allocations."""
+
+    def returned_kib(mode: str) -> int:
+        command = [sys.executable, "-c", _FREE_AFTER_A_LARGE_FREE, mode]
+        return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+    assert returned_kib("budget") >= 3000
+    assert returned_kib("none") < 1000  # glibc's default, which the budget changes

@@ -14,11 +14,20 @@ Reservations are served in arrival order (a large one is not starved by a stream
 One larger than the whole budget is capped at the budget: it waits until nothing else is held,
 then runs alone, so a single max-size message always goes through and a lone holder never waits
 on itself. Nested reservations in one thread could wait on each other: take one per task.
+
+The bytes a task drops must also leave the process. glibc raises its mmap threshold each time a
+large block is freed (up to 32 MiB), so after the first message the buffers of the next ones
+come from the heap, where they fragment and stay: a sync of 24 messages of 1.5 MiB peaked
+5 MiB higher for nothing but the order of its frees. The first budget fixes the threshold at
+glibc's initial 128 KiB (mallopt M_MMAP_THRESHOLD, which also ends the raising): a message
+buffer is its own mapping, returned to the system when freed.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -94,6 +103,19 @@ class MemoryBudget:
 
 _budgets: dict[int, MemoryBudget] = {}
 _budgets_lock = threading.Lock()
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+MMAP_THRESHOLD = 128 * 1024
+
+
+def fix_mmap_threshold() -> bool:
+    """Blocks of MMAP_THRESHOLD bytes and more are mapped, and unmapped when freed (see the
+    module docstring); False where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):  # no libc found, or one without mallopt
+        return False
 
 
 def budget_for(capacity: int) -> MemoryBudget:
@@ -103,6 +125,8 @@ def budget_for(capacity: int) -> MemoryBudget:
     that loads settings with different budgets (tests) gets one budget per size.
     """
     with _budgets_lock:
+        if not _budgets:
+            fix_mmap_threshold()
         budget = _budgets.get(capacity)
         if budget is None:
             budget = _budgets[capacity] = MemoryBudget(capacity)
