@@ -5,6 +5,7 @@ lock whose connection died is released without the worker opening a connection t
 from __future__ import annotations
 
 import dataclasses
+import uuid
 
 import pytest
 from mailworker.db.engine import autocommit_connection, get_engine, session_scope
@@ -22,23 +23,32 @@ def own_pool(app_settings):
     get_engine(settings).dispose()
 
 
+@pytest.fixture
+def probe(db_engine):
+    """A table of its own, in a schema of its own: the migrations test compares the public one."""
+    schema = f"probe_{uuid.uuid4().hex}"
+    with db_engine.begin() as connection:
+        connection.execute(text(f"CREATE SCHEMA {schema}"))
+        connection.execute(text(f"CREATE TABLE {schema}.probe (n int)"))
+    yield f"{schema}.probe"
+    with db_engine.begin() as connection:
+        connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+
+
 def backend_pid(connection) -> int:
     return int(connection.scalar(select(func.pg_backend_pid())))
 
 
-def test_each_statement_commits_and_the_connection_returns_in_transaction_mode(own_pool):
+def test_each_statement_commits_and_the_connection_returns_in_transaction_mode(own_pool, probe):
     engine = get_engine(own_pool)
-    with engine.begin() as setup:
-        setup.execute(text("CREATE TABLE IF NOT EXISTS autocommit_probe (n int)"))
-        setup.execute(text("TRUNCATE autocommit_probe"))
     with autocommit_connection(own_pool) as connection:
         pid = backend_pid(connection)
-        connection.execute(text("INSERT INTO autocommit_probe VALUES (1)"))
+        connection.execute(text(f"INSERT INTO {probe} VALUES (1)"))
         with pytest.raises(DBAPIError):
-            connection.execute(text("INSERT INTO autocommit_probe VALUES ('not a number')"))
-        connection.execute(text("INSERT INTO autocommit_probe VALUES (2)"))  # nothing aborted
+            connection.execute(text(f"INSERT INTO {probe} VALUES ('not a number')"))
+        connection.execute(text(f"INSERT INTO {probe} VALUES (2)"))  # nothing aborted
     with engine.connect() as other:
-        assert other.scalars(text("SELECT n FROM autocommit_probe ORDER BY n")).all() == [1, 2]
+        assert other.scalars(text(f"SELECT n FROM {probe} ORDER BY n")).all() == [1, 2]
     # The same pooled connection, in a transaction again: a failed block leaves nothing.
     seen: list[tuple[int, bool]] = []
 
@@ -46,14 +56,14 @@ def test_each_statement_commits_and_the_connection_returns_in_transaction_mode(o
         with session_scope(own_pool) as session:
             dbapi = session.connection().connection.dbapi_connection
             seen.append((backend_pid(session.connection()), dbapi.autocommit))
-            session.execute(text("INSERT INTO autocommit_probe VALUES (3)"))
+            session.execute(text(f"INSERT INTO {probe} VALUES (3)"))
             raise RuntimeError("rolled back")
 
     with pytest.raises(RuntimeError):
         failing_transaction()
     assert seen == [(pid, False)]
     with engine.connect() as other:
-        assert other.scalars(text("SELECT n FROM autocommit_probe ORDER BY n")).all() == [1, 2]
+        assert other.scalars(text(f"SELECT n FROM {probe} ORDER BY n")).all() == [1, 2]
 
 
 def test_a_lock_whose_connection_died_is_released_and_not_reconnected(own_pool):

@@ -84,8 +84,11 @@ def test_a_session_on_the_lock_connection_is_one_transaction(defaults, db_engine
     is still one transaction: one transaction id for its statements, and a rollback undoes all
     of them."""
     key = lock_key("test", uuid.uuid4())
-    name = f"t_{uuid.uuid4().hex}"
+    # In a schema of its own: the migrations test compares the public one.
+    schema = f"probe_{uuid.uuid4().hex}"
+    name = f"{schema}.probe"
     with db_engine.begin() as connection:
+        connection.execute(text(f"CREATE SCHEMA {schema}"))
         connection.execute(text(f"CREATE TABLE {name} (n int)"))
     try:
         with locked_connection(defaults, key) as held:
@@ -105,7 +108,7 @@ def test_a_session_on_the_lock_connection_is_one_transaction(defaults, db_engine
             assert connection.scalars(text(f"SELECT n FROM {name}")).all() == [1]
     finally:
         with db_engine.begin() as connection:
-            connection.execute(text(f"DROP TABLE {name}"))
+            connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
 
 
 def test_other_threads_sessions_do_not_use_a_held_lock_connection(defaults, db_engine):
