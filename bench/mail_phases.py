@@ -123,20 +123,22 @@ def _rate(item: PlainSync | PlainSend) -> float:
 
 
 def _best(items: Sequence[Plain], key: Callable[[Plain], object]) -> Plain | None:
-    """From the group (same `key`) with the best median rate, the run closest to that median."""
+    """From the group (same `key`) with the best median rate, its upper-median run: the median
+    run of an odd group, the faster of the two middle ones of an even group, so a limit is
+    never a round's slower run (two rounds: the faster)."""
     groups: dict[object, list[Plain]] = {}
     for item in items:
         groups.setdefault(key(item), []).append(item)
     best: Plain | None = None
     best_rate = -1.0
     for group in groups.values():
-        rates = [_rate(item) for item in group if not math.isnan(_rate(item))]
-        if not rates:
+        runs = sorted((item for item in group if not math.isnan(_rate(item))), key=_rate)
+        if not runs:
             continue
-        median = statistics.median(rates)
+        median = statistics.median(_rate(item) for item in runs)
         if median > best_rate:
             best_rate = median
-            best = min(group, key=lambda item: abs(_rate(item) - median))
+            best = runs[len(runs) // 2]
     return best
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from bench.mail_figures import IdleCapacity, ratio, verdict
+from bench.mail_phases import MailPlan, MailResults, PlainSync
 
 
 def test_ratio_of_shipped_to_the_limit() -> None:
@@ -39,3 +40,19 @@ def test_capacity_never_claims_less_than_the_measured_run() -> None:
     close = IdleCapacity(mailboxes=1050, synced_within=1050, last_seconds=299.0, interval=300.0)
     assert close.extrapolated == 1000
     assert close.claim == 1050
+
+
+def test_the_plain_limit_is_never_the_slower_of_two_rounds() -> None:
+    plan = MailPlan(1, 1, 1, 1, 1, 1, (), (8, 40))
+    results = MailResults(plan)
+    # Rates: 40 loops 2000/(4.5 + 0.5) = 400 and 2000/(3.5 + 0.5) = 500; 8 loops 300 and 310.
+    runs = ((1, 8, 6.17), (1, 40, 4.5), (2, 8, 5.95), (2, 40, 3.5))
+    for round_number, loops, imap_seconds in runs:
+        results.sync_plain.append((round_number, PlainSync(loops, 2000, imap_seconds, 0.5)))
+    best = results.plain_sync_best()
+    assert best is not None
+    assert (best.loops, best.imap_seconds) == (40, 3.5)
+    results.sync_plain.append((3, PlainSync(40, 2000, 3.9, 0.5)))  # 455: now the median run
+    best = results.plain_sync_best()
+    assert best is not None
+    assert (best.loops, best.imap_seconds) == (40, 3.9)
