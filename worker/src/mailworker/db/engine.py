@@ -106,16 +106,12 @@ def _transactions_on(connection: Connection) -> Iterator[None]:
         # SQLAlchemy's marker of the statements run on it in autocommit: none is open on the
         # server, so this sends nothing.
         connection.commit()
-    dbapi = connection.connection.dbapi_connection
-    autocommit = dbapi.autocommit
-    dbapi.autocommit = False  # a client flag: no round trip
     connection.info[_IN_SESSION] = True
     try:
-        yield
+        with _dbapi_autocommit(connection, False):
+            yield
     finally:
         connection.info.pop(_IN_SESSION, None)
-        if not connection.invalidated and not dbapi.closed:
-            dbapi.autocommit = autocommit
 
 
 @contextmanager
@@ -126,16 +122,26 @@ def autocommit_connection(settings: Settings) -> Iterator[Connection]:
     a flag of the client (it stops sending BEGIN), so switching it costs no round trip, where
     the isolation_level="AUTOCOMMIT" execution option costs a SET on checkout and one on return.
     """
-    with get_engine(settings).connect() as connection:
-        dbapi = connection.connection.dbapi_connection
-        dbapi.autocommit = True  # checked out idle: no transaction is open
-        try:
-            yield connection
-        finally:
-            # An invalidated connection is closed, not returned (and asking for
-            # connection.connection would open a new one).
-            if not connection.invalidated and not dbapi.closed:
-                dbapi.autocommit = False  # back to the pool as every other connection is
+    # Checked out idle (no transaction is open); back to the pool in transaction mode, as every
+    # other connection is.
+    with get_engine(settings).connect() as connection, _dbapi_autocommit(connection, True):
+        yield connection
+
+
+@contextmanager
+def _dbapi_autocommit(connection: Connection, on: bool) -> Iterator[None]:
+    """psycopg2's autocommit flag set to `on` for the block, then back to what it was (a client
+    flag: no round trip)."""
+    dbapi = connection.connection.dbapi_connection
+    before = dbapi.autocommit
+    dbapi.autocommit = on
+    try:
+        yield
+    finally:
+        # An invalidated connection is closed, not returned (and asking for
+        # connection.connection would open a new one).
+        if not connection.invalidated and not dbapi.closed:
+            dbapi.autocommit = before
 
 
 @contextmanager

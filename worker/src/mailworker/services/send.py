@@ -329,13 +329,7 @@ def _record_copy(
 ) -> None:
     """After the Sent copy (or its failure): drop the content; the hash keeps the claim."""
     with session_scope(settings) as session:
-        updated = session.scalar(
-            update(SentMessage)
-            .where(SentMessage.id == outbox_id)
-            .where(SentMessage.account_id == access.account_id)
-            .values(copied_to_sent=copied, content=None)
-            .returning(SentMessage.id)
-        )
+        updated = _update_entry(session, access, outbox_id, copied_to_sent=copied, content=None)
     if updated is None:  # only a manual DELETE since the claim gets here
         raise PermanentError(f"outbox entry {outbox_id} disappeared")
 
@@ -399,15 +393,25 @@ def _unknown_message(message_id: str, reason: str) -> str:
     )
 
 
+def _of_entry(statement: Any, access: AccountAccess, outbox_id: uuid.UUID) -> Any:
+    """`statement` restricted to the outbox entry `outbox_id` of this account."""
+    return statement.where(SentMessage.id == outbox_id).where(
+        SentMessage.account_id == access.account_id
+    )
+
+
+def _update_entry(
+    session: Any, access: AccountAccess, outbox_id: uuid.UUID, *conditions: Any, **values: Any
+) -> uuid.UUID | None:
+    """Write `values` to the entry if `conditions` hold; its id, or None if nothing was written."""
+    statement = update(SentMessage).where(*conditions).values(**values)
+    return session.scalar(_of_entry(statement, access, outbox_id).returning(SentMessage.id))
+
+
 def _row(session: Any, access: AccountAccess, outbox_id: uuid.UUID) -> SentMessage:
     """The entry, locked, without its content."""
-    row = session.scalar(
-        select(SentMessage)
-        .options(defer(SentMessage.content))
-        .where(SentMessage.id == outbox_id)
-        .where(SentMessage.account_id == access.account_id)
-        .with_for_update()
-    )
+    query = select(SentMessage).options(defer(SentMessage.content)).with_for_update()
+    row = session.scalar(_of_entry(query, access, outbox_id))
     if row is None:  # only a manual DELETE between claim and now gets here
         raise PermanentError(f"outbox entry {outbox_id} disappeared")
     return row
@@ -434,12 +438,8 @@ def _row_and_now(
     session: Any, access: AccountAccess, outbox_id: uuid.UUID
 ) -> tuple[SentMessage, datetime]:
     """The entry with its content, locked, and the database's clock (one round trip)."""
-    found = session.execute(
-        select(SentMessage, func.now())
-        .where(SentMessage.id == outbox_id)
-        .where(SentMessage.account_id == access.account_id)
-        .with_for_update(of=SentMessage)
-    ).first()
+    query = select(SentMessage, func.now()).with_for_update(of=SentMessage)
+    found = session.execute(_of_entry(query, access, outbox_id)).first()
     if found is None:  # only a manual DELETE between the Message-ID's lookup and now
         raise PermanentError(f"outbox entry {outbox_id} disappeared")
     return found[0], found[1]
@@ -459,15 +459,8 @@ def _update_attempt(
     locks, so an attempt overtaken in between writes nothing (as the locked read did).
     """
     with session_scope(settings) as session:
-        updated = session.scalar(
-            update(SentMessage)
-            .where(SentMessage.id == outbox_id)
-            .where(SentMessage.account_id == access.account_id)
-            .where(SentMessage.attempts == attempt)
-            .where(SentMessage.status.in_(statuses))
-            .values(**values)
-            .returning(SentMessage.id)
-        )
+        fenced = (SentMessage.attempts == attempt, SentMessage.status.in_(statuses))
+        updated = _update_entry(session, access, outbox_id, *fenced, **values)
         if updated is None:
             _attempt_row(session, access, outbox_id, attempt, statuses)  # raises, saying why
             raise AttemptSuperseded(f"attempt {attempt} of {outbox_id} was overtaken")
