@@ -78,16 +78,29 @@ def parse_flag(name: str, value: Any) -> bool:
 def require_tenant_and_user(session: Session, tenant_id: uuid.UUID, user_id: uuid.UUID) -> User:
     """The active user `user_id` of the active tenant `tenant_id`."""
     tenant = session.scalar(select(Tenant).where(Tenant.id == tenant_id))
-    if tenant is None:
-        raise TenantMismatch(f"tenant {tenant_id} does not exist")
-    if not tenant.active:
-        raise TenantMismatch(f"tenant {tenant_id} is not active")
     user = session.scalar(select(User).where(User.id == user_id, User.tenant_id == tenant_id))
-    if user is None:
-        raise TenantMismatch(f"user {user_id} does not belong to tenant {tenant_id}")
-    if not user.active:
-        raise TenantMismatch(f"user {user_id} is not active")
+    _require_active(
+        tenant_id,
+        user_id,
+        None if tenant is None else tenant.active,
+        None if user is None else user.active,
+    )
+    assert user is not None  # refused above otherwise
     return user
+
+
+def _require_active(
+    tenant_id: uuid.UUID, user_id: uuid.UUID, tenant_active: bool | None, user_active: bool | None
+) -> None:
+    """The tenant's and then the user's refusals, in that order (None: no such row)."""
+    if tenant_active is None:
+        raise TenantMismatch(f"tenant {tenant_id} does not exist")
+    if not tenant_active:
+        raise TenantMismatch(f"tenant {tenant_id} is not active")
+    if user_active is None:
+        raise TenantMismatch(f"user {user_id} does not belong to tenant {tenant_id}")
+    if not user_active:
+        raise TenantMismatch(f"user {user_id} is not active")
 
 
 def owned_account(
@@ -113,15 +126,8 @@ def owned_account(
         )
         .where(Tenant.id == tenant_id)
     ).first()
-    if row is None:
-        raise TenantMismatch(f"tenant {tenant_id} does not exist")
-    tenant_active, found_user, user_active, account = row
-    if not tenant_active:
-        raise TenantMismatch(f"tenant {tenant_id} is not active")
-    if found_user is None:
-        raise TenantMismatch(f"user {user_id} does not belong to tenant {tenant_id}")
-    if not user_active:
-        raise TenantMismatch(f"user {user_id} is not active")
+    tenant_active, found_user, user_active, account = row if row else (None, None, None, None)
+    _require_active(tenant_id, user_id, tenant_active, None if found_user is None else user_active)
     if account is None:
         raise TenantMismatch(f"account {account_id} does not belong to user {user_id}")
     if not account.active:

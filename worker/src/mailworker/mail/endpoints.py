@@ -1,11 +1,11 @@
 """Where a mail server lives and how to talk to it securely.
 
 A TLS context is built once per process for each (CA bundle, verify) pair and reused by every
-session: building one loads its CA bundle, 26 ms of CPU for the system store (Debian's 140-odd
-certificates), more than the rest of an idle sync. It is rebuilt when the bundle file changes
-(its size, inode or mtime: update-ca-certificates, a new MAILWORKER_MAIL_CA_FILE), so a renewed
-CA needs no restart. A context is not changed once built, and sharing one between threads is
-what ssl.SSLContext is for.
+session: building one loads its CA bundle, 26-32 ms of CPU for the system store (Debian's
+140-odd certificates; two measurements), more than the rest of an idle sync. It is rebuilt
+when the bundle file changes (its size, inode or mtime: update-ca-certificates, a new
+MAILWORKER_MAIL_CA_FILE), so a renewed CA needs no restart. A context is not changed once
+built, and sharing one between threads is what ssl.SSLContext is for.
 """
 
 from __future__ import annotations
