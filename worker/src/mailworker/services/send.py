@@ -63,7 +63,7 @@ from functools import partial
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import func, select, update
+from sqlalchemy import Interval, Row, Update, bindparam, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import defer
 
@@ -136,14 +136,7 @@ def _message_id_of(
     """The entry's Message-ID and stored size (without loading the content)."""
     with session_scope(settings) as session:
         found = session.execute(
-            select(
-                SentMessage.message_id,
-                # Rows queued before `size` was recorded have none.
-                func.coalesce(SentMessage.size, func.octet_length(SentMessage.content), 0),
-            )
-            .where(SentMessage.id == outbox_id)
-            .where(SentMessage.account_id == access.account_id)
-            .where(SentMessage.tenant_id == access.tenant_id)
+            _MESSAGE_ID_AND_SIZE, {**_entry(access, outbox_id), "tenant": access.tenant_id}
         ).first()
     if found is None:
         # Like the other ownership checks: not saying whether it exists elsewhere.
@@ -174,22 +167,20 @@ def _claim(settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, task
         elif row.status not in PENDING:
             raise PermanentError(f"{row.message_id} has unexpected send status {row.status!r}")
         if _window_ended(row, now, settings):
-            fail_expired(row, settings)
-            gave_up = PermanentError(f"send of {row.message_id} failed: {row.error}")
+            expired = _row(session, access, outbox_id)  # the same locked row, as ORM object
+            fail_expired(expired, settings)
+            gave_up = PermanentError(f"send of {row.message_id} failed: {expired.error}")
         elif row.content is None:
             raise PermanentError(f"outbox entry {outbox_id} has no stored message to send")
         else:
-            row.status = "sending"
-            row.attempts += 1
-            row.task_id = task_id
-            row.error = None
-            row.next_attempt_at = None
-            row.data_sent_at = None
-            return Claim("send", {}, row.content, row.attempts)
+            attempt = row.attempts + 1
+            params = {**_entry(access, outbox_id), "attempt": attempt, "task": task_id}
+            session.execute(_TAKE, params)
+            return Claim("send", {}, row.content, attempt)
     raise gave_up  # after the commit that recorded it
 
 
-def _window_ended(row: SentMessage, now: datetime, settings: Settings) -> bool:
+def _window_ended(row: Row[Any], now: datetime, settings: Settings) -> bool:
     if row.queued_at is None:
         return False
     return (now - row.queued_at).total_seconds() > settings.send_retry_window
@@ -294,7 +285,7 @@ def _mark_data_sent(
 ) -> None:
     """Commit that this attempt writes the final "." now; a superseded one stops before it."""
     try:
-        _update_attempt(settings, access, outbox_id, attempt, ("sending",), data_sent_at=func.now())
+        _update_attempt(settings, access, outbox_id, attempt, _MARK_DATA_SENT)
     except SQLAlchemyError as error:
         raise TransientError(
             f"could not record that the message data ends ({type(error).__name__}); "
@@ -310,18 +301,8 @@ def _record_sent(
     result: SendResult,
 ) -> None:
     """The server took it: `sent` (from `unknown` too, which a resolver may have concluded)."""
-    _update_attempt(
-        settings,
-        access,
-        outbox_id,
-        attempt,
-        ("sending", "unknown"),
-        status="sent",
-        accepted=list(result.accepted),
-        refused=dict(result.refused),
-        sent_at=func.now(),
-        error=None,
-    )
+    outcome = {"accepted_by": list(result.accepted), "refused_by": dict(result.refused)}
+    _update_attempt(settings, access, outbox_id, attempt, _RECORD_SENT, **outcome)
 
 
 def _record_copy(
@@ -329,7 +310,8 @@ def _record_copy(
 ) -> None:
     """After the Sent copy (or its failure): drop the content; the hash keeps the claim."""
     with session_scope(settings) as session:
-        updated = _update_entry(session, access, outbox_id, copied_to_sent=copied, content=None)
+        params = {**_entry(access, outbox_id), "copied": copied}
+        updated = session.scalar(_RECORD_COPY, params)
     if updated is None:  # only a manual DELETE since the claim gets here
         raise PermanentError(f"outbox entry {outbox_id} disappeared")
 
@@ -400,14 +382,6 @@ def _of_entry(statement: Any, access: AccountAccess, outbox_id: uuid.UUID) -> An
     )
 
 
-def _update_entry(
-    session: Any, access: AccountAccess, outbox_id: uuid.UUID, *conditions: Any, **values: Any
-) -> uuid.UUID | None:
-    """Write `values` to the entry if `conditions` hold; its id, or None if nothing was written."""
-    statement = update(SentMessage).where(*conditions).values(**values)
-    return session.scalar(_of_entry(statement, access, outbox_id).returning(SentMessage.id))
-
-
 def _row(session: Any, access: AccountAccess, outbox_id: uuid.UUID) -> SentMessage:
     """The entry, locked, without its content."""
     query = select(SentMessage).options(defer(SentMessage.content)).with_for_update()
@@ -436,13 +410,12 @@ def _attempt_row(
 
 def _row_and_now(
     session: Any, access: AccountAccess, outbox_id: uuid.UUID
-) -> tuple[SentMessage, datetime]:
+) -> tuple[Row[Any], datetime]:
     """The entry with its content, locked, and the database's clock (one round trip)."""
-    query = select(SentMessage, func.now()).with_for_update(of=SentMessage)
-    found = session.execute(_of_entry(query, access, outbox_id)).first()
+    found = session.execute(_ROW_AND_NOW, _entry(access, outbox_id)).first()
     if found is None:  # only a manual DELETE between the Message-ID's lookup and now
         raise PermanentError(f"outbox entry {outbox_id} disappeared")
-    return found[0], found[1]
+    return found, found.now
 
 
 def _update_attempt(
@@ -450,19 +423,19 @@ def _update_attempt(
     access: AccountAccess,
     outbox_id: uuid.UUID,
     attempt: int,
-    statuses: tuple[str, ...],
-    **values: Any,
+    statement: Fenced,
+    **params: Any,
 ) -> None:
-    """Write `values` if attempt `attempt` still owns the entry in one of `statuses`.
+    """Run `statement` (a Fenced one, at the end of the module) with `params`, if attempt
+    `attempt` still owns the entry in the statement's statuses.
 
     One UPDATE whose WHERE carries the fencing check: PostgreSQL re-checks it on the row it
     locks, so an attempt overtaken in between writes nothing (as the locked read did).
     """
     with session_scope(settings) as session:
-        fenced = (SentMessage.attempts == attempt, SentMessage.status.in_(statuses))
-        updated = _update_entry(session, access, outbox_id, *fenced, **values)
-        if updated is None:
-            _attempt_row(session, access, outbox_id, attempt, statuses)  # raises, saying why
+        values = {**_entry(access, outbox_id), "attempt": attempt, **params}
+        if session.scalar(statement.update, values) is None:
+            _attempt_row(session, access, outbox_id, attempt, statement.statuses)  # raises
             raise AttemptSuperseded(f"attempt {attempt} of {outbox_id} was overtaken")
 
 
@@ -476,13 +449,15 @@ def _set_status(
     error: str,
 ) -> None:
     """The outcome of attempt `attempt`, still `sending`."""
-    values: dict[str, Any] = {"status": status, "error": error}
     if status == "deferred":
-        values["next_attempt_at"] = func.now() + retry_delay(settings)
-    _update_attempt(settings, access, outbox_id, attempt, ("sending",), **values)
+        delay = retry_delay(settings)
+        _update_attempt(settings, access, outbox_id, attempt, _DEFER, reason=error, delay=delay)
+    else:
+        params = {"new_status": status, "reason": error}
+        _update_attempt(settings, access, outbox_id, attempt, _SET_STATUS, **params)
 
 
-def _outcome(row: SentMessage) -> dict[str, Any]:
+def _outcome(row: SentMessage | Row[Any]) -> dict[str, Any]:
     """A send's result: ids and counts only (results are visible in Redis and Flower)."""
     return {
         "outbox_id": str(row.id),
@@ -506,3 +481,83 @@ def _result(
         "copied_to_sent": copied,
         "duplicate": False,
     }
+
+
+# -- the ledger's statements on the send path ----------------------------------------------------
+# Built once, as Core statements on the table with bind parameters, and run with their values:
+# SQLAlchemy then takes each one's compiled form from its cache, instead of building the
+# expression, its cache key and an ORM bulk UPDATE's state on every call. Every statement is
+# restricted to one entry of one account (:outbox_id, :account: `_entry`). SQLAlchemy keeps a
+# column's own name for the value an UPDATE sets it to, so no parameter is named after a column.
+_OUTBOX = SentMessage.__table__
+_COL = _OUTBOX.c
+_OF_ENTRY = (
+    _COL.id == bindparam("outbox_id"),
+    _COL.account_id == bindparam("account"),
+)
+
+
+def _entry(access: AccountAccess, outbox_id: uuid.UUID) -> dict[str, uuid.UUID]:
+    """The parameters of _OF_ENTRY: the entry `outbox_id` of this account."""
+    return {"outbox_id": outbox_id, "account": access.account_id}
+
+
+@dataclass(frozen=True)
+class Fenced:
+    """An UPDATE ... RETURNING id of the entry that writes only while attempt :attempt owns it
+    in one of `statuses` (services/send.py, point 2): None back means it was overtaken."""
+
+    statuses: tuple[str, ...]
+    update: Update
+
+    @classmethod
+    def of(cls, statuses: tuple[str, ...], **values: Any) -> Fenced:
+        fencing = (_COL.attempts == bindparam("attempt"), _COL.status.in_(statuses))
+        statement = update(_OUTBOX).where(*fencing, *_OF_ENTRY).values(**values)
+        return cls(statuses, statement.returning(_COL.id))
+
+
+# Rows queued before `size` was recorded have none; :tenant keeps the check of the tenant.
+_MESSAGE_ID_AND_SIZE = select(
+    _COL.message_id, func.coalesce(_COL.size, func.octet_length(_COL.content), 0)
+).where(*_OF_ENTRY, _COL.tenant_id == bindparam("tenant"))
+# The claim: the entry with its content, locked, and the database's clock.
+_ROW_AND_NOW = (
+    select(_OUTBOX, func.now().label("now")).where(*_OF_ENTRY).with_for_update(of=_OUTBOX)
+)
+# The claim takes the entry for attempt :attempt (its row is locked by _ROW_AND_NOW).
+_TAKE = (
+    update(_OUTBOX)
+    .where(*_OF_ENTRY)
+    .values(
+        status="sending",
+        attempts=bindparam("attempt"),
+        task_id=bindparam("task"),
+        error=None,
+        next_attempt_at=None,
+        data_sent_at=None,
+    )
+)
+_MARK_DATA_SENT = Fenced.of(("sending",), data_sent_at=func.now())
+# From `unknown` too, which a resolver may have concluded meanwhile.
+_RECORD_SENT = Fenced.of(
+    ("sending", "unknown"),
+    status="sent",
+    accepted=bindparam("accepted_by"),
+    refused=bindparam("refused_by"),
+    sent_at=func.now(),
+    error=None,
+)
+_SET_STATUS = Fenced.of(("sending",), status=bindparam("new_status"), error=bindparam("reason"))
+_DEFER = Fenced.of(
+    ("sending",),
+    status="deferred",
+    error=bindparam("reason"),
+    next_attempt_at=func.now() + bindparam("delay", type_=Interval()),
+)
+_RECORD_COPY = (
+    update(_OUTBOX)
+    .where(*_OF_ENTRY)
+    .values(copied_to_sent=bindparam("copied"), content=None)
+    .returning(_COL.id)
+)
