@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import email
+import email.policy
 import json
 import socket
 import subprocess
@@ -23,6 +25,8 @@ import threading
 import time
 import uuid
 from datetime import timedelta
+from email.generator import BytesGenerator
+from io import BytesIO
 from types import SimpleNamespace
 from typing import Any
 
@@ -164,6 +168,52 @@ def test_failure_before_the_data_ends_is_deferred_and_sent_later(
     assert row.next_attempt_at is not None
     assert attempt(defaults, alice, entry.outbox_id)["status"] == "sent"
     assert len(smtp_server.delivered(entry.message_id)) == 1
+
+
+# Messages whose wire form takes the generator's every turn: MIME alternatives, 8-bit text, lines
+# that start with "." (stuffed on the wire), a folded non-ASCII subject, a Bcc that stays off it.
+WIRE_SPECS = [
+    {"to": ["reader@remote.example"], "subject": "plain", "body": "one line\n.two\n"},
+    {
+        "to": ["Reader <reader@remote.example>", "other@remote.example"],
+        "cc": "Carol <carol@remote.example>",
+        "bcc": ["hidden@remote.example"],
+        "subject": "Gr\u00fc\u00dfe aus dem B\u00fcro, " * 6,
+        "body": "Zeile eins\n.Zeile mit Punkt\n\u00c4rger \u00fcber Umlaute\n" * 20,
+        "html": "<p>rich</p>\n.<p>dot</p>\n" * 20,
+    },
+]
+
+
+def as_the_default_policy_writes_it(stored: bytes) -> bytes:
+    """The stored message as email.policy.default parses and writes it, CRLF, without Bcc."""
+    message = email.message_from_bytes(stored, policy=email.policy.default)
+    del message["Bcc"]
+    buffer = BytesIO()
+    BytesGenerator(buffer, policy=email.policy.default.clone(linesep="\r\n")).flatten(message)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("spec", WIRE_SPECS, ids=["plain", "alternatives"])
+def test_the_wire_carries_the_stored_message_byte_for_byte(
+    defaults, make_account, smtp_server, db_engine, spec
+):
+    """What send parses and reads on the way (its header caches, the envelope) changes no byte
+    of what the server receives (aiosmtpd hands it over with the dots unstuffed)."""
+    alice = make_account()
+    entry = store(defaults, alice, spec)
+    stored = row_of(db_engine, entry.outbox_id).content
+    assert attempt(defaults, alice, entry.outbox_id)["status"] == "sent"
+    (delivery,) = smtp_server.delivered(entry.message_id)
+    expected = as_the_default_policy_writes_it(stored)
+    received, trace = delivery.data, delivery.data[: -len(expected)]
+    assert received.endswith(expected), (received[len(trace) :], expected)
+    assert trace.startswith(b"Return-Path: ")
+    assert trace.count(b"\r\n") == 3  # the trace headers the server adds, nothing else
+    assert b"hidden@" not in received
+    envelope = {*spec["to"], spec.get("cc", "")} | set(spec.get("bcc", []))
+    addresses = {value.rpartition("<")[2].rstrip(">") for value in envelope if value}
+    assert set(delivery.rcpt_tos) == addresses
 
 
 def test_same_message_id_other_content_is_refused_same_content_is_idempotent(
