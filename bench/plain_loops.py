@@ -7,7 +7,7 @@ limit is measured at a given number of loops in parallel, spread over the cores 
 shipped worker's two processes.
 
 - imap: per mailbox what `sync_mailbox` says to the server: connect, STARTTLS, AUTHENTICATE
-  PLAIN, SELECT INBOX, UID SEARCH, UID FETCH of sizes and flags, UID FETCH of the bodies (PEEK),
+  PLAIN, EXAMINE INBOX, UID SEARCH, UID FETCH of sizes and flags, UID FETCH of the bodies (PEEK),
   LOGOUT. The fetched messages are written to a file for the harness's COPY into PostgreSQL.
 - smtp: per mail the same message `send_email` sends (mailworker.mail.compose.build_message of
   the same spec), to the same server with the same STARTTLS and login; `--reuse` keeps one
@@ -82,7 +82,7 @@ def sync_one(host: str, port: int, ca_file: str, account: Account) -> list[Plain
         conn.starttls(_context(ca_file))
         secret = f"\0{account.address}\0{account.password}".encode()
         conn.authenticate("PLAIN", lambda _: secret)
-        conn.select("INBOX")
+        conn.select("INBOX", readonly=True)  # EXAMINE, as the sync
         uidvalidity = _number(conn, "UIDVALIDITY")
         _, data = conn.uid("SEARCH", "UID", "1:*")
         uids = [int(word) for word in (data[0] or b"").split()]

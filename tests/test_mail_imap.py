@@ -71,6 +71,28 @@ def test_select_reports_uidvalidity_uidnext_and_count(dovecot, user):
     assert again == state
 
 
+def test_examine_reads_and_leaves_the_folder_as_it_was(dovecot, user):
+    # What the sync does: EXAMINE, then fetch. The new messages stay \Recent for the next
+    # session (the user's own client); a SELECT would have taken the flag. And nothing can be
+    # changed through a folder opened read-only.
+    fill(dovecot, user, 2)
+    endpoint = dovecot.endpoint(user.address)
+    with ImapSession(endpoint) as reader:
+        examined = reader.select("INBOX", readonly=True)
+        (batch,) = reader.fetch_batches(0, 10)
+        with pytest.raises(PermanentError, match="read-only"):
+            reader.move([1], "Trash")
+        with pytest.raises(PermanentError, match="read-only"):
+            reader.expunge([1])
+    assert [(m.uid, m.flags) for m in batch] == [(1, ()), (2, ())]
+    with ImapSession(endpoint) as client:
+        assert client.select("INBOX") == examined
+        _, recent = client._connection().response("RECENT")
+        (again,) = client.fetch_batches(0, 10)
+    assert recent == [b"2"]
+    assert [(m.uid, m.raw) for m in again] == [(m.uid, m.raw) for m in batch]
+
+
 def test_select_of_missing_folder_is_permanent(dovecot, user):
     with ImapSession(dovecot.endpoint(user.address)) as imap, pytest.raises(PermanentError) as e:
         imap.select("Does Not Exist")

@@ -8,6 +8,7 @@ import uuid
 import pytest
 from mailworker.db.models import FolderSyncState, Message
 from mailworker.errors import PermanentError
+from mailworker.mail.imap import ImapSession
 from mailworker.services.access import owned_access
 from mailworker.services.sync import sync_account
 from mailworker.settings import load_settings
@@ -67,6 +68,28 @@ def test_a_batch_partly_stored_before_stores_only_the_rest(
     assert sorted(again) == [1, 2, 3, 4]
     assert (again[1], again[3]) == (first[1], first[3])  # left alone
     assert sorted(queued) == sorted([again[2], again[4]])
+
+
+def test_the_sync_leaves_new_mail_new_for_the_users_client(
+    default_env, make_account, dovecot, db_engine
+):
+    """The sync opens folders read-only (EXAMINE): the messages it stored are still \\Recent and
+    unseen for the next client that opens the folder."""
+    settings = load_settings(default_env)
+    account = make_account()
+    for number in range(1, 4):
+        dovecot.deliver(account.address, f"Subject: m{number}\r\n\r\nbody {number}\r\n".encode())
+    access = owned_access(settings, *(uuid.UUID(value) for value in account.ids))
+
+    assert sync_account(settings, access, ["INBOX"])["stored"] == 3
+
+    with ImapSession(dovecot.endpoint(account.address)) as client:
+        client.select("INBOX")
+        _, recent = client._connection().response("RECENT")
+        (batch,) = client.fetch_batches(0, 10)
+    assert recent == [b"3"]
+    assert [message.flags for message in batch] == [(), (), ()]
+    assert sorted(stored(db_engine, account.account_id)) == [1, 2, 3]
 
 
 def stored(db_engine, account_id: str) -> dict[int, uuid.UUID]:

@@ -92,6 +92,7 @@ class ImapSession:
         self.endpoint = endpoint
         self.capabilities: frozenset[str] = frozenset()
         self.selected: str | None = None
+        self.read_only = False  # the selected folder was opened with EXAMINE
         self._conn: imaplib.IMAP4 | None = None
 
     def __enter__(self) -> Self:
@@ -133,11 +134,15 @@ class ImapSession:
 
     # -- the interface the tasks use -------------------------------------------------------------
 
-    def select(self, folder: str) -> FolderState:
-        """Open `folder` read-write and report its UIDVALIDITY, UIDNEXT and message count."""
+    def select(self, folder: str, *, readonly: bool = False) -> FolderState:
+        """Open `folder` and report its UIDVALIDITY, UIDNEXT and message count: read-write
+        (SELECT), or with `readonly` EXAMINE, which changes nothing in the folder (a reader's
+        SELECT takes the \\Recent flag of new messages from every other client) and refuses
+        move() and expunge()."""
         conn = self._connection()
         self.selected = None
-        data = self._ok(f"select {folder!r}", conn.select, syntax.mailbox_name(folder))
+        command = "examine" if readonly else "select"
+        data = self._ok(f"{command} {folder!r}", conn.select, syntax.mailbox_name(folder), readonly)
         uidvalidity = self._response_number(conn, "UIDVALIDITY")
         uidnext = self._response_number(conn, "UIDNEXT")
         if uidnext is None:  # RFC 9051 makes UIDNEXT optional in SELECT; STATUS always has it
@@ -145,6 +150,7 @@ class ImapSession:
         if uidvalidity is None:
             raise PermanentError(f"IMAP server {self.endpoint.address} sent no UIDVALIDITY")
         self.selected = folder
+        self.read_only = readonly
         return FolderState(uidvalidity=uidvalidity, uidnext=uidnext, exists=int(data[0] or 0))
 
     def fetch_batches(
@@ -308,7 +314,7 @@ class ImapSession:
     def move(self, uids: Sequence[int], target: str) -> None:
         """Move messages to `target` (created if missing): MOVE if offered, else COPY+EXPUNGE."""
         uid_set = syntax.uid_set(uids)
-        self._require_selected()
+        self._require_writable()
         if not uid_set or target == self.selected:
             return
         conn = self._connection()
@@ -322,7 +328,7 @@ class ImapSession:
     def expunge(self, uids: Sequence[int]) -> None:
         """Remove messages for good (\\Deleted, then UID EXPUNGE so nothing else goes with them)."""
         uid_set = syntax.uid_set(uids)
-        self._require_selected()
+        self._require_writable()
         if uid_set:
             self._delete(uid_set)
 
@@ -468,6 +474,11 @@ class ImapSession:
     def _require_selected(self) -> None:
         if self.selected is None:
             raise PermanentError("no folder selected: call select() first")
+
+    def _require_writable(self) -> None:
+        self._require_selected()
+        if self.read_only:
+            raise PermanentError(f"{self.selected!r} was opened read-only (EXAMINE)")
 
     def _attempt(self, action: str, method: Callable[..., _Reply], *args: object) -> _Reply:
         """Run one imaplib call; connection trouble and BAD become errors, NO is returned."""

@@ -157,7 +157,7 @@ def _sync_folder(
 ) -> FolderResult:
     """`locked`: the sync lock's connection (autocommit); `known`: the folder's cursor
     (uidvalidity, last_uid) as read after the lock was taken, None if it has none."""
-    server = imap.select(folder)
+    server = imap.select(folder, readonly=True)  # EXAMINE: the sync only reads (BODY.PEEK[])
     if known is not None and known[0] == server.uidvalidity:
         after_uid, reset = known[1], False
     else:  # a new folder, or one the server renumbered
