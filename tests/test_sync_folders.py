@@ -92,6 +92,39 @@ def test_the_sync_leaves_new_mail_new_for_the_users_client(
     assert sorted(stored(db_engine, account.account_id)) == [1, 2, 3]
 
 
+@pytest.mark.parametrize(
+    ("batch_size", "expected"), [(None, ["logout", 5]), (2, [2, 2, "logout", 1])]
+)
+def test_the_session_logs_out_before_the_last_batch_is_stored(
+    default_env, make_account, dovecot, db_engine, monkeypatch, *, batch_size, expected
+):
+    """The server's CPU per session grows with the time it stays open: the sync logs out once it
+    holds the last batch, then stores it (None: the shipped batch size, one batch)."""
+    settings = load_settings(default_env)
+    if batch_size is not None:
+        settings = dataclasses.replace(settings, sync_batch_size=batch_size)
+    account = make_account()
+    for number in range(1, 6):
+        dovecot.deliver(account.address, f"Subject: m{number}\r\n\r\nbody {number}\r\n".encode())
+    access = owned_access(settings, *(uuid.UUID(value) for value in account.ids))
+    events: list[object] = []
+    close = ImapSession.close
+
+    def logout(session: ImapSession) -> None:
+        events.append("logout")
+        close(session)
+
+    def classify(_tenant: uuid.UUID, _user: uuid.UUID, ids: list[uuid.UUID]) -> None:
+        events.append(len(ids))  # after the batch's commit
+
+    monkeypatch.setattr(ImapSession, "close", logout)
+    result = sync_account(settings, access, ["INBOX"], classify=classify)
+
+    assert events == expected
+    assert (result["stored"], result["folders"][0]["last_uid"]) == (5, 5)
+    assert sorted(stored(db_engine, account.account_id)) == [1, 2, 3, 4, 5]
+
+
 def stored(db_engine, account_id: str) -> dict[int, uuid.UUID]:
     with Session(db_engine) as session:
         query = select(Message.uid, Message.id).where(Message.account_id == account_id)

@@ -93,6 +93,8 @@ class ImapSession:
         self.capabilities: frozenset[str] = frozenset()
         self.selected: str | None = None
         self.read_only = False  # the selected folder was opened with EXAMINE
+        # fetch_batches has asked the server for its last batch: the rest needs no server.
+        self.fetched_all = False
         self._conn: imaplib.IMAP4 | None = None
 
     def __enter__(self) -> Self:
@@ -173,6 +175,9 @@ class ImapSession:
         and released when the caller asks for the next batch or closes the iterator (close it,
         e.g. with contextlib.closing, so an error in the caller does not keep them held).
 
+        `fetched_all` is True while the iterator holds its last batch: nothing more will be
+        asked of the server, so a caller may close the session before storing that batch.
+
         A message expunged by another client after the search is left out. One the server still
         has but did not return, or returned without a body, raises TransientError once the
         messages before it have been yielded: a caller that stores each batch and then moves
@@ -185,6 +190,7 @@ class ImapSession:
         if max_size is not None:
             _require_int("max_size", max_size, minimum=1)
         self._require_selected()
+        self.fetched_all = False
         return self._batches(after_uid, batch_size, batch_bytes, max_size, budget)
 
     def _batches(
@@ -201,10 +207,15 @@ class ImapSession:
         uids = [uid for uid in self._search_uids(f"{after_uid + 1}:*") if uid > after_uid]
         for start in range(0, len(uids), _SIZES_PER_COMMAND):
             listed, error = self._list(uids[start : start + _SIZES_PER_COMMAND])
-            for plan in plan_batches(listed, batch_size, batch_bytes, max_size):
+            last_list = error is not None or start + _SIZES_PER_COMMAND >= len(uids)
+            plans = list(plan_batches(listed, batch_size, batch_bytes, max_size))  # UIDs, sizes
+            for index, plan in enumerate(plans):
                 planned = sum(item.size for item in plan if not _too_large(item.size, max_size))
                 with budget.reserve(planned) if budget is not None else contextlib.nullcontext():
                     batch, error_in_batch = self._fetch_bodies(plan, max_size)
+                    self.fetched_all = error_in_batch is not None or (
+                        last_list and index == len(plans) - 1
+                    )
                     if batch:
                         yield batch
                     # Hold no batch while the next one is fetched: the caller has stored it.
