@@ -377,17 +377,10 @@ def _unknown_message(message_id: str, reason: str) -> str:
     )
 
 
-def _of_entry(statement: Any, access: AccountAccess, outbox_id: uuid.UUID) -> Any:
-    """`statement` restricted to the outbox entry `outbox_id` of this account."""
-    return statement.where(SentMessage.id == outbox_id).where(
-        SentMessage.account_id == access.account_id
-    )
-
-
 def _row(session: Any, access: AccountAccess, outbox_id: uuid.UUID) -> SentMessage:
     """The entry, locked, without its content."""
     query = select(SentMessage).options(defer(SentMessage.content)).with_for_update()
-    row = session.scalar(_of_entry(query, access, outbox_id))
+    row = session.scalar(query.where(*_OF_ENTRY), _entry(access, outbox_id))
     if row is None:  # only a manual DELETE between claim and now gets here
         raise PermanentError(f"outbox entry {outbox_id} disappeared")
     return row
