@@ -126,6 +126,20 @@ def _table(results: Results) -> list[str]:
     return lines
 
 
+def _configurations(results: Results) -> list[str]:
+    """What each configuration ran as (none when the synthetic phases were skipped)."""
+    described = {
+        "default": "Celery defaults",
+        GUARANTEES: "Same guarantees (Celery by hand, bench/guarantees_app.py)",
+        "shipped": "Shipped",
+    }
+    return [
+        f"- {label}: {results.summaries[name]}."
+        for name, label in described.items()
+        if results.summaries.get(name)
+    ]
+
+
 def _summary(results: Results, deploy: list[DeployTiming] | str) -> list[str]:
     noop_ratio = _ratio(
         results.median(NOOP.name, "shipped", lambda s: s.drain_rate),
@@ -274,10 +288,7 @@ def render(
         f"Tasks per session: {plan.noop_tasks} no-op, {plan.io_tasks} I/O; the latency phases "
         f"run {plan.latency_seconds:.0f} s (at least 100 tasks).",
         f"- Memory: {info.cgroup}.",
-        f"- Celery defaults: {results.summaries.get('default', '')}.",
-        f"- Same guarantees (Celery by hand, bench/guarantees_app.py): "
-        f"{results.summaries.get(GUARANTEES, '')}.",
-        f"- Shipped: {results.summaries.get('shipped', '')}.",
+        *_configurations(results),
         "",
         "### Summary",
         "",

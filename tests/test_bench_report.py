@@ -7,7 +7,7 @@ import math
 import re
 
 from bench.layout import memory_limit
-from bench.report import MIB, _summary, _table, _verdict_at_most
+from bench.report import MIB, _configurations, _summary, _table, _verdict_at_most
 from bench.runner import Session
 from bench.suite import GUARANTEES, IO, LABELS, NOOP, Plan, Results
 from bench.worker_proc import MemorySample
@@ -122,3 +122,10 @@ def test_figures_table_has_the_same_guarantees_column_and_ratio() -> None:
         "0.50",
     ]
     assert all(row.count("|") == table[0].count("|") for row in table)
+
+
+def test_configuration_lines_only_for_configurations_that_ran() -> None:
+    results = _results({})
+    assert _configurations(results) == []
+    results.summaries["shipped"] = "threads, 2 x 20"
+    assert _configurations(results) == ["- Shipped: threads, 2 x 20."]
