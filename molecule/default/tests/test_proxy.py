@@ -121,6 +121,22 @@ def test_plain_http_only_redirects_to_https(host):
     assert location == "https://127.0.0.1/flower/"
 
 
+def test_the_root_redirects_to_flower_keeping_the_port_the_browser_used(host, password):
+    # A relative Location: an absolute one would name nginx's listen port, not a forwarded one.
+    result = curl(
+        host,
+        "--output",
+        "/dev/null",
+        "--write-out",
+        "%{http_code} %header{location}",
+        "--user",
+        f"{USER}:{password}",
+        HTTPS + "/",
+    )
+    assert result.rc == 0, result.stderr + logs(host)
+    assert result.stdout.split() == ["302", "/flower/"]
+
+
 def test_plain_http_on_the_tls_port_is_refused(host):
     assert status(host, "http://127.0.0.1:443/flower/") == 400
 
