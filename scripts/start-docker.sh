@@ -15,6 +15,12 @@ fi
 if [ -d /run/systemd/system ]; then
   systemctl start docker
 else
+  # A dockerd that died leaves containerd's pid file behind; when another process has that pid
+  # now, the new dockerd waits for a containerd that is not there and gives up after 60 s.
+  pidfile=/var/run/docker/containerd/containerd.pid
+  if [ -f "$pidfile" ] && [ "$(ps -o comm= -p "$(cat "$pidfile")" 2>/dev/null)" != containerd ]; then
+    rm -f "$pidfile"
+  fi
   nohup dockerd >/var/log/dockerd.log 2>&1 &
 fi
 
