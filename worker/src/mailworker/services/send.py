@@ -31,9 +31,10 @@ resending risks a loss. We never resend blindly:
    - with it, it looks for the Message-ID in the Sent folder. Found: the row becomes `sent`.
      Not found: `unknown`, and the task fails with a message saying it was *not* resent.
 
-Every write of an attempt after its claim (3-5) is one statement that commits by itself, on the
-lock's connection in autocommit (no BEGIN/COMMIT around it): a fenced UPDATE (point 2) needs no
-transaction, PostgreSQL re-checks its WHERE on the row it locks. The claim (2) reads the entry
+The claim (2) of a pending entry inside its retry window, the usual case, and every later write
+of the attempt (3-5) are each one statement that commits by itself, on the lock's connection in
+autocommit (no BEGIN/COMMIT around it): a fenced UPDATE needs no transaction, PostgreSQL
+re-checks its WHERE on the row it locks. A claim that finds anything else reads the entry
 locked (FOR UPDATE) and writes what it decided in one transaction, and so does the resolver
 that finds the message in Sent (6).
 
@@ -62,13 +63,13 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.message import EmailMessage
 from functools import partial
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import Connection, Interval, Row, Update, bindparam, func, select, update
+from sqlalchemy import Connection, Interval, Row, Update, bindparam, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import defer
 from sqlalchemy.sql import Executable
@@ -182,9 +183,14 @@ def _message_id_of(
 
 
 def _claim(ledger: _Ledger, task_id: str) -> Claim:
-    """The entry, read locked, and what this attempt does about it: the decision and what it
-    writes are one transaction."""
+    """The usual case, a pending entry with its content inside its retry window, is taken in
+    one statement (_TAKE_PENDING). Anything else is read locked, in a transaction with what it
+    writes: why not, or what instead (an expired window, a lost attempt to take over)."""
     settings, access, outbox_id = ledger.settings, ledger.access, ledger.outbox_id
+    window = timedelta(seconds=settings.send_retry_window)
+    taken = ledger.first(_TAKE_PENDING, {**ledger.entry, "task": task_id, "window": window})
+    if taken is not None:
+        return Claim("send", {}, taken.content, taken.attempts)
     with session_scope(settings) as session:
         row, now = _row_and_now(session, access, outbox_id)
         if row.status == "sent":
@@ -531,7 +537,30 @@ _MESSAGE_ID_AND_SIZE = select(
 _ROW_AND_NOW = (
     select(_OUTBOX, func.now().label("now")).where(*_OF_ENTRY).with_for_update(of=_OUTBOX)
 )
-# The claim takes the entry for attempt :attempt (its row is locked by _ROW_AND_NOW).
+# The claim's usual case in one statement: a pending entry with its content, inside its retry
+# window (:window since it was queued, as _window_ended says), taken for its next attempt.
+_TAKE_PENDING = (
+    update(_OUTBOX)
+    .where(
+        *_OF_ENTRY,
+        _COL.status.in_(PENDING),
+        _COL.content.is_not(None),
+        or_(
+            _COL.queued_at.is_(None),
+            _COL.queued_at >= func.now() - bindparam("window", type_=Interval()),
+        ),
+    )
+    .values(
+        status="sending",
+        attempts=_COL.attempts + 1,
+        task_id=bindparam("task"),
+        error=None,
+        next_attempt_at=None,
+        data_sent_at=None,
+    )
+    .returning(_COL.attempts, _COL.content)
+)
+# Any other claim takes the entry for attempt :attempt (its row is locked by _ROW_AND_NOW).
 _TAKE = (
     update(_OUTBOX)
     .where(*_OF_ENTRY)
