@@ -256,11 +256,13 @@ def test_a_send_waits_for_the_budget_and_loads_its_content_once(
     content_reads: list[str] = []
 
     def count_content_reads(**event_args: Any) -> None:
-        # A SELECT that returns the content column (not one that only measures it).
+        # A statement that returns the content column: a SELECT of it (not one that only
+        # measures it), or an UPDATE ... RETURNING it (the claim of a pending entry).
         statement = event_args["statement"]
-        if statement.lstrip().upper().startswith("SELECT") and re.search(
+        selected = statement.lstrip().upper().startswith("SELECT") and re.search(
             r"sent_messages\.content\s*(,|\sFROM)", statement
-        ):
+        )
+        if selected or re.search(r"\bRETURNING\b[^;]*\bsent_messages\.content\b", statement):
             content_reads.append(statement)
 
     release = threading.Event()
@@ -285,7 +287,7 @@ def test_a_send_waits_for_the_budget_and_loads_its_content_once(
         event.remove(Engine, "before_cursor_execute", count_content_reads)
     assert outcome.get("value", outcome)["status"] == "sent"
     assert len(smtp_server.delivered(entry.message_id)) == 1
-    assert len(content_reads) == 1, content_reads  # the claim's read; status updates defer it
+    assert len(content_reads) == 1, content_reads  # the claim's; no other statement returns it
     assert budget.high_water <= budget.capacity
     assert (budget.in_use, budget.waiting) == (0, 0)
 

@@ -7,7 +7,10 @@ final-reply timeout 600 s, retry window 24 h), against the real aiosmtpd and Dov
   idempotent; a malformed or non-ASCII one is refused before anything is stored;
 - the outbox: task arguments and results carry ids and counts, a message above the size limit
   is refused at submit, a lost publish and an exhausted retry chain are picked up by the sweeper,
-  and a send past its retry window fails saying so;
+  and a send past its retry window fails saying so, also when an attempt finds it before the
+  sweeper does (one just inside it is sent);
+- the lock's connection lost before the data ends (the attempt's writes run on it): nothing is
+  delivered, and the attempt still records `deferred`, on a new connection;
 - a client process submitting sends subscribes to none of their results (a long-lived one would
   otherwise hold a subscription per send and replay them all after a broker reconnect).
 """
@@ -31,6 +34,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from mailworker.db.engine import get_engine
 from mailworker.db.locks import advisory_lock
 from mailworker.db.models import SentMessage
 from mailworker.errors import InvalidTaskArguments, PermanentError, TransientError
@@ -38,7 +42,7 @@ from mailworker.services import outbox
 from mailworker.services.access import owned_access
 from mailworker.services.send import send
 from mailworker.settings import load_settings
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session
 
 from tests.fixtures.outbox import SEND, submit
@@ -402,6 +406,77 @@ def test_send_past_its_retry_window_fails_saying_so(defaults, make_account, smtp
     )
     assert (again.outbox_id, again.status, again.queued) == (entry.outbox_id, "queued", True)
     assert attempt(defaults, alice, entry.outbox_id)["status"] == "sent"
+
+
+def test_an_attempt_fails_a_send_past_its_window_and_sends_one_inside_it(
+    defaults, make_account, smtp_server, db_engine
+):
+    """The attempt's own check of the retry window (the sweeper may not have run yet)."""
+    alice, bob = make_account(), make_account()
+    late = store(defaults, alice, {"to": [bob.address], "body": "a day and a minute"})
+    in_time = store(defaults, alice, {"to": [bob.address], "body": "a day less a minute"})
+    no_content = store(defaults, alice, {"to": [bob.address], "body": "stored before the outbox"})
+    with Session(db_engine) as session, session.begin():
+        for entry, age in ((late, timedelta(days=1, minutes=1)), (in_time, timedelta(hours=23))):
+            session.execute(
+                update(SentMessage)
+                .where(SentMessage.id == entry.outbox_id)
+                .values(status="deferred", error="SMTP server refused the connection")
+                .values(queued_at=func.now() - age)
+            )
+        session.execute(
+            update(SentMessage).where(SentMessage.id == no_content.outbox_id).values(content=None)
+        )
+
+    with pytest.raises(PermanentError, match="gave up after 86400 s"):
+        attempt(defaults, alice, late.outbox_id)
+    row = row_of(db_engine, late.outbox_id)
+    assert (row.status, row.attempts, row.next_attempt_at) == ("failed", 0, None)
+    assert "refused the connection" in row.error
+    assert smtp_server.delivered(late.message_id) == []
+
+    with pytest.raises(PermanentError, match="has no stored message"):
+        attempt(defaults, alice, no_content.outbox_id)
+    untouched = row_of(db_engine, no_content.outbox_id)
+    assert (untouched.status, untouched.attempts) == ("queued", 0)
+
+    assert attempt(defaults, alice, in_time.outbox_id)["status"] == "sent"
+    row = row_of(db_engine, in_time.outbox_id)
+    assert (row.status, row.attempts, row.error, row.next_attempt_at) == ("sent", 1, None, None)
+    assert len(smtp_server.delivered(in_time.message_id)) == 1
+
+
+def test_the_lock_connection_lost_before_the_data_ends_is_deferred_on_a_new_one(
+    defaults, make_account, smtp_server, db_engine
+):
+    """The attempt's writes run on its advisory lock's connection. Its backend terminated just
+    before the attempt records the final "." (the lock is gone with it): the attempt stops
+    before the final ".", and records `deferred` on a pool connection (still fenced)."""
+    alice, bob = make_account(), make_account()
+    entry = store(defaults, alice, {"to": [bob.address], "body": "the lock dies first"})
+    engine = get_engine(defaults)
+    terminated: list[int] = []
+
+    def terminate(_conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if "SET data_sent_at=now()" in statement and not terminated:
+            pid = cursor.connection.get_backend_pid()
+            with db_engine.connect() as other:
+                assert other.scalar(select(func.pg_terminate_backend(pid, 10_000)))
+            terminated.append(pid)
+
+    event.listen(engine, "before_cursor_execute", terminate)
+    try:
+        with pytest.raises(TransientError, match="could not record that the message data ends"):
+            attempt(defaults, alice, entry.outbox_id)
+    finally:
+        event.remove(engine, "before_cursor_execute", terminate)
+    assert terminated
+    assert smtp_server.delivered(entry.message_id) == []
+    row = row_of(db_engine, entry.outbox_id)
+    assert (row.status, row.attempts, row.data_sent_at) == ("deferred", 1, None)
+    assert row.error.startswith("could not record that the message data ends")
+    assert attempt(defaults, alice, entry.outbox_id)["status"] == "sent"
+    assert len(smtp_server.delivered(entry.message_id)) == 1
 
 
 def send_email_cli(env: dict[str, str], account, message: dict, *options: str):

@@ -31,6 +31,13 @@ resending risks a loss. We never resend blindly:
    - with it, it looks for the Message-ID in the Sent folder. Found: the row becomes `sent`.
      Not found: `unknown`, and the task fails with a message saying it was *not* resent.
 
+The claim (2) of a pending entry inside its retry window, the usual case, and every later write
+of the attempt (3-5) are each one statement that commits by itself, on the lock's connection in
+autocommit (no BEGIN/COMMIT around it): a fenced UPDATE needs no transaction, PostgreSQL
+re-checks its WHERE on the row it locks. A claim that finds anything else reads the entry
+locked (FOR UPDATE) and writes what it decided in one transaction, and so does the resolver
+that finds the message in Sent (6).
+
 Connections: an account's SMTP connection is kept between its sends (mail/kept_connections.py,
 MAILWORKER_SMTP_IDLE_REUSE), but only after a transaction that ended with the server's 250 to
 the final "."; points 1-6 hold per message whatever connection carries it: a kept connection
@@ -56,18 +63,19 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.message import EmailMessage
 from functools import partial
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import Interval, Row, Update, bindparam, func, select, update
+from sqlalchemy import Connection, Interval, Row, Update, bindparam, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import defer
+from sqlalchemy.sql import Executable
 
-from mailworker.db.engine import session_scope
-from mailworker.db.locks import advisory_lock
+from mailworker.db.engine import autocommit_connection, session_scope
+from mailworker.db.locks import locked_connection
 from mailworker.db.models import SentMessage
 from mailworker.errors import (
     AttemptSuperseded,
@@ -115,36 +123,74 @@ def send(settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, task_i
     budget = budget_for(settings.mail_memory_budget)
     with (
         budget.reserve(size * SEND_RESERVES_PER_BYTE),
-        advisory_lock(settings, lock_of(access.account_id, message_id)) as held,
+        # The lock's connection (autocommit) also runs the attempt's single ledger statements.
+        locked_connection(settings, lock_of(access.account_id, message_id)) as connection,
     ):
-        if not held:
+        if connection is None:
             raise TransientError(f"another attempt is sending {message_id} right now")
-        claim = _claim(settings, access, outbox_id, task_id)
+        ledger = _Ledger(settings, connection, access, outbox_id)
+        claim = _claim(ledger, task_id)
         if claim.action == "done":
             logger.info("%s was already sent; not sending again", message_id)
             return {**claim.row, "duplicate": True}
         if claim.action == "copy":
-            return _finish_sent_copy(settings, access, outbox_id, message_id, claim)
+            return _finish_sent_copy(ledger, message_id, claim)
         if claim.action == "resolve":
-            return _resolve_interrupted(settings, access, outbox_id, message_id, claim.attempt)
-        return _send_now(settings, access, outbox_id, message_id, claim)
+            return _resolve_interrupted(ledger, message_id, claim.attempt)
+        return _send_now(ledger, message_id, claim)
+
+
+@dataclass(frozen=True)
+class _Ledger:
+    """The entry `outbox_id` of this account, as one attempt reads and writes it while it
+    holds the entry's advisory lock: single statements on the lock's connection (`first`),
+    transactions through session_scope (which runs on that connection too)."""
+
+    settings: Settings
+    connection: Connection  # the advisory lock's, in autocommit
+    access: AccountAccess
+    outbox_id: uuid.UUID
+
+    @property
+    def entry(self) -> dict[str, uuid.UUID]:
+        """The parameters of _OF_ENTRY."""
+        return _entry(self.access, self.outbox_id)
+
+    def first(self, statement: Executable, params: dict[str, Any]) -> Row[Any] | None:
+        """The first row of `statement`, run by itself on the lock's connection in
+        autocommit: it commits as it ends, with no BEGIN, COMMIT or Session around it. If
+        that connection was lost (and the lock with it), on a pool connection in autocommit
+        instead: the writes are fenced, so one that comes after another attempt took over
+        writes nothing."""
+        if self.connection.invalidated:
+            with autocommit_connection(self.settings) as connection:
+                return connection.execute(statement, params).first()
+        return self.connection.execute(statement, params).first()
 
 
 def _message_id_of(
     settings: Settings, access: AccountAccess, outbox_id: uuid.UUID
 ) -> tuple[str, int]:
-    """The entry's Message-ID and stored size (without loading the content)."""
-    with session_scope(settings) as session:
-        found = session.execute(
-            _MESSAGE_ID_AND_SIZE, {**_entry(access, outbox_id), "tenant": access.tenant_id}
-        ).first()
+    """The entry's Message-ID and stored size (without loading the content): one statement,
+    before the lock is taken, on a pool connection in autocommit."""
+    params = {**_entry(access, outbox_id), "tenant": access.tenant_id}
+    with autocommit_connection(settings) as connection:
+        found = connection.execute(_MESSAGE_ID_AND_SIZE, params).first()
     if found is None:
         # Like the other ownership checks: not saying whether it exists elsewhere.
         raise TenantMismatch(f"outbox entry {outbox_id} is not a message of this account")
     return found[0], found[1]
 
 
-def _claim(settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, task_id: str) -> Claim:
+def _claim(ledger: _Ledger, task_id: str) -> Claim:
+    """The usual case, a pending entry with its content inside its retry window, is taken in
+    one statement (_TAKE_PENDING). Anything else is read locked, in a transaction with what it
+    writes: why not, or what instead (an expired window, a lost attempt to take over)."""
+    settings, access, outbox_id = ledger.settings, ledger.access, ledger.outbox_id
+    window = timedelta(seconds=settings.send_retry_window)
+    taken = ledger.first(_TAKE_PENDING, {**ledger.entry, "task": task_id, "window": window})
+    if taken is not None:
+        return Claim("send", {}, taken.content, taken.attempts)
     with session_scope(settings) as session:
         row, now = _row_and_now(session, access, outbox_id)
         if row.status == "sent":
@@ -186,10 +232,8 @@ def _window_ended(row: Row[Any], now: datetime, settings: Settings) -> bool:
     return (now - row.queued_at).total_seconds() > settings.send_retry_window
 
 
-def _send_now(
-    settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, message_id: str, claim: Claim
-) -> dict:
-    attempt = claim.attempt
+def _send_now(ledger: _Ledger, message_id: str, claim: Claim) -> dict:
+    settings, access, attempt = ledger.settings, ledger.access, claim.attempt
     # policy.default with the header caches of synced mail: the parser and the generator of the
     # wire data look each part's Content-Type up six or seven times, each a parse of its own.
     message = email.message_from_bytes(claim.content, policy=PARSE_POLICY)
@@ -201,7 +245,7 @@ def _send_now(
         # Committed before QUIT: a worker killed after the 250 leaves `sent`, not `unknown`.
         accepted.append(result)
         try:
-            _record_sent(settings, access, outbox_id, attempt, result)
+            _record_sent(ledger, attempt, result)
         except Exception as error:  # a database error, a time limit, an overtaking attempt
             unrecorded.append(error)
 
@@ -210,15 +254,14 @@ def _send_now(
             access.smtp,
             message,
             final_reply_timeout=settings.smtp_final_reply_timeout,
-            before_final_dot=partial(_mark_data_sent, settings, access, outbox_id, attempt),
+            before_final_dot=partial(_mark_data_sent, ledger, attempt),
             on_accepted=record_sent,
             sessions=kept_smtp(settings),
             account=str(access.account_id),
         )
     except Exception as error:
         if not accepted:
-            set_status = partial(_set_status, settings, access, outbox_id, attempt)
-            _record_failure(set_status, message_id, error)
+            _record_failure(partial(_set_status, ledger, attempt), message_id, error)
             raise
         # Raised after the server's 250 (a time limit while closing): the delivery stands.
     [result] = accepted
@@ -229,14 +272,14 @@ def _send_now(
         _copy_to_sent(settings, access, claim.content)
         raise unrecorded[0]
     copied = _copy_to_sent(settings, access, claim.content)
-    _record_copy(settings, access, outbox_id, copied)
+    _record_copy(ledger, copied)
     logger.info(
         "sent %s to %d recipient(s), %d refused",
         message_id,
         len(result.accepted),
         len(result.refused),
     )
-    return _result(outbox_id, message_id, result, copied)
+    return _result(ledger.outbox_id, message_id, result, copied)
 
 
 def kept_smtp(settings: Settings) -> KeptConnections:
@@ -282,12 +325,10 @@ def _record_failure(set_status: Callable[..., None], message_id: str, error: Exc
         set_status(status, error=type(error).__name__)
 
 
-def _mark_data_sent(
-    settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, attempt: int
-) -> None:
+def _mark_data_sent(ledger: _Ledger, attempt: int) -> None:
     """Commit that this attempt writes the final "." now; a superseded one stops before it."""
     try:
-        _update_attempt(settings, access, outbox_id, attempt, _MARK_DATA_SENT)
+        _update_attempt(ledger, attempt, _MARK_DATA_SENT)
     except SQLAlchemyError as error:
         raise TransientError(
             f"could not record that the message data ends ({type(error).__name__}); "
@@ -295,37 +336,26 @@ def _mark_data_sent(
         ) from None
 
 
-def _record_sent(
-    settings: Settings,
-    access: AccountAccess,
-    outbox_id: uuid.UUID,
-    attempt: int,
-    result: SendResult,
-) -> None:
+def _record_sent(ledger: _Ledger, attempt: int, result: SendResult) -> None:
     """The server took it: `sent` (from `unknown` too, which a resolver may have concluded)."""
     outcome = {"accepted_by": list(result.accepted), "refused_by": dict(result.refused)}
-    _update_attempt(settings, access, outbox_id, attempt, _RECORD_SENT, **outcome)
+    _update_attempt(ledger, attempt, _RECORD_SENT, **outcome)
 
 
-def _record_copy(
-    settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, copied: bool
-) -> None:
+def _record_copy(ledger: _Ledger, copied: bool) -> None:
     """After the Sent copy (or its failure): drop the content; the hash keeps the claim."""
-    with session_scope(settings) as session:
-        params = {**_entry(access, outbox_id), "copied": copied}
-        updated = session.scalar(_RECORD_COPY, params)
-    if updated is None:  # only a manual DELETE since the claim gets here
-        raise PermanentError(f"outbox entry {outbox_id} disappeared")
+    if ledger.first(_RECORD_COPY, {**ledger.entry, "copied": copied}) is None:
+        # only a manual DELETE since the claim gets here
+        raise PermanentError(f"outbox entry {ledger.outbox_id} disappeared")
 
 
-def _finish_sent_copy(
-    settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, message_id: str, claim: Claim
-) -> dict:
+def _finish_sent_copy(ledger: _Ledger, message_id: str, claim: Claim) -> dict:
     """The attempt that sent it died before its Sent copy: make it, unless it is there."""
+    settings, access = ledger.settings, ledger.access
     copied = _in_sent_folder(settings, access, message_id) or _copy_to_sent(
         settings, access, claim.content
     )
-    _record_copy(settings, access, outbox_id, copied)
+    _record_copy(ledger, copied)
     logger.info("%s was already sent; its copy to Sent is done now", message_id)
     return {**claim.row, "copied_to_sent": copied, "duplicate": True}
 
@@ -342,10 +372,9 @@ def _copy_to_sent(settings: Settings, access: AccountAccess, content: bytes) -> 
     return True
 
 
-def _resolve_interrupted(
-    settings: Settings, access: AccountAccess, outbox_id: uuid.UUID, message_id: str, attempt: int
-) -> dict:
+def _resolve_interrupted(ledger: _Ledger, message_id: str, attempt: int) -> dict:
     """Attempt `attempt` died after its final ".": find out, never resend."""
+    settings, access, outbox_id = ledger.settings, ledger.access, ledger.outbox_id
     if _in_sent_folder(settings, access, message_id):
         with session_scope(settings) as session:
             row = _attempt_row(session, access, outbox_id, attempt, ("sending",))
@@ -357,7 +386,7 @@ def _resolve_interrupted(
         logger.warning("%s: interrupted attempt had completed (found in Sent)", message_id)
         return {**outcome, "recovered": True}
     error = "a worker died after the message data went out; not resent to avoid a duplicate"
-    _set_status(settings, access, outbox_id, attempt, "unknown", error=error)
+    _set_status(ledger, attempt, "unknown", error=error)
     raise PermanentError(_unknown_message(message_id, error))
 
 
@@ -413,43 +442,31 @@ def _row_and_now(
     return found, found.now
 
 
-def _update_attempt(
-    settings: Settings,
-    access: AccountAccess,
-    outbox_id: uuid.UUID,
-    attempt: int,
-    statement: Fenced,
-    **params: Any,
-) -> None:
+def _update_attempt(ledger: _Ledger, attempt: int, statement: Fenced, **params: Any) -> None:
     """Run `statement` (a Fenced one, at the end of the module) with `params`, if attempt
     `attempt` still owns the entry in the statement's statuses.
 
-    One UPDATE whose WHERE carries the fencing check: PostgreSQL re-checks it on the row it
-    locks, so an attempt overtaken in between writes nothing (as the locked read did).
+    One UPDATE whose WHERE carries the fencing check, committed by itself (`_Ledger.first`):
+    PostgreSQL re-checks the WHERE on the row it locks, so an attempt overtaken in between
+    writes nothing.
     """
-    with session_scope(settings) as session:
-        values = {**_entry(access, outbox_id), "attempt": attempt, **params}
-        if session.scalar(statement.update, values) is None:
-            _attempt_row(session, access, outbox_id, attempt, statement.statuses)  # raises
-            raise AttemptSuperseded(f"attempt {attempt} of {outbox_id} was overtaken")
+    if ledger.first(statement.update, {**ledger.entry, "attempt": attempt, **params}) is None:
+        found = ledger.first(_STATE, ledger.entry)
+        if found is None:  # only a manual DELETE since the claim gets here
+            raise PermanentError(f"outbox entry {ledger.outbox_id} disappeared")
+        raise AttemptSuperseded(
+            f"attempt {attempt} of {found.message_id} was overtaken (the entry is "
+            f"{found.status} at attempt {found.attempts}); this one stops without writing"
+        )
 
 
-def _set_status(
-    settings: Settings,
-    access: AccountAccess,
-    outbox_id: uuid.UUID,
-    attempt: int,
-    status: str,
-    *,
-    error: str,
-) -> None:
+def _set_status(ledger: _Ledger, attempt: int, status: str, *, error: str) -> None:
     """The outcome of attempt `attempt`, still `sending`."""
     if status == "deferred":
-        delay = retry_delay(settings)
-        _update_attempt(settings, access, outbox_id, attempt, _DEFER, reason=error, delay=delay)
+        delay = retry_delay(ledger.settings)
+        _update_attempt(ledger, attempt, _DEFER, reason=error, delay=delay)
     else:
-        params = {"new_status": status, "reason": error}
-        _update_attempt(settings, access, outbox_id, attempt, _SET_STATUS, **params)
+        _update_attempt(ledger, attempt, _SET_STATUS, new_status=status, reason=error)
 
 
 def _outcome(row: SentMessage | Row[Any]) -> dict[str, Any]:
@@ -520,7 +537,30 @@ _MESSAGE_ID_AND_SIZE = select(
 _ROW_AND_NOW = (
     select(_OUTBOX, func.now().label("now")).where(*_OF_ENTRY).with_for_update(of=_OUTBOX)
 )
-# The claim takes the entry for attempt :attempt (its row is locked by _ROW_AND_NOW).
+# The claim's usual case in one statement: a pending entry with its content, inside its retry
+# window (:window since it was queued, as _window_ended says), taken for its next attempt.
+_TAKE_PENDING = (
+    update(_OUTBOX)
+    .where(
+        *_OF_ENTRY,
+        _COL.status.in_(PENDING),
+        _COL.content.is_not(None),
+        or_(
+            _COL.queued_at.is_(None),
+            _COL.queued_at >= func.now() - bindparam("window", type_=Interval()),
+        ),
+    )
+    .values(
+        status="sending",
+        attempts=_COL.attempts + 1,
+        task_id=bindparam("task"),
+        error=None,
+        next_attempt_at=None,
+        data_sent_at=None,
+    )
+    .returning(_COL.attempts, _COL.content)
+)
+# Any other claim takes the entry for attempt :attempt (its row is locked by _ROW_AND_NOW).
 _TAKE = (
     update(_OUTBOX)
     .where(*_OF_ENTRY)
@@ -550,6 +590,8 @@ _DEFER = Fenced.of(
     error=bindparam("reason"),
     next_attempt_at=func.now() + bindparam("delay", type_=Interval()),
 )
+# Where the entry stands, when a fenced UPDATE wrote nothing.
+_STATE = select(_COL.message_id, _COL.status, _COL.attempts).where(*_OF_ENTRY)
 _RECORD_COPY = (
     update(_OUTBOX)
     .where(*_OF_ENTRY)
