@@ -5,7 +5,9 @@ never used again, and the task's next statement runs on a fresh one."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -173,3 +175,53 @@ def test_a_task_whose_connection_breaks_goes_on_on_a_fresh_one(task_settings, db
     assert [row.state for row in attempts(db_engine, result.id)] == ["succeeded"]
     assert use.checkouts == 2
     assert use.checkins == [None, False]
+
+
+def test_each_thread_runs_its_task_on_a_connection_of_its_own(task_settings):
+    """The threads pool: the task connection is per thread, one checkout each, never shared, and
+    the pool (1 connection per thread) is enough: no overflow."""
+    threads = 4
+    # A pool of its own (engines are per URL), sized as a 4-thread worker's.
+    settings = dataclasses.replace(
+        task_settings,
+        database_url=f"{task_settings.database_url}?sslmode=disable",
+        pool="threads",
+        concurrency=threads,
+    )
+    engine = get_engine(settings)
+    together = threading.Barrier(threads, timeout=30)
+    checkouts: dict[int, int] = {}
+    pids: dict[int, set[int]] = {}
+    most = [0]
+
+    def checkout(*_: object) -> None:
+        ident = threading.get_ident()
+        checkouts[ident] = checkouts.get(ident, 0) + 1
+        most[0] = max(most[0], engine.pool.checkedout())  # type: ignore[attr-defined]
+
+    def task() -> None:
+        mine = pids.setdefault(threading.get_ident(), set())
+        with task_connection():
+            with autocommit_connection(settings) as connection:
+                mine.add(backend_pid(connection))
+            together.wait()  # every thread holds its connection now
+            with advisory_lock(settings, lock_key("threads-test", uuid.uuid4())) as held:
+                assert held
+                with session_scope(settings) as session:
+                    mine.add(int(session.scalar(text("SELECT pg_backend_pid()"))))
+            together.wait()
+
+    event.listen(engine.pool, "checkout", checkout)
+    try:
+        workers = [threading.Thread(target=task) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+    finally:
+        event.remove(engine.pool, "checkout", checkout)
+        engine.dispose()
+    assert sorted(checkouts.values()) == [1] * threads
+    assert all(len(seen) == 1 for seen in pids.values())  # one backend per thread's task
+    assert len(set().union(*pids.values())) == threads  # and no two threads on one
+    assert most[0] == threads == engine.pool.size()  # type: ignore[attr-defined]
