@@ -6,9 +6,12 @@ Dovecot runs as dovenull). Not part of `make bench`: a tool for working on the s
 It starts the test servers (bench/mailstack.py), registers N accounts as an operator does, and
 runs the shipped task body, `sync_mailbox.apply(...)` in this process (ledger, tenancy check,
 password decryption, advisory lock, IMAP, parsing, INSERTs, classify_spam queued to the real
-Redis), with the shipped defaults; no worker process. Two cases, each R rounds over every
-account after one untimed first sync: idle mailboxes, and `--new` new 4 KB messages per mailbox
-(appended over IMAP before each round, untimed).
+Redis), with the shipped defaults; no worker process, but marked as a worker's pool marks its
+process (`task_join_will_block`): outside a worker, queueing a task also subscribes to its result
+in the result backend (a Redis SUBSCRIBE, then an UNSUBSCRIBE when the result object goes),
+which a worker never does. Two cases, each R rounds over every account after one untimed first
+sync: idle mailboxes, and `--new` new 4 KB messages per mailbox (appended over IMAP before each
+round, untimed).
 
 Per sync it reports CPU (this process's time.process_time; on a shared machine the lower
 quartile moves least with the neighbours' load), wall time, the statements
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from celery._state import _set_task_join_will_block
 from mailworker.db.engine import get_engine
 from mailworker.tasks.base import worker_settings
 from mailworker.tasks.sync import sync_mailbox
@@ -210,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in [name for name in os.environ if name.startswith("MAILWORKER_")]:
             del os.environ[name]
         os.environ.update(stack.settings_env())
+        # As every worker pool sets it (celery/concurrency/base.py): no result subscription for
+        # the tasks the sync queues.
+        _set_task_join_will_block(True)
         accounts = register(stack, options.accounts, "prof")
         counts = Counts()
         _counting(counts)

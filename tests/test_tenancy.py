@@ -9,7 +9,7 @@ import pytest
 from mailworker.db.models import FolderSyncState, MailAccount, Message, TaskAttempt, Tenant, User
 from mailworker.errors import TenantMismatch
 from mailworker.services import outbox
-from mailworker.tenancy import owned_account
+from mailworker.tenancy import owned_account, owned_account_row
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -198,6 +198,10 @@ def test_owned_account_refuses_each_mismatch_with_its_reason(db_engine, make_acc
     def refusal(tenant: uuid.UUID, user: uuid.UUID, account: uuid.UUID) -> str:
         with Session(db_engine) as session, pytest.raises(TenantMismatch) as raised:
             owned_account(session, tenant, user, account)
+        # The Core statement the tasks use refuses alike.
+        with db_engine.connect() as connection, pytest.raises(TenantMismatch) as core:
+            owned_account_row(connection, tenant, user, account)
+        assert str(core.value) == str(raised.value)
         return str(raised.value)
 
     def set_active(model: Any, row_id: uuid.UUID, active: bool) -> None:
@@ -206,6 +210,9 @@ def test_owned_account_refuses_each_mismatch_with_its_reason(db_engine, make_acc
 
     with Session(db_engine) as session:
         assert owned_account(session, t, u, a).id == a
+    with db_engine.connect() as connection:
+        row = owned_account_row(connection, t, u, a)
+        assert (row.id, row.tenant_id, row.user_id, row.active) == (a, t, u, True)
     nil = uuid.UUID(int=0)
     assert refusal(nil, u, a) == f"tenant {nil} does not exist"
     assert refusal(t, other["u"], a) == f"user {other['u']} does not belong to tenant {t}"

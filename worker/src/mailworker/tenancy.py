@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Final
 
-from sqlalchemy import and_, select
+from sqlalchemy import Connection, Row, and_, bindparam, select
 from sqlalchemy.orm import Session, load_only
 
 from mailworker.db.models import MailAccount, Message, Tenant, User
@@ -127,12 +127,75 @@ def owned_account(
         .where(Tenant.id == tenant_id)
     ).first()
     tenant_active, found_user, user_active, account = row if row else (None, None, None, None)
-    _require_active(tenant_id, user_id, tenant_active, None if found_user is None else user_active)
-    if account is None:
-        raise TenantMismatch(f"account {account_id} does not belong to user {user_id}")
-    if not account.active:
-        raise TenantMismatch(f"account {account_id} is not active")
+    _require_owned(
+        tenant_id,
+        user_id,
+        account_id,
+        tenant_active=tenant_active,
+        user_active=None if found_user is None else user_active,
+        account_active=None if account is None else account.active,
+    )
+    assert account is not None  # refused above otherwise
     return account
+
+
+# owned_account's query as a Core statement, built once: the account's columns, no ORM object.
+_OWNED_ACCOUNT: Final = (
+    select(
+        Tenant.active.label("owned_tenant_active"),
+        User.id.label("owned_user_id"),
+        User.active.label("owned_user_active"),
+        *MailAccount.__table__.c,
+    )
+    .select_from(Tenant)
+    .outerjoin(User, and_(User.id == bindparam("user"), User.tenant_id == Tenant.id))
+    .outerjoin(
+        MailAccount,
+        and_(
+            MailAccount.id == bindparam("account"),
+            MailAccount.tenant_id == Tenant.id,
+            MailAccount.user_id == User.id,
+        ),
+    )
+    .where(Tenant.id == bindparam("tenant"))
+)
+
+
+def owned_account_row(
+    connection: Connection, tenant_id: uuid.UUID, user_id: uuid.UUID, account_id: uuid.UUID
+) -> Row[Any]:
+    """owned_account's checks and errors on a connection: the account's columns as one row
+    (its attributes named as MailAccount's), without the ORM's work of building an object."""
+    row = connection.execute(
+        _OWNED_ACCOUNT, {"tenant": tenant_id, "user": user_id, "account": account_id}
+    ).first()
+    _require_owned(
+        tenant_id,
+        user_id,
+        account_id,
+        tenant_active=None if row is None else row.owned_tenant_active,
+        user_active=None if row is None or row.owned_user_id is None else row.owned_user_active,
+        account_active=None if row is None or row.id is None else row.active,
+    )
+    assert row is not None  # refused above otherwise
+    return row
+
+
+def _require_owned(
+    tenant_id: uuid.UUID,
+    user_id: uuid.UUID,
+    account_id: uuid.UUID,
+    *,
+    tenant_active: bool | None,
+    user_active: bool | None,
+    account_active: bool | None,
+) -> None:
+    """The tenant's, the user's and then the account's refusals (None: no such row)."""
+    _require_active(tenant_id, user_id, tenant_active, user_active)
+    if account_active is None:
+        raise TenantMismatch(f"account {account_id} does not belong to user {user_id}")
+    if not account_active:
+        raise TenantMismatch(f"account {account_id} is not active")
 
 
 def user_messages(

@@ -3,10 +3,19 @@
 Prefork children must not share their parent's sockets: `forget_engines()` runs in every new
 pool process (see tasks/base.py) so each child opens its own connections.
 
-One connection per running task: while a task holds an advisory lock (db/locks.py), the lock's
-connection carries the task's sessions too (`sessions_on`), instead of a second connection from
-the pool for every transaction. A session-level advisory lock lives as long as its connection,
-whatever the transactions on it commit or roll back.
+One connection per running task: tasks/base.py runs every task inside `task_connection()`, and
+the task's first database use checks a connection out of the pool (with its pre-ping); every
+later use in the task runs on it (`autocommit_connection`, `autocommit_session`,
+`session_scope`, the advisory lock of db/locks.py), the ledger's last write included, and it goes
+back to the pool when the task ends: one checkout and one pre-ping per task, not one per block.
+Between uses it is in autocommit mode, so it holds no transaction open while the task talks to
+a mail server. A connection SQLAlchemy invalidated (PostgreSQL restarted, the backend
+terminated) is never used again: the task's next use checks out a fresh one. A session opened
+inside another gets a connection of its own from the pool (`max_overflow`), as does a block
+asking for another database's engine. Outside a task (commands, beat, health checks) each block
+checks out its own connection; while an advisory lock is held there, the thread's sessions run
+on the lock's connection (`sessions_on`). A session-level advisory lock lives as long as its
+connection, whatever the transactions on it commit or roll back.
 
 `session_scope` is a transaction (BEGIN ... COMMIT). `autocommit_connection` is none: each
 statement commits by itself, which saves the BEGIN and COMMIT round trips where the work is one
@@ -19,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -31,6 +41,18 @@ from mailworker.settings import Settings, mask_url
 _engines: dict[str, Engine] = {}
 # The connection this thread's sessions run on while it holds an advisory lock.
 _lock_connection: ContextVar[Connection | None] = ContextVar("lock_connection", default=None)
+
+
+@dataclass
+class _TaskConnection:
+    """The running task's connection: None until its first database use (and after a failed
+    checkout)."""
+
+    connection: Connection | None = None
+
+
+# Set while a task runs (tasks/base.py); a ContextVar, so each thread of the pool has its own.
+_task: ContextVar[_TaskConnection | None] = ContextVar("task_connection", default=None)
 _IN_SESSION = "mailworker_session_open"  # in Connection.info while a session runs on it
 
 
@@ -58,8 +80,8 @@ def get_engine(settings: Settings) -> Engine:
 
 
 def pool_size(settings: Settings) -> int:
-    """One connection per running task (its sessions run on its advisory lock's connection):
-    the threads pool runs `concurrency` tasks in one process, prefork and solo one each."""
+    """One connection per running task (`task_connection`): the threads pool runs
+    `concurrency` tasks in one process, prefork and solo one each."""
     return settings.concurrency if settings.pool == "threads" else 1
 
 
@@ -68,6 +90,72 @@ def forget_engines() -> None:
     for engine in _engines.values():
         engine.dispose(close=False)
     _engines.clear()
+
+
+@contextmanager
+def task_connection() -> Iterator[None]:
+    """The block is one task: its database uses share one connection, checked out on the
+    first and returned to the pool when the block ends (see the module docstring)."""
+    if _task.get() is not None:  # a task run eagerly inside another: the outer task's
+        yield
+        return
+    held = _TaskConnection()
+    token = _task.set(held)
+    try:
+        yield
+    finally:
+        _task.reset(token)
+        if held.connection is not None:
+            _give_back(held.connection)
+
+
+def _held(settings: Settings) -> Connection | None:
+    """The running task's connection (autocommit, no transaction marker), checked out now if
+    it has none or its last one broke; None outside a task, while a session runs on it, or for
+    another database than the task's connection."""
+    held = _task.get()
+    if held is None:
+        return None
+    engine = get_engine(settings)
+    connection = held.connection
+    if connection is not None:
+        if connection.engine is not engine:
+            return None
+        if connection.invalidated or connection.closed:
+            # Broken (SQLAlchemy invalidated it on a disconnect error): its DBAPI connection is
+            # gone already, closing it returns nothing to the pool. (Its `info` would ask the
+            # pool for another connection: not read before this.)
+            connection.close()
+            held.connection = None
+        elif connection.info.get(_IN_SESSION):
+            return None
+        else:
+            if connection.in_transaction():
+                # SQLAlchemy's marker of the statements run on it in autocommit: none is open
+                # on the server, so this sends nothing.
+                connection.commit()
+            return connection
+    connection = engine.connect()  # the pool's pre-ping replaces a dead connection
+    try:
+        # A client flag, no round trip (see autocommit_connection).
+        connection.connection.dbapi_connection.autocommit = True
+    except BaseException:
+        connection.close()
+        raise
+    held.connection = connection
+    return connection
+
+
+def _give_back(connection: Connection) -> None:
+    """Return the task's connection to the pool in transaction mode, as the pool lends them."""
+    if not connection.invalidated and not connection.closed:
+        dbapi = connection.connection.dbapi_connection
+        try:
+            if not dbapi.closed:
+                dbapi.autocommit = False
+        except Exception:  # psycopg2 refuses inside a transaction, or the socket is gone
+            connection.invalidate()
+    connection.close()
 
 
 @contextmanager
@@ -84,12 +172,15 @@ def sessions_on(connection: Connection) -> Iterator[None]:
 def session_scope(settings: Settings) -> Iterator[Session]:
     """A session that commits when the block ends and rolls back when it raises."""
     connection = _lock_connection.get()
-    if connection is None or connection.invalidated or connection.info.get(_IN_SESSION):
+    if connection is None or connection.invalidated or connection.closed:
+        connection = _held(settings)
+    if connection is None or connection.info.get(_IN_SESSION):
         factory = sessionmaker(get_engine(settings), expire_on_commit=False)
         with factory() as session, session.begin():
             yield session
         return
-    # The session begins, commits or rolls back its own transaction on the lock's connection.
+    # The session begins, commits or rolls back its own transaction on the lock's or the
+    # task's connection.
     with (
         _transactions_on(connection),
         Session(bind=connection, expire_on_commit=False) as session,
@@ -100,8 +191,8 @@ def session_scope(settings: Settings) -> Iterator[Session]:
 
 @contextmanager
 def _transactions_on(connection: Connection) -> Iterator[None]:
-    """The lock's autocommit connection, with real transactions for the block (a session's
-    statements commit together); autocommit again after it."""
+    """The lock's or the task's autocommit connection, with real transactions for the block (a
+    session's statements commit together); autocommit again after it."""
     if connection.in_transaction():
         # SQLAlchemy's marker of the statements run on it in autocommit: none is open on the
         # server, so this sends nothing.
@@ -116,12 +207,17 @@ def _transactions_on(connection: Connection) -> Iterator[None]:
 
 @contextmanager
 def autocommit_connection(settings: Settings) -> Iterator[Connection]:
-    """A pooled connection in autocommit mode (see the module docstring).
+    """A connection in autocommit mode: the running task's, else one from the pool (see the
+    module docstring).
 
     psycopg2's `autocommit` is set on the connection itself, as SQLAlchemy's own pre-ping does:
     a flag of the client (it stops sending BEGIN), so switching it costs no round trip, where
     the isolation_level="AUTOCOMMIT" execution option costs a SET on checkout and one on return.
     """
+    connection = _held(settings)
+    if connection is not None:
+        yield connection
+        return
     # Checked out idle (no transaction is open); back to the pool in transaction mode, as every
     # other connection is.
     with get_engine(settings).connect() as connection, _dbapi_autocommit(connection, True):

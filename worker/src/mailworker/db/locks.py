@@ -3,9 +3,10 @@ with -9 releases its locks the moment the server sees the connection drop.
 
 The lock's connection is in autocommit mode: taking and releasing the lock are one round trip
 each, with no transaction around them; `locked_connection` lends that connection to the lock's
-holder for statements of its own that need no transaction. While the lock is held, the thread's
-sessions run on that connection too, each a transaction of its own (db/engine.py
-`sessions_on`): one connection per running task."""
+holder for statements of its own that need no transaction. In a task that connection is the
+task's own (db/engine.py `task_connection`); outside one it is checked out for the lock. While
+the lock is held, the thread's sessions run on that connection too, each a transaction of its
+own (db/engine.py `sessions_on`): one connection per running task."""
 
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ def locked_connection(settings: Settings, key: int) -> Iterator[Connection | Non
             else:
                 yield None
         finally:
-            if held:
+            # A connection SQLAlchemy invalidated (or the task replaced after that) is closed:
+            # the server released its locks when it went.
+            if held and not (connection.invalidated or connection.closed):
                 try:
                     connection.scalar(select(func.pg_advisory_unlock(key)))
                 except SQLAlchemyError:

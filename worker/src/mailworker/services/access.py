@@ -1,6 +1,7 @@
 """What a service needs to reach one account's mail servers, loaded after the tenancy check.
 
-The DB session (reads only, no transaction: db/engine.py autocommit_session) closes before any
+The tenancy check is one statement built once (tenancy.owned_account_row), read on the task's
+autocommit connection (db/engine.py) with no ORM object made; nothing of it stays open during
 mail I/O; the password is decrypted into the endpoint only (never into a dict, a log line or a
 result) and `MailEndpoint` keeps it out of repr().
 """
@@ -9,13 +10,16 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Row
 
 from mailworker.crypto import decrypt_password
-from mailworker.db.engine import autocommit_session
+from mailworker.db.engine import autocommit_connection
 from mailworker.db.models import MailAccount
 from mailworker.mail.endpoints import MailEndpoint
 from mailworker.settings import Settings
-from mailworker.tenancy import owned_account
+from mailworker.tenancy import owned_account_row
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,8 @@ class AccountAccess:
     smtp: MailEndpoint
 
     @classmethod
-    def of(cls, account: MailAccount, settings: Settings) -> AccountAccess:
+    def of(cls, account: MailAccount | Row[Any], settings: Settings) -> AccountAccess:
+        """From an account: its ORM object or a row of its columns (owned_account_row)."""
         password = decrypt_password(settings, account.password_encrypted)
         smtp_password = (
             decrypt_password(settings, account.smtp_password_encrypted)
@@ -65,6 +70,6 @@ def owned_access(
     settings: Settings, tenant_id: uuid.UUID, user_id: uuid.UUID, account_id: uuid.UUID
 ) -> AccountAccess:
     """The account's endpoints, after checking tenant, user and ownership (TenantMismatch)."""
-    with autocommit_session(settings) as session:
-        account = owned_account(session, tenant_id, user_id, account_id)
-        return AccountAccess.of(account, settings)
+    with autocommit_connection(settings) as connection:
+        account = owned_account_row(connection, tenant_id, user_id, account_id)
+    return AccountAccess.of(account, settings)

@@ -56,7 +56,7 @@ from redis.exceptions import ResponseError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from mailworker.db.engine import forget_engines
+from mailworker.db.engine import forget_engines, task_connection
 from mailworker.errors import (
     AttemptSuperseded,
     ConfigurationError,
@@ -149,6 +149,11 @@ class MailTask(Task):
             ) from None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # One PostgreSQL connection for the whole task, the ledger's writes included.
+        with task_connection():
+            return self._attempt(*args, **kwargs)
+
+    def _attempt(self, *args: Any, **kwargs: Any) -> Any:
         settings = self.settings
         request = self.request
         now = time.time()
