@@ -103,43 +103,8 @@ def _require_active(
         raise TenantMismatch(f"user {user_id} is not active")
 
 
-def owned_account(
-    session: Session, tenant_id: uuid.UUID, user_id: uuid.UUID, account_id: uuid.UUID
-) -> MailAccount:
-    """The active account `account_id`, if tenant and user exist, are active and own it.
-
-    One query (one round trip): the tenant, joined to the user only if the user is the tenant's,
-    and to the account only if it is that user's in that tenant; the errors are those of
-    require_tenant_and_user and then the account's, in the same order.
-    """
-    row = session.execute(
-        select(Tenant.active, User.id, User.active, MailAccount)
-        .select_from(Tenant)
-        .outerjoin(User, and_(User.id == user_id, User.tenant_id == Tenant.id))
-        .outerjoin(
-            MailAccount,
-            and_(
-                MailAccount.id == account_id,
-                MailAccount.tenant_id == Tenant.id,
-                MailAccount.user_id == User.id,
-            ),
-        )
-        .where(Tenant.id == tenant_id)
-    ).first()
-    tenant_active, found_user, user_active, account = row if row else (None, None, None, None)
-    _require_owned(
-        tenant_id,
-        user_id,
-        account_id,
-        tenant_active=tenant_active,
-        user_active=None if found_user is None else user_active,
-        account_active=None if account is None else account.active,
-    )
-    assert account is not None  # refused above otherwise
-    return account
-
-
-# owned_account's query as a Core statement, built once: the account's columns, no ORM object.
+# The tenant, joined to the user only if the user is the tenant's, and to the account only if it
+# is that user's in that tenant: one query, built once; the account's columns, no ORM object.
 _OWNED_ACCOUNT: Final = (
     select(
         Tenant.active.label("owned_tenant_active"),
@@ -164,8 +129,9 @@ _OWNED_ACCOUNT: Final = (
 def owned_account_row(
     connection: Connection, tenant_id: uuid.UUID, user_id: uuid.UUID, account_id: uuid.UUID
 ) -> Row[Any]:
-    """owned_account's checks and errors on a connection: the account's columns as one row
-    (its attributes named as MailAccount's), without the ORM's work of building an object."""
+    """The active account `account_id`, if tenant and user exist, are active and own it: its
+    columns as one row (attributes named as MailAccount's). One round trip; the errors are those
+    of require_tenant_and_user and then the account's, in the same order."""
     row = connection.execute(
         _OWNED_ACCOUNT, {"tenant": tenant_id, "user": user_id, "account": account_id}
     ).first()

@@ -32,7 +32,7 @@ from mailworker.db.models import SentMessage
 from mailworker.errors import InvalidTaskArguments, PermanentError
 from mailworker.mail.compose import build_message, content_hash
 from mailworker.settings import PREFIX, Settings
-from mailworker.tenancy import owned_account
+from mailworker.tenancy import owned_account_row
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def store(
 ) -> Submission:
     """Check `spec`, store it as `queued` (or find the same message stored before)."""
     with session_scope(settings) as session:
-        account = owned_account(session, tenant_id, user_id, account_id)
+        account = owned_account_row(session.connection(), tenant_id, user_id, account_id)
         message = build_message(spec, sender=account.email)
         content = message.as_bytes()
         if len(content) > settings.max_message_size:
