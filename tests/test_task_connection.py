@@ -181,14 +181,17 @@ def test_each_thread_runs_its_task_on_a_connection_of_its_own(task_settings):
     """The threads pool: the task connection is per thread, one checkout each, never shared, and
     the pool (1 connection per thread) is enough: no overflow."""
     threads = 4
-    # A pool of its own (engines are per URL), sized as a 4-thread worker's.
+    # A pool of its own, sized as a 4-thread worker's: engines are cached per URL, so the URL is
+    # one no other test uses (tests/test_db_autocommit.py's engine, of one connection, has
+    # ?sslmode=disable; `target_session_attrs=any` is libpq's default).
     settings = dataclasses.replace(
         task_settings,
-        database_url=f"{task_settings.database_url}?sslmode=disable",
+        database_url=f"{task_settings.database_url}?sslmode=disable&target_session_attrs=any",
         pool="threads",
         concurrency=threads,
     )
     engine = get_engine(settings)
+    assert engine.pool.size() == threads  # type: ignore[attr-defined]
     together = threading.Barrier(threads, timeout=30)
     checkouts: dict[int, int] = {}
     pids: dict[int, set[int]] = {}
