@@ -130,10 +130,7 @@ def _held(settings: Settings) -> Connection | None:
         elif connection.info.get(_IN_SESSION):
             return None
         else:
-            if connection.in_transaction():
-                # SQLAlchemy's marker of the statements run on it in autocommit: none is open
-                # on the server, so this sends nothing.
-                connection.commit()
+            _drop_autocommit_marker(connection)
             return connection
     connection = engine.connect()  # the pool's pre-ping replaces a dead connection
     try:
@@ -193,16 +190,20 @@ def session_scope(settings: Settings) -> Iterator[Session]:
 def _transactions_on(connection: Connection) -> Iterator[None]:
     """The lock's or the task's autocommit connection, with real transactions for the block (a
     session's statements commit together); autocommit again after it."""
-    if connection.in_transaction():
-        # SQLAlchemy's marker of the statements run on it in autocommit: none is open on the
-        # server, so this sends nothing.
-        connection.commit()
+    _drop_autocommit_marker(connection)
     connection.info[_IN_SESSION] = True
     try:
         with _dbapi_autocommit(connection, False):
             yield
     finally:
         connection.info.pop(_IN_SESSION, None)
+
+
+def _drop_autocommit_marker(connection: Connection) -> None:
+    """End SQLAlchemy's marker of the statements run on `connection` in autocommit: no
+    transaction is open on the server, so this sends nothing."""
+    if connection.in_transaction():
+        connection.commit()
 
 
 @contextmanager
