@@ -15,8 +15,9 @@ accepted task has finished or --wait seconds have passed, then checks each one's
   resending (counted apart, `unknown_delivered_once`; any other status is lost);
 - after one last sync, the `messages` table holds exactly one row per Message-ID (no duplicate);
 - each sync task ended in SUCCESS (else lost).
-It also lists when each task was accepted and when it ended (`timeline`), so that a fault test can
-tell which tasks waited for a frozen host.
+It also lists when each task was accepted and when it ended (`timeline`; the syncs alone in
+`sync_timeline`), so that a fault test can tell which tasks waited for a frozen host, and whether a
+lost sync was still queued when a worker was killed (the sync queue is first in, first out).
 It prints the counts as one JSON object and exits 1 when any task was lost or doubled. The run
 file keeps the time (epoch seconds) each task was accepted, and the counts list those of the lost
 ones (`lost_accepted_at`), so that a fault test can tell what a Redis failover may lose (accepted
@@ -145,9 +146,11 @@ def _sync_states(run: dict[str, Any]) -> dict[str, str]:
     return {sync["id"]: app.AsyncResult(sync["id"]).state for sync in run["syncs"]}
 
 
-def _timeline(run: dict[str, Any]) -> list[list[float | None]]:
-    """[accepted, ended] (epoch seconds) of every task in the order accepted; ended is when a
-    send's row was recorded `sent`, or a sync's result stored; None while it has not."""
+def _timeline(
+    run: dict[str, Any], kinds: tuple[str, ...] = ("sends", "syncs")
+) -> list[list[float | None]]:
+    """[accepted, ended] (epoch seconds) of every task of KINDS in the order accepted; ended is
+    when a send's row was recorded `sent`, or a sync's result stored; None while it has not."""
     from mailworker.celery_app import app  # noqa: PLC0415
     from mailworker.db.engine import session_scope  # noqa: PLC0415
     from mailworker.db.models import SentMessage  # noqa: PLC0415
@@ -169,8 +172,8 @@ def _timeline(run: dict[str, Any]) -> list[list[float | None]]:
         if done is not None and done.tzinfo is None:
             done = done.replace(tzinfo=UTC)  # Celery stores it in UTC
         ended[sync["id"]] = done.timestamp() if done else None
-    tasks = [(send["at"], send["outbox_id"]) for send in run["sends"]]
-    tasks += [(sync["at"], sync["id"]) for sync in run["syncs"]]
+    tasks = [(send["at"], send["outbox_id"]) for send in run["sends"] if "sends" in kinds]
+    tasks += [(sync["at"], sync["id"]) for sync in run["syncs"] if "syncs" in kinds]
     timeline: list[list[float | None]] = []
     for at, key in sorted(tasks):
         end = ended.get(key)
@@ -262,6 +265,7 @@ def count(args: argparse.Namespace) -> dict[str, Any]:
         "rows_missing": sum(1 for mid in message_ids if rows[mid] == 0),
         "sync_states": dict(Counter(syncs.values())),
         "timeline": _timeline(run),
+        "sync_timeline": _timeline(run, ("syncs",)),
     }
     counts["unknown_delivered_once"] = sum(
         1
