@@ -8,11 +8,8 @@ from the sockets the application really opens against the session's Redis and Po
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg2
@@ -24,6 +21,7 @@ from mailworker.settings import load_settings
 from sqlalchemy import text
 
 from tests.fixtures.servers import celery_client
+from tests.fixtures.vanished import needs_iptables, vanished
 
 ROOT = Path(__file__).resolve().parent.parent
 TCP = socket.IPPROTO_TCP
@@ -113,27 +111,6 @@ def test_the_postgresql_role_applies_the_workers_keepalive_values():
         assert f"postgresql_{name}" in template
 
 
-@contextmanager
-def vanished(port: int):
-    """Loopback packets to and from local `port` are dropped, as if its host lost power."""
-    rules = [
-        ["-i", "lo", "-p", "tcp", flag, str(port), "-j", "DROP"] for flag in ("--dport", "--sport")
-    ]
-    for rule in rules:
-        subprocess.run(["iptables", "-I", "INPUT", *rule], check=True, capture_output=True)
-    try:
-        yield
-    finally:
-        for rule in rules:
-            subprocess.run(["iptables", "-D", "INPUT", *rule], check=False, capture_output=True)
-
-
-needs_iptables = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("iptables") is None,
-    reason="simulating a vanished client host needs root and iptables",
-)
-
-
 @needs_iptables
 def test_postgresql_ends_the_session_and_lock_of_a_vanished_client(postgres_server):
     # The server side of the keepalive (roles/postgresql) with short values, so the test takes
@@ -177,7 +154,8 @@ def _session_and_lock_end_after_vanishing(postgres_server, *values: int, limit: 
         cursor.execute("SELECT pg_backend_pid(), pg_try_advisory_lock(424242)")
         pid, locked = cursor.fetchone()
     assert locked
-    port = socket.socket(fileno=os.dup(client.fileno())).getsockname()[1]
+    with socket.socket(fileno=os.dup(client.fileno())) as sock:
+        port = sock.getsockname()[1]
     observer = psycopg2.connect(dsn)
     observer.autocommit = True
 
@@ -187,7 +165,7 @@ def _session_and_lock_end_after_vanishing(postgres_server, *values: int, limit: 
             return cursor.fetchone()[0] == 1
 
     try:
-        with vanished(port):
+        with vanished(port, postgres_server.port):
             start = time.monotonic()
             while alive() and time.monotonic() - start < limit:
                 time.sleep(0.5)
