@@ -36,6 +36,9 @@ _inventory = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 DATA = _inventory.get_hosts("postgresql")[0]
 APP_HOSTS = _inventory.get_hosts("celery_workers")
 WORKER_A, WORKER_B = APP_HOSTS[0], APP_HOSTS[1]
+# The worker units of each application host (the unit model's defaults): each consumes through
+# one main process, so each can hold one delivery in a pending BRPOP (docs/reliability.md).
+WORKER_UNITS = ("celery-worker.service", "celery-worker@io.service")
 SENTINEL_HOSTS = _inventory.get_hosts("redis_sentinel")
 REDIS_HOSTS = _inventory.get_hosts("redis")
 VENV_PYTHON = "/opt/mailworker/venv/bin/python"

@@ -23,6 +23,7 @@ from conftest import (
     APP_HOSTS,
     PLAYBOOK_TIMEOUT,
     ROOT,
+    WORKER_UNITS,
     Load,
     assert_exactly_once,
     host,
@@ -36,7 +37,7 @@ pytestmark = [
 ]
 SETTING = "MAILWORKER_SYNC_BATCH_SIZE"
 WHEELHOUSE = ROOT / "build" / "wheelhouse"
-UNITS = ("celery-worker.service", "celery-worker@io.service", "celery-beat.service")
+UNITS = (*WORKER_UNITS, "celery-beat.service")
 
 
 def under_load(tag: str, *args: str) -> dict:

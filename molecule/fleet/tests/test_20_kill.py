@@ -13,6 +13,7 @@ import pytest
 from conftest import (
     WORKER_A,
     WORKER_B,
+    WORKER_UNITS,
     Load,
     assert_exactly_once,
     host,
@@ -27,7 +28,6 @@ pytestmark = [
     # The main-process kill waits at most 2 x the redelivery delay (at most LONGEST_WAIT) + 90 s.
     pytest.mark.timeout(1500),
 ]
-UNITS = ("celery-worker.service", "celery-worker@io.service")
 # Past this the test would hold `make test` too long: the delay must come down first.
 LONGEST_WAIT = 600
 
@@ -57,14 +57,14 @@ def test_a_killed_main_process_has_its_tasks_run_again_within_the_promised_delay
         )
     load = Load("kill-main", rate=4, count=40, seconds=20)
     time.sleep(5)
-    before = {unit: main_pid(WORKER_B, unit) for unit in UNITS}
+    before = {unit: main_pid(WORKER_B, unit) for unit in WORKER_UNITS}
     first_kill = time.time()
     for pid in before.values():
         host(WORKER_B).run(f"kill -9 {pid}")
     last_kill = time.time()
     killed = time.monotonic()
     assert wait_for(
-        lambda: all(main_pid(WORKER_B, unit) not in (0, before[unit]) for unit in UNITS), 60
+        lambda: all(main_pid(WORKER_B, unit) not in (0, before[unit]) for unit in WORKER_UNITS), 60
     ), "systemd did not restart the killed workers"
     # A send whose delivery died in the killed process's pending BRPOP (docs/reliability.md) is
     # published again by the outbox sweeper: stored 2 x delay before, then one sweep interval.
@@ -95,7 +95,7 @@ def test_a_killed_main_process_has_its_tasks_run_again_within_the_promised_delay
     # old wait, delay + 60 s, bounds it). Later, or never: only a delivery lost in a killed
     # process's BRPOP, at most one per process.
     late = [at for at, end in counts["timeline"] if end is None or end > last_kill + delay + 60]
-    assert len(late) <= len(UNITS), (late, counts)
+    assert len(late) <= len(WORKER_UNITS), (late, counts)
     assert counts["final_sync"] == "SUCCESS", counts
     assert counts["rows_missing"] == 0, counts
     assert wait_for(lambda: workers_answer(WORKER_B), 60)

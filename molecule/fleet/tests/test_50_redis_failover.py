@@ -30,6 +30,7 @@ from conftest import (
     ROOT,
     SENTINEL_HOSTS,
     WORKER_A,
+    WORKER_UNITS,
     Load,
     address_of,
     beat_sends,
@@ -55,7 +56,6 @@ MASTER_NAME = REDIS_DEFAULTS["redis_sentinel_master_name"]
 CA = Path(REDIS_DEFAULTS["redis_tls_dir"]) / "ca.crt"
 SOCKET = "/run/redis/redis-server.sock"  # roles/redis/templates/tls.conf.j2
 FROZEN_UNITS = ("redis-server.service", "redis-sentinel.service")
-WORKER_UNITS = ("celery-worker.service", "celery-worker@io.service")
 # What the master may have acknowledged and not yet passed to its replica when it froze: on this
 # network the replication lag is well under a millisecond; a second leaves room for the clocks.
 REPLICATION_WINDOW = 1.0
