@@ -17,7 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ansible_mitogen.planner
 import yaml
+from ansible import constants
+from ansible.plugins.loader import init_plugin_loader
 
 REPO = Path(__file__).resolve().parent.parent
 ANSIBLE = Path(sys.executable).parent
@@ -128,3 +131,35 @@ def test_a_process_forked_by_the_strategy_keeps_the_controllers_objects_frozen()
     # (the few the worker freed on its way out of the fork leave the frozen set)
     assert in_worker > frozen * 0.99, (in_worker, frozen)
     assert gc.get_freeze_count() == 0
+
+
+def test_mitogen_gets_the_collections_listed_once_and_the_same_directories() -> None:
+    """The strategy lists the collections' directories once for Mitogen's planner: a worker adds
+    the same import paths as Mitogen's own listing did, without listing them again."""
+    init_plugin_loader(constants.COLLECTIONS_PATHS)
+    spec = importlib.util.spec_from_file_location(
+        "mitogen_linear", REPO / "plugins" / "strategy" / "mitogen_linear.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+
+    class Invocation:
+        def __init__(self) -> None:
+            self._extra_sys_paths: set[str] = set()
+
+    mitogens, ours = Invocation(), Invocation()
+    original = ansible_mitogen.planner._load_collections
+    try:
+        original(mitogens)
+        plugin._list_collections_once()
+        listed = ansible_mitogen.planner._load_collections
+        plugin._list_collections_once()  # a second play's run: nothing listed again
+        assert ansible_mitogen.planner._load_collections is listed
+        listed(ours)
+    finally:
+        ansible_mitogen.planner._load_collections = original
+    assert listed is not original
+    assert any(path.endswith("/community/postgresql") for path in mitogens._extra_sys_paths)
+    assert ours._extra_sys_paths == mitogens._extra_sys_paths
