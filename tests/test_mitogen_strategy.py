@@ -17,10 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ansible_mitogen.module_finder as finder
 import ansible_mitogen.planner
 import yaml
 from ansible import constants
-from ansible.plugins.loader import init_plugin_loader
+from ansible.executor.module_common import _MODULE_UTILS_PATH
+from ansible.plugins.loader import init_plugin_loader, module_loader, module_utils_loader
 
 REPO = Path(__file__).resolve().parent.parent
 ANSIBLE = Path(sys.executable).parent
@@ -163,3 +165,33 @@ def test_mitogen_gets_the_collections_listed_once_and_the_same_directories() -> 
     assert listed is not original
     assert any(path.endswith("/community/postgresql") for path in mitogens._extra_sys_paths)
     assert ours._extra_sys_paths == mitogens._extra_sys_paths
+
+
+def test_mitogens_import_scan_compiles_each_file_once_with_the_same_result() -> None:
+    """Mitogen's scan of two modules' imports finds the same module_utils with the strategy's
+    compile-once in place, and compiles the files the modules share only once."""
+    init_plugin_loader(constants.COLLECTIONS_PATHS)
+    spec = importlib.util.spec_from_file_location(
+        "mitogen_linear", REPO / "plugins" / "strategy" / "mitogen_linear.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    search = (*module_utils_loader._get_paths(subdirs=False), _MODULE_UTILS_PATH)
+    modules = [
+        (f"ansible_module_{name}", module_loader.find_plugin(f"ansible.builtin.{name}", ""))
+        for name in ("file", "stat")
+    ]
+    plain = [finder.scan(name, path, search) for name, path in modules]
+    plugin._scan_compiles_each_file_once()
+    try:
+        once = [finder.scan(name, path, search) for name, path in modules]
+        compiled = plugin._compile_once.cache_info()
+    finally:
+        del finder.compile  # Python's own compile again
+    assert once == plain
+    assert len(plain[0]) > 20, plain[0]  # basic.py and what it imports
+    shared = {path for _, path, _ in plain[0]} & {path for _, path, _ in plain[1]}
+    assert len(shared) > 20, shared
+    assert compiled.hits >= len(shared), compiled
