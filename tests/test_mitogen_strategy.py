@@ -8,6 +8,7 @@ themselves under Mitogen.
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.util
 import os
@@ -135,10 +136,16 @@ def test_a_process_forked_by_the_strategy_keeps_the_controllers_objects_frozen()
     assert gc.get_freeze_count() == 0
 
 
+@functools.cache
+def _find_collections() -> None:
+    """Ansible's collection finder, as ansible-playbook sets it up (once per process)."""
+    init_plugin_loader(constants.COLLECTIONS_PATHS)
+
+
 def test_mitogen_gets_the_collections_listed_once_and_the_same_directories() -> None:
     """The strategy lists the collections' directories once for Mitogen's planner: a worker adds
     the same import paths as Mitogen's own listing did, without listing them again."""
-    init_plugin_loader(constants.COLLECTIONS_PATHS)
+    _find_collections()
     spec = importlib.util.spec_from_file_location(
         "mitogen_linear", REPO / "plugins" / "strategy" / "mitogen_linear.py"
     )
@@ -170,7 +177,7 @@ def test_mitogen_gets_the_collections_listed_once_and_the_same_directories() -> 
 def test_mitogens_import_scan_compiles_each_file_once_with_the_same_result() -> None:
     """Mitogen's scan of two modules' imports finds the same module_utils with the strategy's
     compile-once in place, and compiles the files the modules share only once."""
-    init_plugin_loader(constants.COLLECTIONS_PATHS)
+    _find_collections()
     spec = importlib.util.spec_from_file_location(
         "mitogen_linear", REPO / "plugins" / "strategy" / "mitogen_linear.py"
     )
