@@ -8,6 +8,7 @@ themselves under Mitogen.
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.util
 import os
@@ -17,7 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ansible_mitogen.module_finder as finder
+import ansible_mitogen.planner
 import yaml
+from ansible import constants
+from ansible.executor.module_common import _MODULE_UTILS_PATH
+from ansible.plugins.loader import init_plugin_loader, module_loader, module_utils_loader
 
 REPO = Path(__file__).resolve().parent.parent
 ANSIBLE = Path(sys.executable).parent
@@ -128,3 +134,71 @@ def test_a_process_forked_by_the_strategy_keeps_the_controllers_objects_frozen()
     # (the few the worker freed on its way out of the fork leave the frozen set)
     assert in_worker > frozen * 0.99, (in_worker, frozen)
     assert gc.get_freeze_count() == 0
+
+
+@functools.cache
+def _find_collections() -> None:
+    """Ansible's collection finder, as ansible-playbook sets it up (once per process)."""
+    init_plugin_loader(constants.COLLECTIONS_PATHS)
+
+
+def test_mitogen_gets_the_collections_listed_once_and_the_same_directories() -> None:
+    """The strategy lists the collections' directories once for Mitogen's planner: a worker adds
+    the same import paths as Mitogen's own listing did, without listing them again."""
+    _find_collections()
+    spec = importlib.util.spec_from_file_location(
+        "mitogen_linear", REPO / "plugins" / "strategy" / "mitogen_linear.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+
+    class Invocation:
+        def __init__(self) -> None:
+            self._extra_sys_paths: set[str] = set()
+
+    mitogens, ours = Invocation(), Invocation()
+    original = ansible_mitogen.planner._load_collections
+    try:
+        original(mitogens)
+        plugin._list_collections_once()
+        listed = ansible_mitogen.planner._load_collections
+        plugin._list_collections_once()  # a second play's run: nothing listed again
+        assert ansible_mitogen.planner._load_collections is listed
+        listed(ours)
+    finally:
+        ansible_mitogen.planner._load_collections = original
+    assert listed is not original
+    assert any(path.endswith("/community/postgresql") for path in mitogens._extra_sys_paths)
+    assert ours._extra_sys_paths == mitogens._extra_sys_paths
+
+
+def test_mitogens_import_scan_compiles_each_file_once_with_the_same_result() -> None:
+    """Mitogen's scan of two modules' imports finds the same module_utils with the strategy's
+    compile-once in place, and compiles the files the modules share only once."""
+    _find_collections()
+    spec = importlib.util.spec_from_file_location(
+        "mitogen_linear", REPO / "plugins" / "strategy" / "mitogen_linear.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    search = (*module_utils_loader._get_paths(subdirs=False), _MODULE_UTILS_PATH)
+    modules = [
+        (f"ansible_module_{name}", module_loader.find_plugin(f"ansible.builtin.{name}", ""))
+        for name in ("file", "stat")
+    ]
+    plain = [finder.scan(name, path, search) for name, path in modules]
+    plugin._scan_compiles_each_file_once()
+    try:
+        once = [finder.scan(name, path, search) for name, path in modules]
+        compiled = plugin._compile_once.cache_info()
+    finally:
+        del finder.compile  # Python's own compile again
+    assert once == plain
+    assert len(plain[0]) > 20, plain[0]  # basic.py and what it imports
+    shared = {path for _, path, _ in plain[0]} & {path for _, path, _ in plain[1]}
+    assert len(shared) > 20, shared
+    assert compiled.hits >= len(shared), compiled
