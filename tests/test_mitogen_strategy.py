@@ -42,6 +42,18 @@ def _tasks(node: Any, become: Any = None) -> Iterator[tuple[dict[str, Any], Any]
             yield from _tasks(node.get(key), become)
 
 
+def _strategy_plugin() -> Any:
+    """The project's strategy plugin (plugins/strategy/mitogen_linear.py), as a fresh module."""
+    spec = importlib.util.spec_from_file_location(
+        "mitogen_linear", REPO / "plugins" / "strategy" / "mitogen_linear.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    return plugin
+
+
 def _ansible_files() -> list[Path]:
     files = [*REPO.glob("roles/*/tasks/*.yml"), *REPO.glob("roles/*/handlers/*.yml")]
     files += [*REPO.glob("playbooks/**/*.yml")]
@@ -109,13 +121,7 @@ def test_the_repository_config_runs_playbooks_with_mitogen() -> None:
 def test_a_process_forked_by_the_strategy_keeps_the_controllers_objects_frozen() -> None:
     """The strategy forks each task's worker inside `frozen_heap`: the worker's collector never
     walks the controller's objects, and the controller's own are thawed after the fork."""
-    spec = importlib.util.spec_from_file_location(
-        "mitogen_linear", REPO / "plugins" / "strategy" / "mitogen_linear.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    plugin = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plugin)
+    plugin = _strategy_plugin()
     frozen_heap = plugin.frozen_heap
     assert gc.get_freeze_count() == 0
     read, write = os.pipe()
@@ -146,13 +152,7 @@ def test_mitogen_gets_the_collections_listed_once_and_the_same_directories() -> 
     """The strategy lists the collections' directories once for Mitogen's planner: a worker adds
     the same import paths as Mitogen's own listing did, without listing them again."""
     _find_collections()
-    spec = importlib.util.spec_from_file_location(
-        "mitogen_linear", REPO / "plugins" / "strategy" / "mitogen_linear.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    plugin = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plugin)
+    plugin = _strategy_plugin()
 
     class Invocation:
         def __init__(self) -> None:
@@ -178,13 +178,7 @@ def test_mitogens_import_scan_compiles_each_file_once_with_the_same_result() -> 
     """Mitogen's scan of two modules' imports finds the same module_utils with the strategy's
     compile-once in place, and compiles the files the modules share only once."""
     _find_collections()
-    spec = importlib.util.spec_from_file_location(
-        "mitogen_linear", REPO / "plugins" / "strategy" / "mitogen_linear.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    plugin = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plugin)
+    plugin = _strategy_plugin()
     search = (*module_utils_loader._get_paths(subdirs=False), _MODULE_UTILS_PATH)
     modules = [
         (f"ansible_module_{name}", module_loader.find_plugin(f"ansible.builtin.{name}", ""))
