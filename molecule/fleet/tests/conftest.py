@@ -255,13 +255,29 @@ def assert_exactly_once(
     """Every task's effect once. `unknown` sends (delivered once, or counted lost) are allowed only
     where the test KILLED a worker process: only a kill between a send's final "." and its
     record of the reply leaves one (fleet_loadgen.py). LOST_SYNCS: the sync tasks the test
-    accepts as lost (their work redone by a later sync)."""
-    assert counts["submitted_sends"] > 0, counts
+    accepts as lost (their work redone by a later sync). Each failure names what went wrong
+    first (CI keeps only the start of the message), then the counts."""
+    shown = {key: value for key, value in counts.items() if key != "timeline"}
+    facts = f"\ncounts: {json.dumps(shown, sort_keys=True)}"
+    statuses = counts["send_status"]
+    assert counts["submitted_sends"] > 0, f"no send was submitted{facts}"
     if not killed:
-        assert counts["send_status"].get("unknown", 0) == 0, counts
-    assert counts["lost"] == lost_syncs, counts
-    assert counts["doubled"] == 0, counts
-    assert counts["ok"], counts
+        unknown = statuses.get("unknown", 0)
+        assert unknown == 0, f"{unknown} send(s) ended `unknown` though no worker was killed{facts}"
+    assert counts["lost"] == lost_syncs, (
+        f"{counts['lost']} task(s) lost, {lost_syncs} allowed: send statuses {statuses},"
+        f" {counts['not_delivered']} send(s) not delivered, sync states {counts['sync_states']},"
+        f" lost ones accepted at {counts['lost_accepted_at']}{facts}"
+    )
+    assert counts["doubled"] == 0, (
+        f"{counts['delivered_twice_or_more']} message(s) delivered twice or more,"
+        f" {counts['rows_duplicated']} stored twice or more{facts}"
+    )
+    assert counts["ok"], (
+        f"after the final sync ({counts['final_sync']}, {counts['final_sync_skipped']} skipped"
+        f" first) {counts['rows_missing']} message(s) are not stored"
+        f" ({counts['rows_once']} once){facts}"
+    )
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, step: float = 1.0) -> Any:
