@@ -30,6 +30,10 @@ pytestmark = [
 ]
 # Past this the test would hold `make test` too long: the delay must come down first.
 LONGEST_WAIT = 600
+# Seconds a sync accepted after the lost one may have ended before the first kill: the killed
+# process had taken the lost one from its queue but not yet read the BRPOP reply (tens of
+# milliseconds under load; docs/reliability.md).
+UNREAD_REPLY = 2.0
 
 
 def main_pid(name: str, unit: str) -> int:
@@ -76,11 +80,10 @@ def test_a_killed_main_process_has_its_tasks_run_again_within_the_promised_delay
     # outbox (waited for above); a sync does not, and the next sync redoes its work (the final
     # one here: rows_missing is 0). At most one, taken from its queue at the kills: accepted
     # before the last kill, and, the queue being first in first out, every sync accepted after
-    # it was taken later, so none ended before the kills (2 s for the reply the killed process
-    # had not read yet). How long before the kills it was accepted depends on the queue's
-    # backlog: under load a sync waits behind others for seconds.
+    # it was taken later, so none ended before the kills (less UNREAD_REPLY). How long before
+    # the kills it was accepted depends on the backlog: under load a sync waits for seconds.
     lost_syncs = counts["lost_syncs_accepted_at"]
-    assert len(lost_syncs) <= 1, counts
+    assert len(lost_syncs) <= 1, f"{len(lost_syncs)} syncs lost, at most one allowed: {counts}"
     for lost in lost_syncs:
         ended_after = [end for at, end in counts["sync_timeline"] if at > lost and end is not None]
         where = (
@@ -89,7 +92,7 @@ def test_a_killed_main_process_has_its_tasks_run_again_within_the_promised_delay
             f" ended at {[round(end - first_kill, 2) for end in ended_after]} s; counts: {counts}"
         )
         assert lost <= last_kill, where
-        assert all(end >= first_kill - 2 for end in ended_after), where
+        assert all(end >= first_kill - UNREAD_REPLY for end in ended_after), where
     assert_exactly_once(counts, killed=True, lost_syncs=len(lost_syncs))
     # The promise for what the killed processes held: it runs within the redelivery delay (the
     # old wait, delay + 60 s, bounds it). Later, or never: only a delivery lost in a killed
