@@ -150,6 +150,45 @@ def test_config_check_environments_exits_0_when_every_unit_passes():
     }
 
 
+def test_config_check_unit_files_reads_each_units_file_under_its_name(tmp_path):
+    # What the deploy runs on a host: each unit's own file, read by the command itself (as root
+    # there), over the shared settings in the process environment.
+    worker = tmp_path / "celery-worker.env"
+    worker.write_text('MAILWORKER_CONCURRENCY="4"\n', encoding="utf-8")
+    io = tmp_path / "celery-worker@io.env"
+    io.write_text('MAILWORKER_POOL="eventlet"\nMAILWORKER_CONCURENCY="2"\n', encoding="utf-8")
+    ran = mailworker(
+        *("config", "check", f"--unit-file=celery-worker={worker}"),
+        *("--unit-file", f"celery-worker@io={io}"),
+        env=clean_env(**GOOD),
+    )
+    shown = f"stdout: {ran.stdout}\nstderr: {ran.stderr}"
+    assert ran.returncode == 1, shown
+    results = json.loads(ran.stdout)
+    assert list(results) == ["celery-worker", "celery-worker@io"], shown
+    assert results["celery-worker"] == {"ok": True, "error": None, "unknown": []}, shown
+    assert results["celery-worker@io"]["error"].startswith("MAILWORKER_POOL: expected one of")
+    assert results["celery-worker@io"]["unknown"] == ["MAILWORKER_CONCURENCY"], shown
+    for secret in ("brokersecret", "dbsecret", ENCRYPTION_KEY):
+        assert secret not in ran.stdout + ran.stderr, shown
+
+
+def test_config_check_unit_files_names_a_bad_option_or_an_unreadable_file(tmp_path):
+    missing = tmp_path / "celery-beat.env"
+    for option, message in (
+        ("--unit-file=celery-beat", "Error: --unit-file 'celery-beat': expected NAME=PATH"),
+        ("--unit-file=celery-beat=", "Error: --unit-file 'celery-beat=': expected NAME=PATH"),
+        (
+            f"--unit-file=celery-beat={missing}",
+            f"Error: --unit-file celery-beat: cannot read {missing} (No such file or directory)",
+        ),
+    ):
+        ran = mailworker("config", "check", option, env=clean_env(**GOOD))
+        assert ran.returncode == 1, ran.stdout + ran.stderr
+        assert ran.stderr.startswith(message), (option, ran.stderr)
+        assert ran.stdout == ""
+
+
 def test_config_check_environments_refuses_what_is_not_an_object_of_texts():
     for stdin in ("not json", json.dumps(["celery-worker"]), json.dumps({"celery-worker": 4})):
         ran = mailworker("config", "check", "--environments", "-", env=clean_env(), stdin=stdin)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import TextIO
 
 import click
@@ -29,10 +30,20 @@ def config() -> None:
     "text of an EnvironmentFile, each read over the current environment (- is standard input); "
     "prints one JSON result per name, never a value, and exits 1 when any fails.",
 )
-def check(environments: TextIO | None) -> None:
+@click.option(
+    "--unit-file",
+    "unit_files",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="One more environment to check as --environments does: the EnvironmentFile at PATH, "
+    "under NAME (a unit). Repeat it for each unit.",
+)
+def check(environments: TextIO | None, unit_files: tuple[str, ...]) -> None:
     """Validate the environment and print the effective settings, secrets masked."""
-    if environments is not None:
-        _check_environments(environments)
+    if environments is not None or unit_files:
+        named = _environments_from_json(environments) if environments is not None else {}
+        named.update(_environments_from_files(unit_files))
+        _check_environments(named)
         return
     settings = load_settings()
     width = max(len(name) for name, _ in effective(settings))
@@ -54,13 +65,8 @@ def new_key() -> None:
     click.echo(Fernet.generate_key().decode("ascii"))
 
 
-def _check_environments(source: TextIO) -> None:
-    """`config check --environments`: each named environment checked as `config check` would.
-
-    One process for every unit of a host (the deploy checks them all before any host changes),
-    instead of one interpreter start per unit. A result holds the error message (which names the
-    variable, never its value) and the unknown MAILWORKER_* names; never the settings.
-    """
+def _environments_from_json(source: TextIO) -> dict[str, str]:
+    """`--environments`: the names and EnvironmentFile texts of a JSON object."""
     try:
         named = json.load(source)
     except ValueError as error:
@@ -71,6 +77,34 @@ def _check_environments(source: TextIO) -> None:
         raise click.ClickException(
             "--environments: expected a JSON object of names to EnvironmentFile texts"
         )
+    return named
+
+
+def _environments_from_files(specs: tuple[str, ...]) -> dict[str, str]:
+    """`--unit-file NAME=PATH`: each unit's EnvironmentFile, read as its process manager reads
+    it (the deploy runs this as root on the host)."""
+    named: dict[str, str] = {}
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        if not name or not path:
+            raise click.ClickException(f"--unit-file {spec!r}: expected NAME=PATH")
+        try:
+            named[name] = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else "not UTF-8"
+            raise click.ClickException(
+                f"--unit-file {name}: cannot read {path} ({reason})"
+            ) from None
+    return named
+
+
+def _check_environments(named: dict[str, str]) -> None:
+    """Each named environment checked as `config check` would.
+
+    One process for every unit of a host (the deploy checks them all before any host changes),
+    instead of one interpreter start per unit. A result holds the error message (which names the
+    variable, never its value) and the unknown MAILWORKER_* names; never the settings.
+    """
     results: dict[str, dict[str, object]] = {}
     for name, text in named.items():
         environ = dict(os.environ)
