@@ -232,7 +232,7 @@ def _final_sync(run: dict[str, Any], timeout: float) -> tuple[str, int]:
             value = result.get(timeout=max(1.0, deadline - time.monotonic()), propagate=False)
         except Exception as error:  # reported in the counts
             return type(error).__name__, skipped
-        if result.state != "SUCCESS" or not (isinstance(value, dict) and "skipped" in value):
+        if result.state != "SUCCESS" or not (isinstance(value, dict) and "not_run" in value):
             return str(result.state), skipped
         skipped += 1
         if time.monotonic() >= deadline:

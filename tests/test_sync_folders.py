@@ -6,6 +6,7 @@ import dataclasses
 import uuid
 
 import pytest
+from mailworker.db.locks import advisory_lock, lock_key
 from mailworker.db.models import FolderSyncState, Message
 from mailworker.errors import PermanentError
 from mailworker.mail.imap import ImapSession
@@ -123,6 +124,28 @@ def test_the_session_logs_out_before_the_last_batch_is_stored(
     assert events == expected
     assert (result["stored"], result["folders"][0]["last_uid"]) == (5, 5)
     assert sorted(stored(db_engine, account.account_id)) == [1, 2, 3, 4, 5]
+
+
+def test_a_sync_while_another_runs_does_not_run_and_says_so(
+    default_env, make_account, dovecot, db_engine
+):
+    """One sync per account at a time (its advisory lock): a second one stores nothing and its
+    result says it did not run (apart from `skipped`, a count of oversized messages); once the
+    lock is free the next one stores the mail."""
+    settings = load_settings(default_env)
+    account = make_account()
+    dovecot.deliver(account.address, MESSAGE)
+    access = owned_access(settings, *(uuid.UUID(value) for value in account.ids))
+
+    with advisory_lock(settings, lock_key("sync", access.account_id)) as held:
+        assert held
+        result = sync_account(settings, access, ["INBOX"])
+    assert result == {"account_id": account.account_id, "not_run": "another sync is running"}
+    assert stored(db_engine, account.account_id) == {}
+
+    ran = sync_account(settings, access, ["INBOX"])
+    assert (ran["stored"], ran["skipped"], "not_run" in ran) == (1, 0, False)
+    assert list(stored(db_engine, account.account_id)) == [1]
 
 
 def stored(db_engine, account_id: str) -> dict[int, uuid.UUID]:

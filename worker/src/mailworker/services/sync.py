@@ -110,7 +110,8 @@ def sync_account(
     with locked_connection(settings, lock_key("sync", access.account_id)) as locked:
         if locked is None:
             logger.info("account %s: another sync is running, skipped", access.account_id)
-            return {"account_id": str(access.account_id), "skipped": "another sync is running"}
+            # Not "skipped": a sync that ran counts its oversized messages under that key.
+            return {"account_id": str(access.account_id), "not_run": "another sync is running"}
         # Read once the lock is held: only the lock's holder writes them.
         cursors = _cursors(locked, access)
         results: list[FolderResult] = []
