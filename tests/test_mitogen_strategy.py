@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import importlib.util
 import os
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import yaml
 from ansible import constants
 from ansible.executor.module_common import _MODULE_UTILS_PATH
 from ansible.plugins.loader import init_plugin_loader, module_loader, module_utils_loader
+
+from tests.fixtures.source_files import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 ANSIBLE = Path(sys.executable).parent
@@ -44,14 +45,7 @@ def _tasks(node: Any, become: Any = None) -> Iterator[tuple[dict[str, Any], Any]
 
 def _strategy_plugin() -> Any:
     """The project's strategy plugin (plugins/strategy/mitogen_linear.py), as a fresh module."""
-    spec = importlib.util.spec_from_file_location(
-        "mitogen_linear", REPO / "plugins" / "strategy" / "mitogen_linear.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    plugin = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plugin)
-    return plugin
+    return load_file("mitogen_linear", "plugins/strategy/mitogen_linear.py")
 
 
 def _ansible_files() -> list[Path]:

@@ -11,7 +11,6 @@ that roles/mailworker_app writes for the same hosts (tests/data/nomad/mailworker
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -29,6 +28,8 @@ import pygohcl
 import pytest
 import yaml
 from hcl2.utils import SerializationOptions
+
+from tests.fixtures.source_files import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 # lab: two hosts (TLS to Redis and PostgreSQL, no Sentinel, no monitoring user);
@@ -64,11 +65,7 @@ FEATURE_SETTINGS = {
 
 
 def _filter_module() -> Any:
-    path = ROLE / "filter_plugins" / "nomad_jobs.py"
-    spec = importlib.util.spec_from_file_location("nomad_jobs_filter", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("nomad_jobs_filter", "roles/nomad_jobs/filter_plugins/nomad_jobs.py")
 
 
 @dataclass

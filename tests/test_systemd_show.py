@@ -4,17 +4,9 @@ others."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+from tests.fixtures.source_files import load_file
 
-REPO = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location(
-    "systemd_show", REPO / "roles" / "celery_units" / "filter_plugins" / "systemd_show.py"
-)
-assert _spec is not None
-assert _spec.loader is not None
-systemd_show = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(systemd_show)
+systemd_show = load_file("systemd_show", "roles/celery_units/filter_plugins/systemd_show.py")
 
 # Printed by systemd 252 (Debian 12) on a fleet host, for a running unit, one that does not
 # exist, a running timer and the service that timer is starting.

@@ -6,7 +6,6 @@ the role's defaults, and run playbooks/units.yml to see that Ansible hands it th
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +13,11 @@ import pytest
 import yaml
 
 from bench.layout import model_of_defaults
+from tests.fixtures.source_files import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 ROLE = REPO / "roles" / "celery_units"
-_spec = importlib.util.spec_from_file_location(
-    "celery_units_model", ROLE / "filter_plugins" / "celery_units.py"
-)
-assert _spec is not None
-assert _spec.loader is not None
-model = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(model)
+model = load_file("celery_units_model", "roles/celery_units/filter_plugins/celery_units.py")
 
 ALL_GROUPS = ["celery_workers", "celery_beat", "flower"]
 PATHS = {
