@@ -219,24 +219,24 @@ def _stored_rows(run: dict[str, Any]) -> Counter[str]:
 
 
 def _final_sync(run: dict[str, Any], timeout: float) -> tuple[str, int]:
-    """One last sync of the run's account that ran: its state, and how many were skipped first.
+    """One last sync of the run's account that ran: its state, and how many did not run first.
     A sync that finds another one of the account running stores nothing (services/sync.py): a
     copy that a woken host still runs, or the periodic one. It is sent again until one runs."""
     from mailworker.celery_app import app  # noqa: PLC0415
 
     deadline = time.monotonic() + timeout
-    skipped = 0
+    not_run = 0
     while True:
         result = app.send_task(SYNC_MAILBOX, args=run["account"], retry=False)
         try:
             value = result.get(timeout=max(1.0, deadline - time.monotonic()), propagate=False)
         except Exception as error:  # reported in the counts
-            return type(error).__name__, skipped
+            return type(error).__name__, not_run
         if result.state != "SUCCESS" or not (isinstance(value, dict) and "not_run" in value):
-            return str(result.state), skipped
-        skipped += 1
+            return str(result.state), not_run
+        not_run += 1
         if time.monotonic() >= deadline:
-            return "SKIPPED", skipped
+            return "NOT_RUN", not_run
         time.sleep(2)
 
 
@@ -256,7 +256,7 @@ def count(args: argparse.Namespace) -> dict[str, Any]:
     waited = round(time.monotonic() - started, 1)
     password = os.environ["LOADGEN_IMAP_PASSWORD"]
     delivered = _deliveries(args.imap_host, args.imap_port, args.imap_user, password)
-    final_sync, final_sync_skipped = _final_sync(run, args.final_wait)
+    final_sync, final_sync_not_run = _final_sync(run, args.final_wait)
     rows = _stored_rows(run)
     message_ids = [send["message_id"] for send in run["sends"]]
     statuses = Counter(sends.get(send["outbox_id"], "missing") for send in run["sends"])
@@ -272,7 +272,7 @@ def count(args: argparse.Namespace) -> dict[str, Any]:
         "delivered_twice_or_more": sum(1 for mid in message_ids if delivered[mid] > 1),
         "not_delivered": sum(1 for mid in message_ids if delivered[mid] == 0),
         "final_sync": final_sync,
-        "final_sync_skipped": final_sync_skipped,
+        "final_sync_not_run": final_sync_not_run,
         "rows_once": sum(1 for mid in message_ids if rows[mid] == 1),
         "rows_duplicated": sum(1 for mid in message_ids if rows[mid] > 1),
         "rows_missing": sum(1 for mid in message_ids if rows[mid] == 0),

@@ -274,7 +274,7 @@ def assert_exactly_once(
         f" {counts['rows_duplicated']} stored twice or more{facts}"
     )
     assert counts["ok"], (
-        f"after the final sync ({counts['final_sync']}, {counts['final_sync_skipped']} skipped"
+        f"after the final sync ({counts['final_sync']}, {counts['final_sync_not_run']} not run"
         f" first) {counts['rows_missing']} message(s) are not stored"
         f" ({counts['rows_once']} once){facts}"
     )
