@@ -164,7 +164,9 @@ def _sync_folder(
     server = imap.select(folder, readonly=True)  # EXAMINE: the sync only reads (BODY.PEEK[])
     if known is not None and known[0] == server.uidvalidity:
         after_uid, reset = known[1], False
-    else:  # a new folder, or one the server renumbered
+    elif known is None and _new_cursor(locked, access, folder, server.uidvalidity):
+        after_uid, reset = 0, False
+    else:  # a folder the server renumbered
         after_uid, reset = _cursor(settings, access, folder, server.uidvalidity)
     stored = skipped = 0
     last_uid = after_uid
@@ -215,6 +217,26 @@ def _cursors(locked: Connection, access: AccountAccess) -> dict[str, tuple[int, 
         )
     )
     return {folder: (uidvalidity, last_uid) for folder, uidvalidity, last_uid in rows}
+
+
+def _new_cursor(locked: Connection, access: AccountAccess, folder: str, uidvalidity: int) -> bool:
+    """The first sync of `folder`: its state created at UID 0, in one statement (autocommit, on
+    the lock's connection). False if the folder has a state after all."""
+    created = locked.execute(
+        _NEW_CURSOR,
+        {
+            "account_id": access.account_id,
+            "folder": folder,
+            "tenant_id": access.tenant_id,
+            "uidvalidity": uidvalidity,
+            "last_uid": 0,
+        },
+    )
+    return created.rowcount == 1
+
+
+# Built once: the first sync of every folder runs it.
+_NEW_CURSOR = insert(FolderSyncState.__table__).on_conflict_do_nothing()
 
 
 def _cursor(
