@@ -246,6 +246,12 @@ def explain_config(s: Settings, *, monitor: bool = False) -> list[Entry]:
         ),
         Entry("task_send_sent_event", s.task_events, "Flower shows tasks while still queued."),
         Entry(
+            "worker_consumer",
+            "mailworker.consumer:Consumer",
+            "Celery's consumer, publishing buffered task events once per EVENTS_FLUSH_EVERY of "
+            "that module instead of about once per task (docs/benchmarks.md).",
+        ),
+        Entry(
             "task_track_started",
             False,
             "A STARTED result costs a GET, SETEX and PUBLISH per task (docs/benchmarks.md); the "
