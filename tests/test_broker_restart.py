@@ -7,62 +7,26 @@ whose IMAP traffic the test holds back while Redis restarts, so the restart land
 
 from __future__ import annotations
 
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from mailworker.db.models import Message, TaskAttempt
 from mailworker.mail.imap import ImapSession
 from mailworker.settings import load_settings
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from tests.fixtures.servers import free_port, wait_until
+from tests.fixtures.persistent_redis import PersistentRedis
+from tests.fixtures.servers import wait_until
 from tests.fixtures.trickle import TricklingProxy
 
 pytestmark = pytest.mark.slow
 
 SYNC = "mailworker.tasks.sync.sync_mailbox"
 TOTAL = 40
-
-
-class PersistentRedis:
-    """redis-server that writes every change to its append-only file and can be restarted."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.process: subprocess.Popen | None = None
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--bind", "127.0.0.1",
-                "--port", str(self.port),
-                "--dir", str(self.directory),
-                "--save", "",
-                "--appendonly", "yes",
-                "--appendfsync", "always",
-                "--maxmemory-policy", "noeviction",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        wait_until(lambda: self.client().ping(), 10, f"redis-server on port {self.port}")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()  # SIGTERM: redis-server flushes its AOF and exits
-            self.process.wait(10)
-            self.process = None
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import pytest
 import redis
 from mailworker.consumer import EVENTS_FLUSH_EVERY
 
+from tests.fixtures.persistent_redis import PersistentRedis
 from tests.fixtures.servers import wait_until
 
 HOLD = "tests.redelivery.hold"
@@ -132,3 +133,31 @@ def test_a_warm_shutdown_publishes_the_last_tasks_events(default_fleet):
             pytest.fail(f"the worker did not stop after its task:\n{worker.log[-3000:]}")
         _read_until(tap, {task_id}, STATES, 5)
     assert tap.states({task_id}) == dict.fromkeys(STATES, 1), tap.events
+
+
+@pytest.mark.slow
+def test_events_still_reach_flower_after_a_redis_restart(default_fleet, tmp_path):
+    """The consumer's flush timer survives the reconnect: a task after it shows all its events."""
+    server = PersistentRedis(tmp_path)
+    server.start()
+    try:
+        broker = f"redis://127.0.0.1:{server.port}"
+        default_fleet.configure(
+            MAILWORKER_BROKER_URL=f"{broker}/0", MAILWORKER_RESULT_BACKEND=f"{broker}/1"
+        )
+        worker = default_fleet.start_worker(include=TASKS, MAILWORKER_QUEUES="periodic")
+        client = default_fleet.client()
+        with event_tap(f"{broker}/0") as tap:
+            before = client.send_task(HOLD, args=[uuid.uuid4().hex, 0, 0], queue="periodic").id
+            _read_until(tap, {before}, STATES, 20)
+            assert tap.states({before}) == dict.fromkeys(STATES, 1), tap.events
+        server.stop()
+        wait_until(lambda: "Connection to broker lost" in worker.log, 10, "the worker to notice")
+        server.start()
+        wait_until(worker.ping, 60, "the worker to reconnect")
+        with event_tap(f"{broker}/0") as tap:
+            after = client.send_task(HOLD, args=[uuid.uuid4().hex, 0, 0], queue="periodic").id
+            _read_until(tap, {after}, STATES, 30)
+            assert tap.states({after}) == dict.fromkeys(STATES, 1), worker.log[-3000:]
+    finally:
+        server.stop()

@@ -27,8 +27,9 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
 
     def _flush_events(self) -> None:
         """Runs in the event loop's thread (Celery's consumer schedules it with call_soon)."""
-        if self._events_flush_timer is not None:
-            return  # a flush is due already
+        timer = self._events_flush_timer
+        if timer is not None and not timer.canceled:
+            return  # a flush is due already (one cancelled elsewhere is not: a new one is set)
         wait = self._events_flushed_at + EVENTS_FLUSH_EVERY - time.monotonic()
         if wait > 0 and self.hub is not None:
             self._events_flush_timer = self.hub.call_later(wait, self._flush_events_now)
