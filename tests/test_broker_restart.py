@@ -19,8 +19,7 @@ from mailworker.settings import load_settings
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from tests.fixtures.persistent_redis import PersistentRedis
-from tests.fixtures.servers import wait_until
+from tests.fixtures.servers import RedisServer, free_port, wait_until
 from tests.fixtures.trickle import TricklingProxy
 
 pytestmark = pytest.mark.slow
@@ -30,8 +29,8 @@ TOTAL = 40
 
 
 @pytest.fixture
-def persistent_redis(tmp_path: Path) -> Iterator[PersistentRedis]:
-    server = PersistentRedis(tmp_path)
+def persistent_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path, persistent=True)
     server.start()
     yield server
     server.stop()

@@ -20,8 +20,7 @@ import pytest
 import redis
 from mailworker.consumer import EVENTS_FLUSH_EVERY
 
-from tests.fixtures.persistent_redis import PersistentRedis
-from tests.fixtures.servers import wait_until
+from tests.fixtures.servers import RedisServer, free_port, wait_until
 
 HOLD = "tests.redelivery.hold"
 TASKS = "tests.redelivery_tasks"
@@ -138,7 +137,7 @@ def test_a_warm_shutdown_publishes_the_last_tasks_events(default_fleet):
 @pytest.mark.slow
 def test_events_still_reach_flower_after_a_redis_restart(default_fleet, tmp_path):
     """The consumer's flush timer survives the reconnect: a task after it shows all its events."""
-    server = PersistentRedis(tmp_path)
+    server = RedisServer(free_port(), tmp_path, persistent=True)
     server.start()
     try:
         broker = f"redis://127.0.0.1:{server.port}"
