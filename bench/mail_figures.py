@@ -66,3 +66,30 @@ class IdleCapacity:
         if self.all_fit:
             return max(self.mailboxes, self.extrapolated)
         return self.synced_within
+
+
+@dataclass(frozen=True)
+class CpuBudget:
+    """What the CPU a shipped run spent per item (message stored, mail sent) allows on the
+    machine's cores, every process sharing them: an upper bound on the rate, whatever else
+    limits it. Parts not measured (the SMTP server, Redis, the harness) only lower it."""
+
+    cores: int
+    per_item_ms: dict[str, float]  # part -> CPU ms per item, e.g. {"workers": 10.5, ...}
+
+    @property
+    def total_ms(self) -> float:
+        return sum(self.per_item_ms.values())
+
+    def rate_allowed(self, *parts: str) -> float:
+        """Items per second the cores allow at the CPU per item of `parts` (all if none)."""
+        spent = sum(self.per_item_ms[part] for part in parts) if parts else self.total_ms
+        if math.isnan(spent) or spent <= 0:
+            return math.nan
+        return self.cores * 1000 / spent
+
+    def ms_allowed(self, rate: float) -> float:
+        """CPU ms per item, all processes together, that a rate of `rate` items/s leaves."""
+        if math.isnan(rate) or rate <= 0:
+            return math.nan
+        return self.cores * 1000 / rate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 from importlib.metadata import version
 
@@ -11,6 +12,7 @@ from bench.mail_figures import (
     IDLE_MAILBOXES_TARGET,
     SEND_RATIO_TARGET,
     SYNC_RATIO_TARGET,
+    CpuBudget,
     IdleCapacity,
     ratio,
     verdict,
@@ -18,20 +20,30 @@ from bench.mail_figures import (
 from bench.mail_phases import MailResults, PlainSend
 
 MIB = 1024 * 1024
+# The processes measured per run: the shipped workers and the servers they use.
+CPU_PARTS = {"workers": "workers", "dovecot": "Dovecot", "postgres": "PostgreSQL"}
 
 
 def _fmt(value: float, digits: int = 0) -> str:
     return "n/a" if math.isnan(value) else f"{value:,.{digits}f}"
 
 
-def sync_ratio(mail: MailResults) -> float:
+def _best_sync_rate(mail: MailResults) -> float:
     best = mail.plain_sync_best()
-    return ratio(mail.shipped_rate("sync"), best.rate if best else math.nan)
+    return best.rate if best else math.nan
+
+
+def _best_send_rate(mail: MailResults, mode: str | None = None) -> float:
+    best = mail.plain_send_best(mode)
+    return best.run.rate if best else math.nan
+
+
+def sync_ratio(mail: MailResults) -> float:
+    return ratio(mail.shipped_rate("sync"), _best_sync_rate(mail))
 
 
 def send_ratio(mail: MailResults, mode: str | None = None) -> float:
-    best = mail.plain_send_best(mode)
-    return ratio(mail.shipped_rate("send"), best.run.rate if best else math.nan)
+    return ratio(mail.shipped_rate("send"), _best_send_rate(mail, mode))
 
 
 def idle_capacity(mail: MailResults) -> IdleCapacity | None:
@@ -139,6 +151,49 @@ def _limit_send(mail: MailResults, mode: str | None = None) -> str:
     return f"plain smtplib, {best.mode}, {best.run.loops} loop(s): {_fmt(best.run.rate, 1)} mails/s"
 
 
+def _cores() -> int:
+    return os.cpu_count() or 1
+
+
+def cpu_budget(mail: MailResults, what: str) -> CpuBudget | None:
+    """CPU per item (message stored, mail sent) over the shipped rounds at the shipped
+    concurrency, per measured part; None without such a round."""
+    drains = [
+        drain
+        for _, drain in (mail.sync if what == "sync" else mail.send)
+        if drain.concurrency == mail.shipped_concurrency and drain.items
+    ]
+    items = sum(drain.items for drain in drains)
+    if not items:
+        return None
+    per_item = {
+        part: sum(drain.cpu_seconds.get(part, math.nan) for drain in drains) * 1000 / items
+        for part in CPU_PARTS
+    }
+    return CpuBudget(_cores(), per_item)
+
+
+def _budget_line(mail: MailResults, what: str, limit: float, target: float) -> str:
+    budget = cpu_budget(mail, what)
+    if budget is None:
+        return "CPU per item: no shipped round at the shipped concurrency."
+    item, unit = ("message stored", "messages/s") if what == "sync" else ("mail", "mails/s")
+    spent = ", ".join(
+        f"{name} {_fmt(budget.per_item_ms[part], 2)}" for part, name in CPU_PARTS.items()
+    )
+    target_rate = target * limit
+    return (
+        f"CPU per {item} over the shipped rounds ({mail.shipped_concurrency} threads in all): "
+        f"{spent} ms, {_fmt(budget.total_ms, 2)} together (the SMTP server, Redis and the "
+        f"harness not counted). On this machine's {budget.cores} cores that allows at most "
+        f"{_fmt(budget.rate_allowed(), 1)} {unit} (measured: "
+        f"{_fmt(mail.shipped_rate(what), 1)}); Dovecot and PostgreSQL alone allow "
+        f"{_fmt(budget.rate_allowed('dovecot', 'postgres'), 1)}. The target, {target} of the "
+        f"limit ({_fmt(target_rate, 1)} {unit}), leaves every process together "
+        f"{_fmt(budget.ms_allowed(target_rate), 2)} ms per {item}."
+    )
+
+
 def _idle_lines(mail: MailResults) -> list[str]:
     capacity = idle_capacity(mail)
     first, idle = mail.idle_first, mail.idle
@@ -146,7 +201,7 @@ def _idle_lines(mail: MailResults) -> list[str]:
         return ["Not measured in this run."]
     interval = mail.sync_interval
     worker_ms = idle.cpu_ms_per_task("workers")
-    cores = 2.0
+    cores = _cores()
     worker_only = cores * interval * 1000 / worker_ms if worker_ms > 0 else math.nan
     how = (
         f"every one of the {capacity.mailboxes:,} mailboxes was synced "
@@ -171,9 +226,9 @@ def _idle_lines(mail: MailResults) -> list[str]:
         ),
         "",
         f"- Claimed: {capacity.claim:,} idle mailboxes per worker host: {how}.",
-        f"- On this machine the worker host also runs Dovecot, PostgreSQL and Redis on its 2 "
+        f"- On this machine the worker host also runs Dovecot, PostgreSQL and Redis on its {cores} "
         f"cores. The workers alone spent {_fmt(worker_ms, 1)} ms of CPU per idle sync: a host "
-        f"that only ran the workers would use its {cores:.0f} cores for about "
+        f"that only ran the workers would use its {cores} cores for about "
         f"{_fmt(worker_only)} idle syncs per {interval} s (CPU arithmetic, not measured).",
     ]
 
@@ -203,12 +258,16 @@ def section(mail: MailResults | None, plot_name: str) -> list[str]:
         "",
         *_sync_table(mail),
         "",
+        _budget_line(mail, "sync", _best_sync_rate(mail), SYNC_RATIO_TARGET),
+        "",
         f"Send: shipped {_fmt(mail.shipped_rate('send'), 1)} mails/s; limit: {_limit_send(mail)}; "
         f"ratio {_fmt(send_ratio(mail), 2)}. Against a session per mail as `send_email` opens "
         f"({_limit_send(mail, 'session per mail')}): "
         f"{_fmt(send_ratio(mail, 'session per mail'), 2)}.",
         "",
         *_send_table(mail),
+        "",
+        _budget_line(mail, "send", _best_send_rate(mail), SEND_RATIO_TARGET),
         "",
         f"Idle mailboxes: {plan.idle_mailboxes:,} registered (the sync ones included), synced "
         "by one fan-out with the workers running, as beat sends it; the first fan-out makes each "

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import math
 
-from bench.mail_figures import IdleCapacity, ratio, verdict
-from bench.mail_phases import MailPlan, MailResults, PlainSync
+import pytest
+
+from bench.mail_drain import Drain
+from bench.mail_figures import CpuBudget, IdleCapacity, ratio, verdict
+from bench.mail_phases import MailPlan, MailResults, PlainSend, PlainSync
+from bench.mail_report import cpu_budget, section
+from bench.plain_loops import PlainRun
 
 
 def test_ratio_of_shipped_to_the_limit() -> None:
@@ -56,3 +61,43 @@ def test_the_plain_limit_is_never_the_slower_of_two_rounds() -> None:
     best = results.plain_sync_best()
     assert best is not None
     assert (best.loops, best.imap_seconds) == (40, 3.9)
+
+
+def test_cpu_budget_bounds_the_rate_by_the_cores() -> None:
+    budget = CpuBudget(2, {"workers": 10.0, "dovecot": 8.0, "postgres": 2.0})
+    assert budget.total_ms == 20.0
+    assert budget.rate_allowed() == 100.0  # 2 cores x 1000 ms / 20 ms per mail
+    assert budget.rate_allowed("dovecot", "postgres") == 200.0
+    assert budget.ms_allowed(250.0) == 8.0
+    assert math.isnan(budget.ms_allowed(0.0))
+    assert math.isnan(CpuBudget(2, {"workers": math.nan}).rate_allowed())
+
+
+def _send_results() -> MailResults:
+    results = MailResults(MailPlan(1, 1, 1, 1, 1, 1, (), (40,)), shipped_concurrency=40)
+    for round_number, concurrency, seconds in ((1, 40, 10.0), (2, 40, 12.0), (1, 4, 20.0)):
+        drain = Drain("send", concurrency, finished=800, items=800, span_seconds=seconds)
+        # workers 10 and 11, Dovecot 8, PostgreSQL 2 ms per mail; the other concurrency dearer.
+        scale = 1.0 if concurrency == 40 else 3.0
+        workers = (8.0 if round_number == 1 else 8.8) * scale
+        drain.cpu_seconds = {"workers": workers, "dovecot": 6.4 * scale, "postgres": 1.6 * scale}
+        results.send.append((round_number, drain))
+    results.send_plain.append((1, PlainSend("reused connection", PlainRun(40, 1, 800, 1.6))))
+    return results
+
+
+def test_cpu_budget_of_a_run_is_over_the_rounds_at_the_shipped_concurrency() -> None:
+    budget = cpu_budget(_send_results(), "send")
+    assert budget is not None
+    assert budget.per_item_ms == pytest.approx({"workers": 10.5, "dovecot": 8.0, "postgres": 2.0})
+    assert cpu_budget(MailResults(MailPlan(1, 1, 1, 1, 1, 1, (), (40,))), "send") is None
+
+
+def test_the_send_section_says_what_the_cpu_per_mail_allows() -> None:
+    lines = section(_send_results(), "plot.png")
+    budget = next(line for line in lines if line.startswith("CPU per mail"))
+    cores = budget.split("On this machine's ")[1].split(" cores")[0]
+    assert f"{int(cores) * 1000 / 20.5:,.1f} mails/s (measured: 73.3)" in budget
+    assert "workers 10.50, Dovecot 8.00, PostgreSQL 2.00 ms, 20.50 together" in budget
+    # 0.5 of the plain loop's 500 mails/s
+    assert f"(250.0 mails/s), leaves every process together {int(cores) * 4:.2f} ms" in budget
