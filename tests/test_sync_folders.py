@@ -1,6 +1,6 @@
 """sync_mailbox over several folders against the real Dovecot and PostgreSQL: a folder that fails
 does not keep the others from syncing, and the task still fails, naming it; a batch that an
-earlier run partly stored stores the rest only."""
+earlier run partly stored stores the rest only; a batch whose cursor cannot move stores nothing."""
 
 import dataclasses
 import uuid
@@ -13,7 +13,8 @@ from mailworker.mail.imap import ImapSession
 from mailworker.services.access import owned_access
 from mailworker.services.sync import sync_account
 from mailworker.settings import load_settings
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 MESSAGE = b"From: sender@example.org\r\nSubject: hello\r\n\r\nhello\r\n"
@@ -69,6 +70,48 @@ def test_a_batch_partly_stored_before_stores_only_the_rest(
     assert sorted(again) == [1, 2, 3, 4]
     assert (again[1], again[3]) == (first[1], first[3])  # left alone
     assert sorted(queued) == sorted([again[2], again[4]])
+
+
+def test_a_batch_whose_cursor_cannot_move_stores_none_of_its_messages(
+    default_env, make_account, dovecot, db_engine
+):
+    """A batch's rows and its cursor commit together: when the cursor's UPDATE fails (here a
+    trigger refuses it), the batch's INSERT is rolled back too, and the next sync stores it."""
+    settings = load_settings(default_env)
+    account = make_account()
+    for number in range(1, 4):
+        dovecot.deliver(account.address, f"Subject: m{number}\r\n\r\nbody {number}\r\n".encode())
+    access = owned_access(settings, *(uuid.UUID(value) for value in account.ids))
+    name = f"refuse_cursor_{uuid.uuid4().hex}"
+    with db_engine.begin() as connection:
+        connection.execute(
+            text(
+                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql "
+                "AS $$ BEGIN RAISE EXCEPTION 'cursor refused'; END $$"
+            )
+        )
+        connection.execute(
+            text(
+                f"CREATE TRIGGER {name} BEFORE UPDATE ON folder_sync_states FOR EACH ROW "
+                f"WHEN (OLD.account_id = '{account.account_id}') EXECUTE FUNCTION {name}()"
+            )
+        )
+    try:
+        with pytest.raises(DBAPIError, match="cursor refused"):
+            sync_account(settings, access, ["INBOX"])
+        assert stored(db_engine, account.account_id) == {}
+        with Session(db_engine) as session:
+            cursor = select(FolderSyncState.last_uid).where(
+                FolderSyncState.account_id == account.account_id
+            )
+            assert session.scalars(cursor).all() == [0]  # created by the first sync, not moved
+    finally:
+        with db_engine.begin() as connection:
+            connection.execute(text(f"DROP TRIGGER {name} ON folder_sync_states"))
+            connection.execute(text(f"DROP FUNCTION {name}()"))
+
+    assert sync_account(settings, access, ["INBOX"])["stored"] == 3
+    assert sorted(stored(db_engine, account.account_id)) == [1, 2, 3]
 
 
 def test_the_sync_leaves_new_mail_new_for_the_users_client(

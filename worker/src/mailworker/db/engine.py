@@ -187,6 +187,22 @@ def session_scope(settings: Settings) -> Iterator[Session]:
 
 
 @contextmanager
+def transaction_scope(settings: Settings) -> Iterator[Connection]:
+    """Core statements in one transaction, on the same connection session_scope would use;
+    commits when the block ends, rolls back when it raises. For hot paths: no Session, no ORM
+    execution state per statement."""
+    connection = _lock_connection.get()
+    if connection is None or connection.invalidated or connection.closed:
+        connection = _held(settings)
+    if connection is None or connection.info.get(_IN_SESSION):
+        with get_engine(settings).begin() as own:
+            yield own
+        return
+    with _transactions_on(connection), connection.begin():
+        yield connection
+
+
+@contextmanager
 def _transactions_on(connection: Connection) -> Iterator[None]:
     """The lock's or the task's autocommit connection, with real transactions for the block (a
     session's statements commit together); autocommit again after it."""

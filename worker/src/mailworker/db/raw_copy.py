@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 
 _CHUNK = 32 * 1024  # raw bytes per read; 64 KiB of hex text
 
@@ -38,9 +38,10 @@ class _HexRows:
         return b""
 
 
-def copy_raw(session: Session, message_id: uuid.UUID, raw: bytes) -> None:
-    """Set messages.raw of `message_id` to `raw`, streamed through COPY."""
-    dbapi = session.connection().connection.driver_connection
+def copy_raw(connection: Connection, message_id: uuid.UUID, raw: bytes) -> None:
+    """Set messages.raw of `message_id` to `raw`, streamed through COPY, in the transaction
+    open on `connection`."""
+    dbapi = connection.connection.driver_connection
     with dbapi.cursor() as cursor:  # type: ignore[union-attr]
         cursor.execute(
             "CREATE TEMPORARY TABLE IF NOT EXISTS mailworker_raw_copy (raw bytea NOT NULL) "

@@ -32,11 +32,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy import Connection, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
 
-from mailworker.db.engine import session_scope
+from mailworker.db.engine import session_scope, transaction_scope
 from mailworker.db.locks import lock_key, locked_connection
 from mailworker.db.models import FolderSyncState, Message
 from mailworker.db.raw_copy import copy_raw
@@ -289,24 +288,18 @@ def _store_batch(
     inserted: list[str] = []
     present: list[uuid.UUID] = []
 
-    def insert_rows(session: Session, rows: list[dict]) -> None:
+    def insert_rows(connection: Connection, rows: list[dict]) -> None:
         if len(rows) == 1:  # the statement whose peak memory for one large row is lowest
-            state = session.scalar(
-                insert(Message)
-                .values(rows[0])
-                .on_conflict_do_nothing(constraint="uq_messages_uid")
-                .returning(Message.state)
-            )
-            returned = [] if state is None else [(rows[0]["id"], state)]
+            returned = connection.execute(_INSERT, rows[0]).all()
         else:  # a list of rows: SQLAlchemy sends them as one multi-row INSERT
-            returned = session.execute(_INSERT, rows).all()
+            returned = connection.execute(_INSERT, rows).all()
         # Only the rows not stored by an earlier run come back.
         for row_id, state in returned:
             inserted.append(state)
             if state == "present":
                 present.append(row_id)
 
-    with session_scope(settings) as session:
+    with transaction_scope(settings) as connection:
         # One INSERT for several messages, holding at most STREAMED_RAW_BYTES of raw: psycopg2
         # builds a statement in memory with the raw bytes hex-escaped (about 4x their size), so
         # a statement costs what one message sent in its INSERT may, not the whole batch. A
@@ -317,38 +310,50 @@ def _store_batch(
         for fetched in batch:
             size = len(fetched.raw) if fetched.raw is not None else 0
             if group and (size > STREAMED_RAW_BYTES or group_bytes + size > STREAMED_RAW_BYTES):
-                insert_rows(session, group)
+                insert_rows(connection, group)
                 group, group_bytes = [], 0
             row = _row(access, folder, uidvalidity, fetched)
             if size > STREAMED_RAW_BYTES and fetched.raw is not None:
                 row["raw"] = b""
                 stored = len(inserted)
-                insert_rows(session, [row])
+                insert_rows(connection, [row])
                 if len(inserted) > stored:  # new: its bytes go in now
-                    copy_raw(session, row["id"], fetched.raw)
+                    copy_raw(connection, row["id"], fetched.raw)
                 continue
             group.append(row)
             group_bytes += size
         if group:
-            insert_rows(session, group)
-        session.execute(
-            update(FolderSyncState)
-            .where(FolderSyncState.account_id == access.account_id)
-            .where(FolderSyncState.folder == folder)
-            .where(FolderSyncState.uidvalidity == uidvalidity)
-            .values(
-                last_uid=func.greatest(FolderSyncState.last_uid, batch[-1].uid),
-                synced_at=func.now(),
-            )
+            insert_rows(connection, group)
+        connection.execute(
+            _ADVANCE_CURSOR,
+            {
+                "b_account_id": access.account_id,
+                "b_folder": folder,
+                "b_uidvalidity": uidvalidity,
+                "b_last_uid": batch[-1].uid,
+            },
         )
     return present, len(inserted) - len(present)
 
 
+# Built once, as Core statements on the tables: a sync stores every batch with them.
 # ON CONFLICT DO NOTHING: a message stored by an earlier run is not stored twice.
 _INSERT = (
     insert(Message.__table__)
     .on_conflict_do_nothing(constraint="uq_messages_uid")
     .returning(Message.__table__.c.id, Message.__table__.c.state)
+)
+_CURSORS = FolderSyncState.__table__
+# The cursor never moves back (GREATEST), and only for the numbering it was read with.
+_ADVANCE_CURSOR = (
+    update(_CURSORS)
+    .where(_CURSORS.c.account_id == bindparam("b_account_id"))
+    .where(_CURSORS.c.folder == bindparam("b_folder"))
+    .where(_CURSORS.c.uidvalidity == bindparam("b_uidvalidity"))
+    .values(
+        last_uid=func.greatest(_CURSORS.c.last_uid, bindparam("b_last_uid")),
+        synced_at=func.now(),
+    )
 )
 
 
