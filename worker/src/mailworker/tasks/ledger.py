@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import and_, bindparam, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from mailworker.db.engine import autocommit_connection
@@ -47,20 +47,19 @@ def start(
     tenant_id: uuid.UUID | None,
 ) -> uuid.UUID | None:
     attempt_id = uuid.uuid4()
+    row = {
+        "id": attempt_id,
+        "task_id": task_id,
+        "task_name": task_name,
+        "tenant_id": tenant_id,
+        "retries": retries,
+        "redelivered": redelivered,
+        "hostname": hostname,
+        "state": "started",
+    }
     try:
         with autocommit_connection(settings) as connection:
-            connection.execute(
-                insert(TaskAttempt).values(
-                    id=attempt_id,
-                    task_id=task_id,
-                    task_name=task_name,
-                    tenant_id=tenant_id,
-                    retries=retries,
-                    redelivered=redelivered,
-                    hostname=hostname,
-                    state="started",
-                )
-            )
+            connection.execute(_START, row)
     except SQLAlchemyError as error:
         logger.warning("task ledger not written: %s", _first_line(error))
         return None
@@ -74,13 +73,19 @@ def finish(
         return
     try:
         with autocommit_connection(settings) as connection:
-            connection.execute(
-                update(TaskAttempt)
-                .where(TaskAttempt.id == attempt_id)
-                .values(state=state, error=error, finished_at=func.now())
-            )
+            connection.execute(_FINISH, {"b_id": attempt_id, "b_state": state, "b_error": error})
     except SQLAlchemyError as error_:
         logger.warning("task ledger not updated: %s", _first_line(error_))
+
+
+# Built once, as Core statements on the table: every task runs both.
+_ATTEMPTS = TaskAttempt.__table__
+_START = insert(_ATTEMPTS)
+_FINISH = (
+    update(_ATTEMPTS)
+    .where(_ATTEMPTS.c.id == bindparam("b_id"))
+    .values(state=bindparam("b_state"), error=bindparam("b_error"), finished_at=func.now())
+)
 
 
 @dataclass(frozen=True)
