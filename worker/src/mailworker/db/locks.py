@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import BigInteger, Connection, bindparam, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from mailworker.db.engine import autocommit_connection, sessions_on
@@ -39,7 +39,7 @@ def locked_connection(settings: Settings, key: int) -> Iterator[Connection | Non
     """Try the lock without waiting; yields its (autocommit) connection if this process holds
     it, else None."""
     with autocommit_connection(settings) as connection:
-        held = bool(connection.scalar(select(func.pg_try_advisory_lock(key))))
+        held = bool(connection.scalar(_TRY_LOCK, {"key": key}))
         try:
             if held:
                 with sessions_on(connection):
@@ -51,7 +51,13 @@ def locked_connection(settings: Settings, key: int) -> Iterator[Connection | Non
             # the server released its locks when it went.
             if held and not (connection.invalidated or connection.closed):
                 try:
-                    connection.scalar(select(func.pg_advisory_unlock(key)))
+                    connection.scalar(_UNLOCK, {"key": key})
                 except SQLAlchemyError:
                     # Closing the connection is what releases a session lock for sure.
                     connection.invalidate()
+
+
+# Built once: every task that syncs or sends takes and releases a lock.
+_KEY = bindparam("key", type_=BigInteger)
+_TRY_LOCK = select(func.pg_try_advisory_lock(_KEY))
+_UNLOCK = select(func.pg_advisory_unlock(_KEY))

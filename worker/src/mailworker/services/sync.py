@@ -190,12 +190,7 @@ def _sync_folder(
             last_uid = max(last_uid, batch[-1].uid)
             del batch  # hold no batch while the next one is fetched
     if stored == 0:  # one statement: no transaction needed
-        locked.execute(
-            update(FolderSyncState)
-            .where(FolderSyncState.account_id == access.account_id)
-            .where(FolderSyncState.folder == folder)
-            .values(synced_at=func.now())
-        )
+        locked.execute(_MARK_SYNCED, {"b_account_id": access.account_id, "b_folder": folder})
     logger.info(
         "account %s folder %r: stored %d new message(s), %d too large and skipped, last uid %d%s",
         access.account_id,
@@ -210,11 +205,7 @@ def _sync_folder(
 
 def _cursors(locked: Connection, access: AccountAccess) -> dict[str, tuple[int, int]]:
     """Every folder's cursor of the account: {folder: (uidvalidity, last_uid)}."""
-    rows = locked.execute(
-        select(FolderSyncState.folder, FolderSyncState.uidvalidity, FolderSyncState.last_uid).where(
-            FolderSyncState.account_id == access.account_id
-        )
-    )
+    rows = locked.execute(_CURSORS_OF, {"b_account_id": access.account_id})
     return {folder: (uidvalidity, last_uid) for folder, uidvalidity, last_uid in rows}
 
 
@@ -344,6 +335,15 @@ _INSERT = (
     .returning(Message.__table__.c.id, Message.__table__.c.state)
 )
 _CURSORS = FolderSyncState.__table__
+_CURSORS_OF = select(_CURSORS.c.folder, _CURSORS.c.uidvalidity, _CURSORS.c.last_uid).where(
+    _CURSORS.c.account_id == bindparam("b_account_id")
+)
+_MARK_SYNCED = (
+    update(_CURSORS)
+    .where(_CURSORS.c.account_id == bindparam("b_account_id"))
+    .where(_CURSORS.c.folder == bindparam("b_folder"))
+    .values(synced_at=func.now())
+)
 # The cursor never moves back (GREATEST), and only for the numbering it was read with.
 _ADVANCE_CURSOR = (
     update(_CURSORS)
