@@ -6,7 +6,8 @@ pool process (see tasks/base.py) so each child opens its own connections.
 One connection per running task: tasks/base.py runs every task inside `task_connection()`, and
 the task's first database use checks a connection out of the pool (with its pre-ping); every
 later use in the task runs on it (`autocommit_connection`, `autocommit_session`,
-`session_scope`, the advisory lock of db/locks.py), the ledger's last write included, and it goes
+`session_scope`, `transaction_scope`, the advisory lock of db/locks.py), the ledger's last write
+included, and it goes
 back to the pool when the task ends: one checkout and one pre-ping per task, not one per block.
 Between uses it is in autocommit mode, so it holds no transaction open while the task talks to
 a mail server. A connection SQLAlchemy invalidated (PostgreSQL restarted, the backend
@@ -17,7 +18,8 @@ checks out its own connection; while an advisory lock is held there, the thread'
 on the lock's connection (`sessions_on`). A session-level advisory lock lives as long as its
 connection, whatever the transactions on it commit or roll back.
 
-`session_scope` is a transaction (BEGIN ... COMMIT). `autocommit_connection` is none: each
+`session_scope` is a transaction (BEGIN ... COMMIT); `transaction_scope` is the same for Core
+statements, without a Session (the sync's batches). `autocommit_connection` is none: each
 statement commits by itself, which saves the BEGIN and COMMIT round trips where the work is one
 statement, or reads that need no snapshot shared between them (PostgreSQL's READ COMMITTED gives
 each statement its own snapshot anyway).
