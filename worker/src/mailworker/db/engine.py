@@ -170,10 +170,8 @@ def sessions_on(connection: Connection) -> Iterator[None]:
 @contextmanager
 def session_scope(settings: Settings) -> Iterator[Session]:
     """A session that commits when the block ends and rolls back when it raises."""
-    connection = _lock_connection.get()
-    if connection is None or connection.invalidated or connection.closed:
-        connection = _held(settings)
-    if connection is None or connection.info.get(_IN_SESSION):
+    connection = _transaction_connection(settings)
+    if connection is None:
         factory = sessionmaker(get_engine(settings), expire_on_commit=False)
         with factory() as session, session.begin():
             yield session
@@ -193,15 +191,24 @@ def transaction_scope(settings: Settings) -> Iterator[Connection]:
     """Core statements in one transaction, on the same connection session_scope would use;
     commits when the block ends, rolls back when it raises. For hot paths: no Session, no ORM
     execution state per statement."""
-    connection = _lock_connection.get()
-    if connection is None or connection.invalidated or connection.closed:
-        connection = _held(settings)
-    if connection is None or connection.info.get(_IN_SESSION):
+    connection = _transaction_connection(settings)
+    if connection is None:
         with get_engine(settings).begin() as own:
             yield own
         return
     with _transactions_on(connection), connection.begin():
         yield connection
+
+
+def _transaction_connection(settings: Settings) -> Connection | None:
+    """The lock's or the task's connection for a transaction, or None when the block must check
+    out its own (none held, or a transaction already open on it)."""
+    connection = _lock_connection.get()
+    if connection is None or connection.invalidated or connection.closed:
+        connection = _held(settings)
+    if connection is None or connection.info.get(_IN_SESSION):
+        return None
+    return connection
 
 
 @contextmanager

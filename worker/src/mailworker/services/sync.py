@@ -225,10 +225,6 @@ def _new_cursor(locked: Connection, access: AccountAccess, folder: str, uidvalid
     return created.rowcount == 1
 
 
-# Built once: the first sync of every folder runs it.
-_NEW_CURSOR = insert(FolderSyncState.__table__).on_conflict_do_nothing()
-
-
 def _cursor(
     settings: Settings, access: AccountAccess, folder: str, uidvalidity: int
 ) -> tuple[int, bool]:
@@ -335,6 +331,7 @@ _INSERT = (
     .returning(Message.__table__.c.id, Message.__table__.c.state)
 )
 _CURSORS = FolderSyncState.__table__
+_NEW_CURSOR = insert(_CURSORS).on_conflict_do_nothing()  # the first sync of every folder
 _CURSORS_OF = select(_CURSORS.c.folder, _CURSORS.c.uidvalidity, _CURSORS.c.last_uid).where(
     _CURSORS.c.account_id == bindparam("b_account_id")
 )
